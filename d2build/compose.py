@@ -1,0 +1,163 @@
+"""Hydra glue: where conf/ and recipes/ live, and how a recipe becomes a checked `Recipe`.
+
+Recipes are the Hydra config group `recipe`, but they live in a top-level `recipes/` folder (and
+in a user's own `./recipes`). Hydra names groups after folders, so a tiny ConfigSource (scheme
+`recipes://`) presents any folder of recipe files as the `recipe` group, and a SearchPathPlugin
+adds the shipped folder and `./recipes` to every composition: `hydra.main` runs and sweeps as well
+as the compose API used by `plan` and `validate`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.core.plugins import Plugins
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import DictConfig, OmegaConf
+
+from d2build.schema import Recipe, parse_recipe
+
+RECIPE_GROUP = "recipe"
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def _resource_dir(package: str, checkout_name: str) -> Path:
+    """A data folder shipped in the wheel (package-dir mapping) or, from a checkout, beside d2build/."""
+    checkout = _PACKAGE_ROOT.parent / checkout_name
+    if checkout.is_dir() and (checkout / "__init__.py").exists():
+        return checkout
+    try:
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError:
+        return checkout
+
+
+def conf_dir() -> Path:
+    return _resource_dir("d2build.conf", "conf")
+
+
+def shipped_recipes_dir() -> Path:
+    return _resource_dir("d2build.recipes", "recipes")
+
+
+def recipe_dirs() -> list[Path]:
+    """Folders searched for recipes: the user's ./recipes first (it wins a name clash), then shipped."""
+    dirs = []
+    local = Path.cwd() / "recipes"
+    if local.is_dir():
+        dirs.append(local.resolve())
+    shipped = shipped_recipes_dir().resolve()
+    if shipped not in dirs:
+        dirs.append(shipped)
+    return dirs
+
+
+def list_recipes() -> dict[str, Path]:
+    """Recipe name -> file, first folder wins."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+class RecipeFolderSource(ConfigSource):
+    """Presents a plain folder of recipe YAML files as the Hydra config group `recipe`."""
+
+    @staticmethod
+    def scheme() -> str:
+        return "recipes"
+
+    def _file(self, config_path: str) -> Optional[Path]:
+        parts = config_path.strip("/").split("/", 1)
+        if parts[0] != RECIPE_GROUP or len(parts) != 2:
+            return None
+        return Path(self.path) / self._normalize_file_name(parts[1])
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        f = self._file(config_path)
+        if f is None or not f.is_file():
+            raise ConfigLoadError(f"Recipe not found: {config_path}")
+        text = f.read_text(encoding="utf-8")
+        return ConfigResult(
+            config=OmegaConf.create(OmegaConf.load(f)),
+            path=f"{self.scheme()}://{self.path}",
+            provider=self.provider,
+            header=ConfigSource._get_header_dict(text[:512]),
+        )
+
+    def available(self) -> bool:
+        return Path(self.path).is_dir()
+
+    def is_group(self, config_path: str) -> bool:
+        return config_path.strip("/") in ("", RECIPE_GROUP) and self.available()
+
+    def is_config(self, config_path: str) -> bool:
+        f = self._file(config_path)
+        return f is not None and f.is_file()
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        path = config_path.strip("/")
+        if path == "":
+            return [RECIPE_GROUP] if results_filter in (None, ObjectType.GROUP) else []
+        if path != RECIPE_GROUP or results_filter == ObjectType.GROUP:
+            return []
+        return sorted(f.stem for f in Path(self.path).glob("*.yaml"))
+
+
+class RecipeSearchPath(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for d in recipe_dirs():
+            search_path.append(provider="d2build-recipes", path=f"recipes://{d}")
+
+
+def register_plugins() -> None:
+    plugins = Plugins.instance()
+    plugins.register(RecipeFolderSource)
+    plugins.register(RecipeSearchPath)
+
+
+def _override_map(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        if "=" in o:
+            k, v = o.split("=", 1)
+            out[k.lstrip("+~")] = v
+    return out
+
+
+def recipe_from_tree(tree: dict[str, Any], recipe_name: str, overrides: list[str]) -> Recipe:
+    source = list_recipes().get(recipe_name)
+    src = os.path.relpath(source) if source and not os.path.relpath(source).startswith("..") else str(source)
+    return parse_recipe(tree, name=recipe_name, source=src, overrides=_override_map(overrides))
+
+
+def recipe_from_hydra(cfg: DictConfig) -> Recipe:
+    """Inside a hydra.main job: the checked Recipe for this job's config and overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(tree, dict)
+    return recipe_from_tree(tree, hc.runtime.choices.get(RECIPE_GROUP, "?"), list(hc.overrides.task))
+
+
+def compose(overrides: list[str]) -> Recipe:
+    """Compose without running a job (plan, validate, tests); raises RecipeError or Hydra's errors."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_plugins()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        choice = cfg.hydra.runtime.choices.get(RECIPE_GROUP, "?")
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+    return recipe_from_tree(tree, choice, list(overrides))

@@ -1,0 +1,377 @@
+"""Surgery for FPN R-CNNs: the Detectron2 export becomes the static graph TensorRT builds from.
+
+What is kept from the export, found by module scope: the backbone and FPN, the RPN head convs,
+the box head and predictor, the mask head. Everything data-dependent between them (Detectron2's
+proposal selection, ROI pooling with NonZero level assignment, per-class NMS inside If nodes) is
+replaced by static ops and four plugin nodes whose attributes come from the recipe and the
+Detectron2 config. The proposal stage reproduces Detectron2's `find_top_rpn_proposals`:
+
+* per-level top-k: each level's logits live in their own score row (other levels read -BIG), so one
+  TopK over the L score rows selects each level's top-k with global indices;
+* decode with Detectron2's clamp of dw/dh at log(1000/16), clip to the image, empty boxes masked;
+* per-level NMS: one EfficientNMS_TRT whose L score columns are the levels (class = level), cut at
+  post_nms_topk: greedy per-level NMS then a global top-k is exactly batched_nms then keep[:k].
+
+Equivalent rewrites that keep the node count low (the budget is the reference sample's 219):
+the objectness and anchor-delta convs of each level are merged into one conv whose extra output
+channels are constant -BIG (zero weights); corner/centre conversions are MatMuls with 0/±1/±0.5
+matrices (exact in float32); the box regression weights (10, 10, 5, 5) are folded into bbox_pred.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from d2build.graph import OPSET, PLUGIN_DOMAIN, Builder, GraphMismatch, find_calls, find_one
+
+BIG = 1.0e4  # a logit no real proposal reaches; rows/columns holding -BIG are never selected
+# EfficientNMS_TRT with score_activation=1 compares logits against logit(score_threshold):
+# the smallest normal float32 gives about -87, far above -BIG and below any real logit.
+RPN_SCORE_THRESHOLD = 1.1754944e-38
+SCALE_CLAMP = math.log(1000.0 / 16)  # Detectron2's _DEFAULT_SCALE_CLAMP
+FLOAT_MAX = float(np.finfo(np.float32).max)
+
+# corners (x1, y1, x2, y2) -> (w, h, w, h, cx, cy, 0, 0); rows are input components
+_CORNERS_TO_PARAMS = np.array([
+    [-1, 0, -1, 0, 0.5, 0, 0, 0],
+    [0, -1, 0, -1, 0, 0.5, 0, 0],
+    [1, 0, 1, 0, 0.5, 0, 0, 0],
+    [0, 1, 0, 1, 0, 0.5, 0, 0],
+], dtype=np.float32)
+# (cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
+_CENTER_TO_CORNERS = np.array([
+    [1, 0, 1, 0],
+    [0, 1, 0, 1],
+    [-0.5, 0, 0.5, 0],
+    [0, -0.5, 0, 0.5],
+], dtype=np.float32)
+# corners -> (x2 - x1, y2 - y1)
+_CORNERS_TO_WH = np.array([[-1, 0], [0, -1], [1, 0], [0, 1]], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What surgery needs from the Detectron2 config (read once, recorded in the manifest)."""
+
+    input_hw: tuple[int, int]
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    input_format: str
+    rpn_in_features: tuple[str, ...]
+    roi_in_features: tuple[str, ...]
+    anchors: tuple[np.ndarray, ...]  # per RPN level, [Hl*Wl*A, 4] in Detectron2's (loc, a) order
+    anchors_per_location: int
+    rpn_pre_nms_topk: int
+    rpn_post_nms_topk: int
+    rpn_iou: float
+    num_classes: int
+    bbox_reg_weights: tuple[float, float, float, float]
+    box_pooler: tuple[int, int]  # resolution, sampling ratio
+    mask_pooler: tuple[int, int] | None
+    score_threshold: float
+    nms_iou: float
+    max_detections: int
+    canonical_box_size: int = 224
+
+
+def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool) -> HeadSpec:
+    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code."""
+    import torch
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.anchor_generator import build_anchor_generator
+
+    m = cfg.MODEL
+    for key, val, ok in (
+        ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", m.ROI_BOX_HEAD.POOLER_TYPE, ("ROIAlignV2",)),
+        ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG, (False,)),
+        ("MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR.NAME, ("RPN",)),
+        ("MODEL.ANCHOR_GENERATOR.NAME", m.ANCHOR_GENERATOR.NAME, ("DefaultAnchorGenerator",)),
+        ("MODEL.RPN.BBOX_REG_WEIGHTS", tuple(m.RPN.BBOX_REG_WEIGHTS), ((1.0, 1.0, 1.0, 1.0),)),
+    ):
+        if val not in ok:
+            raise GraphMismatch(f"{key}={val!r} is not supported by surgery (supported: {ok})")
+    if with_masks and (m.ROI_MASK_HEAD.POOLER_TYPE != "ROIAlignV2" or m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK):
+        raise GraphMismatch("mask head must use ROIAlignV2 pooling and class-specific masks")
+    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    rpn_feats = tuple(m.RPN.IN_FEATURES)
+    h, w = input_hw
+    generator = build_anchor_generator(cfg, [ShapeSpec(channels=1, stride=strides[f]) for f in rpn_feats])
+    grids = [torch.empty(1, 1, math.ceil(h / strides[f]), math.ceil(w / strides[f])) for f in rpn_feats]
+    anchors = tuple(b.tensor.numpy().astype(np.float32) for b in generator(grids))
+    per_loc = generator.num_anchors
+    if len(set(per_loc)) != 1:
+        raise GraphMismatch(f"levels have different anchor counts {per_loc}; not supported")
+    return HeadSpec(
+        input_hw=input_hw,
+        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
+        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
+        input_format=cfg.INPUT.FORMAT,
+        rpn_in_features=rpn_feats,
+        roi_in_features=tuple(m.ROI_HEADS.IN_FEATURES),
+        anchors=anchors,
+        anchors_per_location=per_loc[0],
+        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
+        rpn_post_nms_topk=int(surgery["rpn"]["post_nms_topk"]),
+        rpn_iou=float(surgery["rpn"]["iou_threshold"]),
+        num_classes=int(m.ROI_HEADS.NUM_CLASSES),
+        bbox_reg_weights=tuple(float(v) for v in m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
+        box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
+        mask_pooler=(int(m.ROI_MASK_HEAD.POOLER_RESOLUTION), int(m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO))
+        if with_masks else None,
+        score_threshold=float(surgery["nms"]["score_threshold"]),
+        nms_iou=float(surgery["nms"]["iou_threshold"]),
+        max_detections=int(surgery["nms"]["max_detections"]),
+    )
+
+
+class RCNNSurgeon:
+    """Rewrites one export; `run()` returns the TensorRT-ready ModelProto and facts for the manifest."""
+
+    def __init__(self, export: onnx.ModelProto, spec: HeadSpec):
+        self.spec = spec
+        folded = gs.import_onnx(export)
+        folded.fold_constants().cleanup()  # makes the export's padding arithmetic static, so shapes infer
+        self.graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(folded)))
+        self.b = Builder(self.graph, "d2build")
+        self.facts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ pieces
+
+    def features(self, names: tuple[str, ...]) -> list[gs.Tensor]:
+        """FPN outputs by name: p2..p5 are fpn_output{k} convs, p6 the top block's pooling."""
+        out = []
+        for name in names:
+            level = int(name[1:])
+            if level <= 5:
+                out.append(find_one(self.graph, f"backbone.fpn_output{level}", "Conv").outputs[0])
+            else:
+                out.append(find_one(self.graph, "backbone.top_block", "MaxPool").outputs[0])
+        return out
+
+    def input_and_preprocessing(self) -> gs.Variable:
+        s, b = self.spec, self.b
+        h, w = s.input_hw
+        inp = gs.Variable("input_tensor", np.float32, [1, 3, h, w])
+        stem = find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
+        weight = np.array(stem.inputs[1].values, dtype=np.float32)
+        mean = np.array(s.pixel_mean, dtype=np.float32)
+        std = np.array(s.pixel_std, dtype=np.float32)
+        if s.input_format == "RGB":  # input_tensor is BGR; an RGB model sees it through flipped channels
+            weight, mean, std = weight[:, ::-1], mean[::-1], std[::-1]
+        elif s.input_format != "BGR":
+            raise GraphMismatch(f"INPUT.FORMAT={s.input_format!r} is not supported (BGR or RGB)")
+        centered = b.op("Sub", [inp, mean.reshape(1, 3, 1, 1)], name="subtract_pixel_mean")
+        stem.inputs[0] = centered
+        if not np.all(std == 1.0):  # (x - m) / s through conv1 == (x - m) through conv1 with W / s
+            weight = weight / std.reshape(1, 3, 1, 1)
+        stem.inputs[1] = gs.Constant(stem.name + "/W", np.ascontiguousarray(weight))
+        return inp
+
+    def proposals(self) -> tuple[gs.Variable, gs.Variable]:
+        """Detectron2's RPN as static ops and one EfficientNMS_TRT; returns (num, boxes [1,P,4])."""
+        s, b, g = self.spec, self.b, self.graph
+        levels = len(s.rpn_in_features)
+        a_per = s.anchors_per_location
+        obj = find_calls(g, "proposal_generator.rpn_head.objectness_logits", "Conv", levels)
+        dlt = find_calls(g, "proposal_generator.rpn_head.anchor_deltas", "Conv", levels)
+        rows, sizes, anchor_rows = [], [], []
+        for lvl, (o, d) in enumerate(zip(obj, dlt)):
+            if o.inputs[0] is not d.inputs[0]:
+                raise GraphMismatch(f"RPN level {lvl}: objectness and delta convs read different tensors")
+            shape = o.outputs[0].shape
+            if shape is None or any(not isinstance(v, int) for v in shape):
+                raise GraphMismatch(f"RPN level {lvl}: objectness output has no static shape ({shape})")
+            _, a, hl, wl = shape
+            n = a * hl * wl
+            if a != a_per or s.anchors[lvl].shape[0] != n:
+                raise GraphMismatch(
+                    f"RPN level {lvl} predicts {n} anchors ({a}x{hl}x{wl}) but {s.anchors[lvl].shape[0]} anchors "
+                    f"were generated for input {s.input_hw[0]}x{s.input_hw[1]}: the export and the recipe's "
+                    "model.input disagree")
+            rows.append(self._merged_rpn_conv(lvl, levels, o, d, n))
+            sizes.append(n)
+            anchor_rows.append(self._anchor_rows(s.anchors[lvl], a))
+        total = sum(sizes)
+        self.facts["anchors"] = {"per_level": sizes, "total": total}
+        data = b.op("Concat", rows, {"axis": 1}, name="rpn_levels")  # [L+4, N]
+        scores_rows = b.op("Slice", [data, np.array([0], np.int64), np.array([levels], np.int64),
+                                     np.array([0], np.int64)], name="rpn_score_rows")
+        k = s.rpn_pre_nms_topk
+        _, idx = b.op("TopK", [scores_rows, np.array([k], np.int64)], {"axis": 1, "largest": 1, "sorted": 1},
+                      outputs=2, name="rpn_topk_per_level")
+        idx = b.op("Reshape", [idx, np.array([1, levels * k], np.int64)], name="rpn_topk_flat")
+        table = b.op("Concat", [data, np.concatenate(anchor_rows, axis=1)], {"axis": 0}, name="rpn_with_anchors")
+        picked = b.op("Gather", [table, idx], {"axis": 1}, name="rpn_gather")  # [L+12, 1, K]
+        picked = b.op("Transpose", [picked], {"perm": [1, 2, 0]}, name="rpn_candidates")  # [1, K, L+12]
+        scores, deltas, whwh, ctr = b.op("Split", [picked, np.array([levels, 4, 4, 4], np.int64)], {"axis": 2},
+                                         outputs=4, name="rpn_split")
+        boxes = self._decode(deltas, whwh, ctr, "rpn")
+        wh = b.op("MatMul", [boxes, _CORNERS_TO_WH], name="rpn_box_sizes")
+        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 1}, name="rpn_min_side"),
+                                    np.float32(0)], name="rpn_nonempty")
+        short = [lvl for lvl, n in enumerate(sizes) if n < k]
+        if short:  # slots of a level with fewer than k anchors hold other levels' entries: mask them
+            seg = np.full((1, levels * k, levels), -BIG, np.float32)
+            for lvl in range(levels):
+                seg[0, lvl * k:(lvl + 1) * k, lvl] = 0
+            scores = b.op("Add", [scores, seg], name="rpn_level_slots")
+        scores = b.op("Where", [nonempty, scores, np.float32(-BIG)], name="rpn_drop_empty")
+        num, rois, _, _ = b.op("EfficientNMS_TRT", [boxes, scores], {
+            "plugin_version": "1", "background_class": -1, "max_output_boxes": s.rpn_post_nms_topk,
+            "score_threshold": RPN_SCORE_THRESHOLD, "iou_threshold": s.rpn_iou, "score_activation": 1,
+            "class_agnostic": 0, "box_coding": 0,
+        }, outputs=4, name="rpn_nms", domain=PLUGIN_DOMAIN)
+        self._nms_outputs(num, rois, _, _, s.rpn_post_nms_topk)
+        return num, rois
+
+    def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node, n: int) -> gs.Variable:
+        """One conv per level: rows [score for level 0..L-1 (own level = logit, else -BIG), dx, dy, dw, dh].
+
+        Channel order is (row, anchor), so a Reshape to [L+4, A*H*W] lists anchors in (a, y, x) order.
+        """
+        wo, bo = np.asarray(obj.inputs[1].values, np.float32), np.asarray(obj.inputs[2].values, np.float32)
+        wd, bd = np.asarray(dlt.inputs[1].values, np.float32), np.asarray(dlt.inputs[2].values, np.float32)
+        a = wo.shape[0]
+        weights = np.zeros(((levels + 4) * a,) + wo.shape[1:], np.float32)
+        bias = np.full(((levels + 4) * a,), -BIG, np.float32)
+        weights[lvl * a:(lvl + 1) * a], bias[lvl * a:(lvl + 1) * a] = wo, bo
+        for c in range(4):  # Detectron2 lays deltas out as channel a*4 + c
+            weights[(levels + c) * a:(levels + c + 1) * a] = wd[c::4]
+            bias[(levels + c) * a:(levels + c + 1) * a] = bd[c::4]
+        conv = self.b.op("Conv", [obj.inputs[0], weights, bias], dict(obj.attrs), name=f"rpn_head_level{lvl}")
+        return self.b.op("Reshape", [conv, np.array([levels + 4, n], np.int64)], name=f"rpn_rows_level{lvl}")
+
+    @staticmethod
+    def _anchor_rows(anchors: np.ndarray, a: int) -> np.ndarray:
+        """[8, N] rows (w, h, w, h, cx, cy, 0, 0) in (a, loc) order, computed as Detectron2 does."""
+        boxes = anchors.reshape(-1, a, 4).transpose(1, 0, 2).reshape(-1, 4)
+        w = boxes[:, 2] - boxes[:, 0]
+        h = boxes[:, 3] - boxes[:, 1]
+        cx = boxes[:, 0] + np.float32(0.5) * w
+        cy = boxes[:, 1] + np.float32(0.5) * h
+        z = np.zeros_like(w)
+        return np.stack([w, h, w, h, cx, cy, z, z]).astype(np.float32)
+
+    def _decode(self, deltas: gs.Variable, whwh: Any, ctr: Any, tag: str) -> gs.Variable:
+        """Box2BoxTransform.apply_deltas (weights already applied) then clip to the image."""
+        b = self.b
+        h, w = self.spec.input_hw
+        limit = np.array([FLOAT_MAX, FLOAT_MAX, SCALE_CLAMP, SCALE_CLAMP], np.float32)
+        clamped = b.op("Min", [deltas, limit], name=f"{tag}_clamp_dwdh")
+        grown = b.op("Exp", [clamped], name=f"{tag}_exp")
+        u = b.op("Where", [np.array([False, False, True, True]), grown, clamped], name=f"{tag}_dxy_expwh")
+        center = b.op("Add", [b.op("Mul", [u, whwh], name=f"{tag}_scale"), ctr], name=f"{tag}_center_size")
+        corners = b.op("MatMul", [center, _CENTER_TO_CORNERS], name=f"{tag}_corners")
+        low = b.op("Max", [corners, np.float32(0)], name=f"{tag}_clip_low")
+        return b.op("Min", [low, np.array([w, h, w, h], np.float32)], name=f"{tag}_clip_high")
+
+    def _nms_outputs(self, num, boxes, scores, classes, m: int) -> None:
+        num.dtype, num.shape = np.int32, [1, 1]
+        boxes.dtype, boxes.shape = np.float32, [1, m, 4]
+        scores.dtype, scores.shape = np.float32, [1, m]
+        classes.dtype, classes.shape = np.int32, [1, m]
+
+    def pyramid_roi_align(self, rois: gs.Variable, count: int, pooler: tuple[int, int], tag: str) -> gs.Variable:
+        s = self.spec
+        feats = self.features(s.roi_in_features)
+        if len(feats) != 4:
+            raise GraphMismatch(f"PyramidROIAlign_TRT pools 4 levels; ROI_HEADS.IN_FEATURES has {len(feats)}")
+        out = self.b.op("PyramidROIAlign_TRT", [rois, *feats], {
+            "plugin_version": "1", "fpn_scale": s.canonical_box_size, "pooled_size": pooler[0],
+            "image_size": list(s.input_hw), "roi_coords_absolute": 1, "roi_coords_swap": 0,
+            "roi_coords_transform": 2, "sampling_ratio": pooler[1],
+        }, name=f"{tag}_pooler", domain=PLUGIN_DOMAIN)
+        channels = feats[0].shape[1] if feats[0].shape else 256
+        out.dtype, out.shape = np.float32, [1, count, channels, pooler[0], pooler[0]]
+        return out
+
+    def detections(self, num_rois: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
+        """Box head on the proposals, Detectron2's fast_rcnn_inference as one EfficientNMS_TRT."""
+        s, b, g = self.spec, self.b, self.graph
+        p = s.rpn_post_nms_topk
+        c = s.num_classes
+        pooled = self.pyramid_roi_align(rois, p, s.box_pooler, "box")
+        fc1 = find_one(g, "roi_heads.box_head.fc1", "Gemm")
+        channels = pooled.shape[2]
+        fc1.inputs[0] = b.op("Reshape", [pooled, np.array([p, channels * s.box_pooler[0] ** 2], np.int64)],
+                             name="box_features")
+        cls = find_one(g, "roi_heads.box_predictor.cls_score", "Gemm")
+        reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
+        self._fold_regression_weights(reg, c)
+        probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")
+        real = b.op("Less", [np.arange(p, dtype=np.int32).reshape(1, p, 1), num_rois], name="real_proposals")
+        probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [1, P, C+1]
+        deltas = b.op("Reshape", [reg.outputs[0], np.array([1, p, c + 1, 4], np.int64)], name="box_deltas")
+        params = b.op("MatMul", [b.op("Reshape", [rois, np.array([1, p, 1, 4], np.int64)], name="proposals_4d"),
+                                 _CORNERS_TO_PARAMS], name="proposal_params")
+        whwh, ctr = b.op("Split", [params, np.array([4, 4], np.int64)], {"axis": 3}, outputs=2, name="proposal_split")
+        boxes = self._decode(deltas, whwh, ctr, "box")
+        outs = b.op("EfficientNMS_TRT", [boxes, probs], {
+            "plugin_version": "1", "background_class": c, "max_output_boxes": s.max_detections,
+            "score_threshold": s.score_threshold, "iou_threshold": s.nms_iou, "score_activation": 0,
+            "class_agnostic": 0, "box_coding": 0,
+        }, outputs=4, name="detection_nms", domain=PLUGIN_DOMAIN)
+        for v, name in zip(outs, ("num_detections", "detection_boxes", "detection_scores", "detection_classes")):
+            v.name = name
+        self._nms_outputs(*outs, s.max_detections)
+        return list(outs)
+
+    def _fold_regression_weights(self, reg: gs.Node, num_classes: int) -> None:
+        """bbox_pred gains 4 zero outputs for the background column and divides by BBOX_REG_WEIGHTS."""
+        if not reg.attrs.get("transB", 0):
+            raise GraphMismatch("roi_heads.box_predictor.bbox_pred Gemm is expected with transB=1")
+        w = np.asarray(reg.inputs[1].values, np.float32)
+        bias = np.asarray(reg.inputs[2].values, np.float32)
+        if w.shape[0] != 4 * num_classes:
+            raise GraphMismatch(f"bbox_pred has {w.shape[0]} outputs, expected 4 x {num_classes} classes")
+        scale = np.tile(1.0 / np.array(self.spec.bbox_reg_weights, np.float32), num_classes + 1)
+        w = np.concatenate([w, np.zeros((4, w.shape[1]), np.float32)]) * scale[:, None]
+        bias = np.concatenate([bias, np.zeros(4, np.float32)]) * scale
+        reg.inputs[1] = gs.Constant(reg.name + "/W", w.astype(np.float32))
+        reg.inputs[2] = gs.Constant(reg.name + "/B", bias.astype(np.float32))
+
+    def masks(self, det_classes: gs.Variable, det_boxes: gs.Variable) -> gs.Variable:
+        """Mask head on the final boxes; each detection keeps its own class's mask, as probabilities."""
+        s, b, g = self.spec, self.b, self.graph
+        assert s.mask_pooler is not None
+        d, c = s.max_detections, s.num_classes
+        pooled = self.pyramid_roi_align(det_boxes, d, s.mask_pooler, "mask")
+        first = find_one(g, "roi_heads.mask_head.mask_fcn1", "Conv")
+        res = s.mask_pooler[0]
+        first.inputs[0] = b.op("Reshape", [pooled, np.array([d, pooled.shape[2], res, res], np.int64)],
+                               name="mask_features")
+        logits = find_one(g, "roi_heads.mask_head.predictor", "Conv").outputs[0]  # [D, C, M, M]
+        m = 2 * res  # the mask head's deconv doubles the pooled resolution
+        flat = b.op("Reshape", [logits, np.array([d * c, m, m], np.int64)], name="mask_logits_flat")
+        pick = b.op("Add", [det_classes, (np.arange(d, dtype=np.int32) * c).reshape(1, d)], name="mask_index")
+        chosen = b.op("Gather", [flat, pick], {"axis": 0}, name="mask_of_class")
+        out = b.op("Sigmoid", [chosen], name="mask_probs")
+        out.name, out.dtype, out.shape = "detection_masks", np.float32, [1, d, m, m]
+        return out
+
+    # ------------------------------------------------------------------ whole graph
+
+    def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        g = self.graph
+        inp = self.input_and_preprocessing()
+        num_rois, rois = self.proposals()
+        outs = self.detections(num_rois, rois)
+        if self.spec.mask_pooler is not None:
+            outs.append(self.masks(outs[3], outs[1]))
+        g.inputs, g.outputs = [inp], outs
+        g.cleanup().toposort()
+        left = sorted({n.op for n in g.nodes} & {"If", "Loop", "NonZero", "Scan"})
+        if left:
+            raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")
+        g.opset = OPSET
+        g.import_domains = [onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)]
+        model = gs.export_onnx(g)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+        return model, self.facts

@@ -1,0 +1,450 @@
+"""Pre- and post-processing shared by every d2build command.
+
+One implementation of the geometry between an original photograph and the
+fixed ``H x W`` input a TensorRT-ready graph takes (letterboxing), and of the
+way back (box mapping, mask pasting).  Both sides of a verification -- the
+Detectron2 reference and the exported graph -- go through the same functions
+here, so any difference a comparison reports comes from the models, not from
+two slightly different copies of the glue code.
+
+Semantics follow Detectron2 (the installed package is the reference):
+
+* resizing is Detectron2's ``ResizeTransform`` on uint8 images: PIL bilinear,
+  output size rounded half up as ``ResizeShortestEdge`` does;
+* padding is bottom/right, like ``ImageList.from_tensors``; callers pass the
+  model's ``PIXEL_MEAN`` so the padded area normalises to exactly 0;
+* boxes go back to the original image the way ``detector_postprocess`` does
+  (per-axis ``resized / original`` ratio, then clip);
+* masks are pasted like ``paste_masks_in_image`` (bilinear ``grid_sample``,
+  ``align_corners=False``, zero outside the mask, ``>= threshold``).
+
+Nothing here imports torch or detectron2 at module level, so light commands
+(listing, drawing, comparing saved outputs) stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "Letterbox",
+    "letterbox",
+    "load_image_bgr",
+    "Detections",
+    "boxes_to_original",
+    "boxes_to_input",
+    "paste_masks",
+    "decode_outputs",
+    "detections_from_instances",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Letterboxing
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Geometry of one letterboxed image.
+
+    Attributes:
+        original_hw: (h, w) of the photograph as loaded.
+        input_hw: (H, W) of the network input the image was pasted into.
+        scale: ``min(H / h, W / w)``, the nominal resize factor.
+        resized_hw: (round(h * scale), round(w * scale)), the area at the
+            top-left of the input that holds image content; the rest is padding.
+    """
+
+    original_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    scale: float
+    resized_hw: tuple[int, int]
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """Effective per-axis scale (resized / original).
+
+        Rounding the resized size to whole pixels makes the true x and y
+        factors differ from ``scale`` by up to half a pixel over the image;
+        PIL resamples with exactly these factors and Detectron2's
+        ``detector_postprocess`` maps boxes back with them, so we do too.
+        """
+        (h, w), (rh, rw) = self.original_hw, self.resized_hw
+        return rw / w, rh / h
+
+    @property
+    def padding_hw(self) -> tuple[int, int]:
+        """Rows added at the bottom and columns added at the right."""
+        return self.input_hw[0] - self.resized_hw[0], self.input_hw[1] - self.resized_hw[1]
+
+
+def _fit_size(h: int, w: int, size: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+    """Scale and rounded size that fit (h, w) inside ``size``, keeping aspect.
+
+    Rounds half up (``int(x + 0.5)``) like Detectron2's
+    ``ResizeShortestEdge.get_output_shape`` rather than Python's banker's
+    ``round``, and never exceeds the target.
+    """
+    H, W = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0 or H <= 0 or W <= 0:
+        raise ValueError(f"bad sizes: image {(h, w)}, target {(H, W)}")
+    scale = min(H / h, W / w)
+    rh = min(H, max(1, int(h * scale + 0.5)))
+    rw = min(W, max(1, int(w * scale + 0.5)))
+    return scale, (rh, rw)
+
+
+def letterbox(
+    image_bgr: np.ndarray,
+    size: tuple[int, int],
+    pad_value: Sequence[float] = (0.0, 0.0, 0.0),
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize an image to fit inside ``size`` (H, W) and pad it to exactly that size.
+
+    Args:
+        image_bgr: uint8 array [h, w, 3] in BGR order (as ``load_image_bgr`` and
+            OpenCV give it).
+        size: (H, W) of the network input.
+        pad_value: one value per channel (BGR) for the padded area.  Pass the
+            model's ``PIXEL_MEAN`` so padding becomes 0 after normalisation, as
+            Detectron2's ``ImageList`` padding (done after normalisation) is.
+
+    Returns:
+        ``(chw, lb)``: float32 [3, H, W], BGR, values 0..255 with the image at the
+        top-left; and the ``Letterbox`` needed to map results back.
+    """
+    image_bgr = np.asarray(image_bgr)
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"expected an [h, w, 3] image, got shape {image_bgr.shape}")
+    if image_bgr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image_bgr.dtype}")
+    pad = np.asarray(pad_value, dtype=np.float32).reshape(-1)
+    if pad.size != 3:
+        raise ValueError(f"pad_value needs 3 values (one per channel), got {pad_value!r}")
+
+    h, w = image_bgr.shape[:2]
+    H, W = int(size[0]), int(size[1])
+    scale, (rh, rw) = _fit_size(h, w, (H, W))
+
+    # Detectron2's ResizeTransform: PIL bilinear on the uint8 array.  PIL treats
+    # the BGR array as "RGB" but resamples each channel independently, so the
+    # channel order does not matter.
+    resized = np.asarray(
+        Image.fromarray(np.ascontiguousarray(image_bgr)).resize((rw, rh), Image.Resampling.BILINEAR)
+    )
+
+    chw = np.empty((3, H, W), dtype=np.float32)
+    chw[:] = pad[:, None, None]
+    chw[:, :rh, :rw] = resized.transpose(2, 0, 1)
+    return chw, Letterbox(original_hw=(h, w), input_hw=(H, W), scale=float(scale), resized_hw=(rh, rw))
+
+
+def load_image_bgr(path: str | PathLike[str]) -> np.ndarray:
+    """Load an image file as uint8 BGR [h, w, 3], like ``read_image(path, "BGR")``.
+
+    Applies the EXIF orientation (phone photos are stored sideways) and
+    converts any PIL mode (grayscale, palette, RGBA, CMYK...) to RGB first;
+    alpha is dropped rather than composited, exactly as Detectron2 does.
+    """
+    with Image.open(path) as im:
+        rgb = np.asarray(_apply_exif_orientation(im).convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says; broken EXIF is ignored.
+
+    Same table and the same tolerance of unreadable EXIF as Detectron2's
+    ``_apply_exif_orientation`` (``ImageOps.exif_transpose`` raises on some files).
+    """
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
+    except Exception:
+        return image
+    method = _EXIF_TRANSPOSE.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
+# --------------------------------------------------------------------------- #
+# Detections and box mapping
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in ORIGINAL image pixels.
+
+    Attributes:
+        boxes: float32 [N, 4], x1, y1, x2, y2.
+        scores: float32 [N].
+        classes: int64 [N], contiguous class ids of the model.
+        masks: bool [N, h, w] pasted at original size, or None for box-only output.
+        keypoints: float32 [N, K, 3] (x, y, score), or None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        self.classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)
+        n = len(self.boxes)
+        if len(self.scores) != n or len(self.classes) != n:
+            raise ValueError(
+                f"inconsistent lengths: boxes {n}, scores {len(self.scores)}, classes {len(self.classes)}"
+            )
+        if self.masks is not None:
+            self.masks = np.asarray(self.masks, dtype=bool)
+            if self.masks.ndim != 3 or len(self.masks) != n:
+                raise ValueError(f"masks must be [N={n}, h, w], got {self.masks.shape}")
+        if self.keypoints is not None:
+            self.keypoints = np.asarray(self.keypoints, dtype=np.float32)
+            if self.keypoints.ndim != 3 or len(self.keypoints) != n:
+                raise ValueError(f"keypoints must be [N={n}, K, 3], got {self.keypoints.shape}")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def subset(self, index: Any) -> "Detections":
+        """Detections selected by a numpy index (mask, indices or slice)."""
+        return Detections(
+            boxes=self.boxes[index],
+            scores=self.scores[index],
+            classes=self.classes[index],
+            masks=None if self.masks is None else self.masks[index],
+            keypoints=None if self.keypoints is None else self.keypoints[index],
+        )
+
+    @classmethod
+    def empty(cls, image_hw: tuple[int, int] | None = None) -> "Detections":
+        """No detections; with ``image_hw`` it carries an empty [0, h, w] mask array."""
+        masks = None if image_hw is None else np.zeros((0, *image_hw), dtype=bool)
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), masks)
+
+
+def boxes_to_original(boxes_input_xyxy: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Map xyxy boxes from network-input pixels to original-image pixels.
+
+    Divides by the effective per-axis scale (``lb.scale_xy``, equal to
+    ``lb.scale`` up to pixel rounding) and clips to the original image, which is
+    what ``detector_postprocess`` does with ``Boxes.scale`` + ``Boxes.clip``.
+    Boxes are not dropped when clipping leaves them empty; both sides of a
+    comparison use this function, so they stay aligned row for row.
+    """
+    boxes = np.asarray(boxes_input_xyxy, dtype=np.float32).reshape(-1, 4)
+    sx, sy = lb.scale_xy
+    h, w = lb.original_hw
+    out = boxes / np.array([sx, sy, sx, sy], dtype=np.float32)
+    out[:, 0::2] = np.clip(out[:, 0::2], 0.0, float(w))
+    out[:, 1::2] = np.clip(out[:, 1::2], 0.0, float(h))
+    return out.astype(np.float32, copy=False)
+
+
+def boxes_to_input(boxes_original_xyxy: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Inverse of ``boxes_to_original`` (without clipping): original -> input pixels."""
+    boxes = np.asarray(boxes_original_xyxy, dtype=np.float32).reshape(-1, 4)
+    sx, sy = lb.scale_xy
+    return (boxes * np.array([sx, sy, sx, sy], dtype=np.float32)).astype(np.float32, copy=False)
+
+
+def _keypoints_to_original(keypoints: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Scale keypoint x, y back to the original image (not clipped, like Detectron2)."""
+    kp = np.array(keypoints, dtype=np.float32, copy=True)
+    sx, sy = lb.scale_xy
+    kp[..., 0] /= sx
+    kp[..., 1] /= sy
+    return kp
+
+
+# --------------------------------------------------------------------------- #
+# Mask pasting
+# --------------------------------------------------------------------------- #
+
+
+def _axis_weights(
+    start: int, stop: int, lo: np.float32, hi: np.float32, m: int
+) -> np.ndarray:
+    """Bilinear weights [stop - start, m] for image pixels ``start..stop-1`` along one axis.
+
+    Replays what ``grid_sample(align_corners=False, padding_mode="zeros")``
+    does for the grid Detectron2 builds: pixel centre ``p + 0.5`` is
+    normalised to the box as ``(p + 0.5 - lo) / (hi - lo) * 2 - 1``, then
+    unnormalised to a mask coordinate ``((g + 1) * m - 1) / 2``; the two
+    neighbouring mask cells get weights ``1 - frac`` and ``frac``, and cells
+    outside ``0..m-1`` contribute zero.  All in float32 like the original.
+    """
+    p = np.arange(start, stop, dtype=np.float32) + np.float32(0.5)
+    g = (p - lo) / (hi - lo) * np.float32(2) - np.float32(1)
+    coord = ((g + np.float32(1)) * np.float32(m) - np.float32(1)) / np.float32(2)
+    i0 = np.floor(coord)
+    w1 = coord - i0
+    w0 = np.float32(1) - w1
+    i0 = i0.astype(np.int64)
+    cells = np.arange(m)
+    # One-hot comparison instead of scatter: out-of-range cells never match, so
+    # the zero padding of grid_sample comes for free.
+    return (cells == i0[:, None]) * w0[:, None] + (cells == (i0 + 1)[:, None]) * w1[:, None]
+
+
+def paste_masks(
+    masks: np.ndarray,
+    boxes: np.ndarray,
+    image_hw: tuple[int, int],
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """Paste fixed-size mask probabilities into the image, one per box.
+
+    Reproduces ``detectron2.layers.mask_ops.paste_masks_in_image`` (the CPU
+    path): each mask is bilinearly resampled onto the image pixels within its
+    box (plus a one-pixel border, clamped to the image), and binarised with
+    ``>= threshold``; pixels further out stay False.
+
+    Bilinear sampling on a grid whose x depends only on the column and y only
+    on the row is separable, so instead of ``grid_sample`` each mask is pasted
+    as ``Wy @ mask @ Wx.T`` -- two small matrix products over the box extent
+    only -- which is exact up to float rounding and fast on CPU.
+
+    Args:
+        masks: [N, M, M] (or [N, 1, M, M]) float probabilities in [0, 1].
+        boxes: [N, 4] xyxy in the pixels of ``image_hw``; may extend past the image.
+        image_hw: (h, w) of the image to paste into.
+        threshold: pixels with probability ``>= threshold`` are set.
+
+    Returns:
+        bool [N, h, w].
+    """
+    masks = np.asarray(masks, dtype=np.float32)
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, M, M] or [N, 1, M, M], got {masks.shape}")
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if len(boxes) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(boxes)} boxes")
+    img_h, img_w = int(image_hw[0]), int(image_hw[1])
+    n, mh, mw = masks.shape
+    out = np.zeros((n, img_h, img_w), dtype=bool)
+
+    for i in range(n):
+        x0, y0, x1, y1 = boxes[i]
+        if not (x1 > x0 and y1 > y0):  # degenerate box: nothing sensible to paste
+            continue
+        # Same extent as Detectron2's skip_empty region, also clamped on the
+        # far sides so boxes entirely outside the image paste nothing.
+        c0 = max(int(math.floor(x0)) - 1, 0)
+        r0 = max(int(math.floor(y0)) - 1, 0)
+        c1 = min(int(math.ceil(x1)) + 1, img_w)
+        r1 = min(int(math.ceil(y1)) + 1, img_h)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        wy = _axis_weights(r0, r1, y0, y1, mh)  # [rows, mh]
+        wx = _axis_weights(c0, c1, x0, x1, mw)  # [cols, mw]
+        probs = (wy @ masks[i]) @ wx.T  # [rows, cols]
+        out[i, r0:r1, c0:c1] = probs >= threshold
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Decoding model outputs
+# --------------------------------------------------------------------------- #
+
+
+def decode_outputs(
+    outputs: Mapping[str, np.ndarray],
+    lb: Letterbox,
+    image_index: int = 0,
+    mask_threshold: float = 0.5,
+) -> Detections:
+    """Turn the TensorRT-ready graph's named outputs into ``Detections`` of one image.
+
+    Expects the EfficientNMS-style outputs: ``num_detections`` [B, 1] int,
+    ``detection_boxes`` [B, M, 4] (x1, y1, x2, y2 in input pixels),
+    ``detection_scores`` [B, M], ``detection_classes`` [B, M], and optionally
+    ``detection_masks`` [B, M, Mh, Mw] probabilities and
+    ``detection_keypoints`` [B, M, K, 3] in input pixels.  Rows past
+    ``num_detections`` are padding and are dropped; boxes are mapped to the
+    original image and masks pasted there with ``paste_masks``.
+    """
+    b = image_index
+    n = int(np.asarray(outputs["num_detections"])[b].reshape(-1)[0])
+    boxes_in = np.asarray(outputs["detection_boxes"], dtype=np.float32)[b]
+    n = max(0, min(n, len(boxes_in)))
+    boxes = boxes_to_original(boxes_in[:n], lb)
+    scores = np.asarray(outputs["detection_scores"], dtype=np.float32)[b, :n]
+    classes = np.asarray(outputs["detection_classes"])[b, :n].astype(np.int64)
+
+    masks = None
+    raw_masks = outputs.get("detection_masks")
+    if raw_masks is not None:
+        raw = np.asarray(raw_masks, dtype=np.float32)[b, :n]
+        masks = paste_masks(raw, boxes, lb.original_hw, threshold=mask_threshold)
+
+    keypoints = None
+    raw_kp = outputs.get("detection_keypoints")
+    if raw_kp is not None:
+        keypoints = _keypoints_to_original(np.asarray(raw_kp)[b, :n], lb)
+
+    return Detections(boxes=boxes, scores=scores, classes=classes, masks=masks, keypoints=keypoints)
+
+
+def detections_from_instances(instances: Any, lb: Letterbox, mask_threshold: float = 0.5) -> Detections:
+    """Turn Detectron2 ``Instances`` (from ``inference(..., do_postprocess=False)``) into ``Detections``.
+
+    This is the reference side of a verification, so masks are pasted with
+    Detectron2's own ``paste_masks_in_image`` rather than ``paste_masks``; the
+    box mapping is the shared ``boxes_to_original`` so both sides agree on
+    geometry.  Instances must have been computed on the letterboxed H x W input.
+    """
+    import torch
+    from detectron2.layers.mask_ops import paste_masks_in_image
+
+    def _np(t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+    pred_boxes = instances.pred_boxes
+    boxes_in = _np(getattr(pred_boxes, "tensor", pred_boxes))
+    boxes = boxes_to_original(boxes_in, lb)
+    scores = _np(instances.scores).astype(np.float32)
+    classes = _np(instances.pred_classes).astype(np.int64)
+
+    masks = None
+    if instances.has("pred_masks"):
+        pm = instances.pred_masks
+        pm = pm if isinstance(pm, torch.Tensor) else torch.as_tensor(np.asarray(pm))
+        if pm.dim() == 4:
+            pm = pm[:, 0]
+        pasted = paste_masks_in_image(
+            pm.detach().float().cpu(), torch.from_numpy(boxes), lb.original_hw, threshold=mask_threshold
+        )
+        masks = _np(pasted).astype(bool)
+        if masks.shape[1:] != tuple(lb.original_hw):  # N == 0 returns [0, h, w] already
+            masks = masks.reshape(len(boxes), *lb.original_hw)
+
+    keypoints = None
+    if instances.has("pred_keypoints"):
+        keypoints = _keypoints_to_original(_np(instances.pred_keypoints), lb)
+
+    return Detections(boxes=boxes, scores=scores, classes=classes, masks=masks, keypoints=keypoints)

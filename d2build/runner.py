@@ -1,0 +1,137 @@
+"""Orders a recipe's stages, computes their keys, and runs or reuses each through the cache."""
+
+from __future__ import annotations
+
+import graphlib
+import json
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact, Cache, make_key
+from d2build.families import pipeline_for
+from d2build.schema import Recipe
+from d2build.stages.base import Progress, Stage, StageFailed
+
+log = logging.getLogger("d2build")
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    key: str
+    material: dict[str, Any]
+    needs: tuple[str, ...]
+    cached: bool
+    skip: str | None
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    status: str  # built | hit | skipped | failed
+    seconds: float
+    dir: str | None = None
+    artifacts: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def ordered_stages(recipe: Recipe) -> list[Stage]:
+    stages = {s.name: s for s in pipeline_for(recipe)}
+    graph = {name: set(s.needs) for name, s in stages.items()}
+    return [stages[n] for n in graphlib.TopologicalSorter(graph).static_order()]
+
+
+def plan(recipe: Recipe, cache: Cache | None = None) -> list[PlannedStage]:
+    cache = cache or Cache(recipe.cache.dir)
+    keys: dict[str, str] = {}
+    out = []
+    for stage in ordered_stages(recipe):
+        material = stage.key_material(recipe, keys)
+        key = keys[stage.name] = make_key(material)
+        out.append(PlannedStage(stage, key, material, stage.needs, cache.is_published(stage.name, key),
+                                stage.skip_reason(recipe)))
+    return out
+
+
+def format_plan(planned: list[PlannedStage]) -> str:
+    lines = [f"{'stage':<10} {'key':<14} {'would':<7} needs"]
+    for p in planned:
+        would = "skip" if p.skip else ("hit" if p.cached else "build")
+        lines.append(f"{p.name:<10} {p.key[:12]:<14} {would:<7} {', '.join(p.needs) or '-'}"
+                     + (f"   ({p.skip})" if p.skip else ""))
+    return "\n".join(lines)
+
+
+def execute(recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[StageResult]:
+    """Run the DAG; write run.json into run_dir; return per-stage results (failures included)."""
+    cache = Cache(recipe.cache.dir)
+    results: list[StageResult] = []
+    artifacts: dict[str, Artifact] = {}
+    log.info("d2build: recipe %s (%s), cache %s", recipe.name, recipe.source, cache.root)
+    for p in plan(recipe, cache):
+        res = _run_one(p, cache, artifacts, results)
+        results.append(res)
+        line = f"{res.name:<8} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
+        if res.dir:
+            line += f"  {res.dir}"
+        if res.reason:
+            line += f"  ({res.reason})"
+        (log.error if res.status == "failed" else log.info)(line)
+        _write_run_json(run_dir, recipe, overrides, results)
+    return results
+
+
+def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact],
+             done: list[StageResult]) -> StageResult:
+    missing = [n for n in p.needs if n not in artifacts]
+    if missing:
+        return StageResult(p.name, p.key, "skipped", 0.0, reason=f"needs {', '.join(missing)}")
+    if p.skip:
+        return StageResult(p.name, p.key, "skipped", 0.0, reason=p.skip)
+    t0 = time.monotonic()
+    inputs = {n: artifacts[n] for n in p.needs}
+    progress = Progress(p.name)
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        log.info("%s: building %s", p.name, p.key[:12])
+        return p.stage.run(p.material["config"], inputs, out_dir, progress)
+
+    def waiting() -> None:
+        log.info("%s: another process is building %s; waiting for it", p.name, p.key[:12])
+
+    try:
+        art, status = cache.get_or_build(p.name, p.key, p.material, build, on_wait=waiting)
+    except StageFailed as e:
+        return StageResult(p.name, p.key, "failed", time.monotonic() - t0, reason=str(e))
+    except Exception as e:  # noqa: BLE001 - a stage crash is reported per stage, then the run fails
+        log.debug("%s", traceback.format_exc())
+        return StageResult(p.name, p.key, "failed", time.monotonic() - t0,
+                           reason=f"{type(e).__name__}: {e}")
+    artifacts[p.name] = art
+    return StageResult(p.name, p.key, status, time.monotonic() - t0, str(art.dir),
+                       sorted(art.manifest["files"]), art.info)
+
+
+def _write_run_json(run_dir: Path, recipe: Recipe, overrides: list[str], results: list[StageResult]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "recipe": recipe.name,
+        "recipe_file": recipe.source,
+        "overrides": overrides,
+        "config": recipe.to_dict(),
+        "stages": {r.name: asdict(r) for r in results},
+        "ok": all(r.status != "failed" for r in results),
+    }
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(run_dir / "run.json")

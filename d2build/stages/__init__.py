@@ -1,0 +1,1 @@
+"""Pipeline stages (export, surgery, verify, ...); see base.py for the contract."""

@@ -1,0 +1,72 @@
+"""The stage contract.
+
+A stage is a small object: a name, a VERSION bumped by hand whenever its output for the same
+inputs would change, the slice of the recipe it reads, the stages it consumes and the packages
+whose versions change its output. `run` writes files only into the fresh `out_dir` it is given and
+returns JSON-able facts for the manifest. Stages never see the whole Hydra config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+
+log = logging.getLogger("d2build")
+
+
+class StageFailed(RuntimeError):
+    """A stage ran and its output is wrong (e.g. verify thresholds not met); nothing is published."""
+
+
+class Progress:
+    """Progress lines for long stages: `step("tracing")`, or `count(i, n, what)` in loops."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.t0 = time.monotonic()
+
+    def step(self, what: str) -> None:
+        log.info("  %-8s %6.1fs  %s", self.stage, time.monotonic() - self.t0, what)
+
+    def count(self, i: int, n: int, what: str) -> None:
+        self.step(f"[{i}/{n}] {what}")
+
+
+class Stage:
+    name: ClassVar[str]
+    VERSION: ClassVar[int]
+    needs: ClassVar[tuple[str, ...]] = ()
+    tools: ClassVar[tuple[str, ...]] = ()
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def skip_reason(self, recipe: Recipe) -> str | None:
+        """Why this stage cannot run here (e.g. no TensorRT); None when it can."""
+        return None
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
+            progress: Progress) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def key_material(self, recipe: Recipe, upstream_keys: dict[str, str]) -> dict[str, Any]:
+        return {
+            "stage": self.name,
+            "version": self.VERSION,
+            "config": self.config_slice(recipe),
+            "upstream": {n: upstream_keys[n] for n in self.needs},
+            "tools": {t: tool_version(t) for t in self.tools},
+        }
+
+
+def tool_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
