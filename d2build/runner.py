@@ -79,7 +79,7 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[StageRe
     artifacts: dict[str, Artifact] = {}
     log.info("d2build: recipe %s (%s), cache %s", recipe.name, recipe.source, cache.root)
     for p in plan(recipe, cache):
-        res = _run_one(p, cache, artifacts, results)
+        res = _run_one(p, cache, artifacts, run_dir)
         results.append(res)
         line = f"{res.name:<8} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
         if res.dir:
@@ -91,8 +91,7 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[StageRe
     return results
 
 
-def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact],
-             done: list[StageResult]) -> StageResult:
+def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_dir: Path) -> StageResult:
     missing = [n for n in p.needs if n not in artifacts]
     if missing:
         return StageResult(p.name, p.key, "skipped", 0.0, reason=f"needs {', '.join(missing)}")
@@ -112,7 +111,12 @@ def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact],
     try:
         art, status = cache.get_or_build(p.name, p.key, p.material, build, on_wait=waiting)
     except StageFailed as e:
-        return StageResult(p.name, p.key, "failed", time.monotonic() - t0, reason=str(e))
+        evidence = run_dir / f"{p.name}-failed"
+        for name, text in e.files.items():
+            evidence.mkdir(parents=True, exist_ok=True)
+            (evidence / name).write_text(text)
+        return StageResult(p.name, p.key, "failed", time.monotonic() - t0,
+                           str(evidence) if e.files else None, sorted(e.files), reason=str(e))
     except Exception as e:  # noqa: BLE001 - a stage crash is reported per stage, then the run fails
         log.debug("%s", traceback.format_exc())
         return StageResult(p.name, p.key, "failed", time.monotonic() - t0,

@@ -21,7 +21,14 @@ log = logging.getLogger("d2build")
 
 
 class StageFailed(RuntimeError):
-    """A stage ran and its output is wrong (e.g. verify thresholds not met); nothing is published."""
+    """A stage ran and its output is wrong (e.g. verify thresholds not met); nothing is published.
+
+    `files` (name -> text) are written into the run directory so the evidence is not lost.
+    """
+
+    def __init__(self, message: str, files: dict[str, str] | None = None):
+        super().__init__(message)
+        self.files = files or {}
 
 
 class Progress:

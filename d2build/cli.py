@@ -1,0 +1,147 @@
+"""Command line: `d2build [run] key=value ...`, `d2build plan ...`, `d2build validate ...`.
+
+A run is a Hydra app (so `-m` sweeps, output folders and overrides work as Hydra users expect);
+`plan` and `validate` compose through Hydra's compose API and never start a stage. Nothing here
+imports torch: a bad recipe is rejected in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """\
+usage: d2build [run] [-m] [KEY=VALUE ...]   compose a recipe and run export -> surgery -> verify
+       d2build plan [KEY=VALUE ...]        show the DAG: each stage's key and hit/build; runs nothing
+       d2build validate [RECIPE ...]       check recipes (default: all shipped and ./recipes ones)
+       python -m d2build ...               same as d2build
+
+common overrides:
+  recipe=mask_rcnn_r50              a recipe from recipes/ (shipped) or ./recipes (yours)
+  model.weights=random|PATH|URL     random: seeded weights that behave, offline
+  model.input=[640,640]             engine input [H, W]: multiple of 32, 256..2048
+  surgery.nms.iou_threshold=0.5     also score_threshold, max_detections; surgery.rpn.*
+  precision=fp32|fp16|int8          calibration=bundled (int8); verify.images=DIR; cache.dir=DIR
+  -m KEY=a,b,c                      a Hydra sweep: one job per value, shared cache
+
+Hydra's own flags work too (--cfg job, --hydra-help, hydra.run.dir=...).
+Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache.dir.
+"""
+
+log = logging.getLogger("d2build")
+_failed_jobs: list[str] = []
+
+
+def _print_problems(err) -> None:
+    print(f"d2build: the recipe cannot be built ({len(err.problems)} problem(s)):", file=sys.stderr)
+    for p in err.problems:
+        print(f"  {p}", file=sys.stderr)
+
+
+def _job(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from d2build.compose import recipe_from_hydra
+    from d2build.runner import execute
+    from d2build.schema import RecipeError
+
+    try:
+        recipe = recipe_from_hydra(cfg)
+    except RecipeError as e:
+        _print_problems(e)
+        raise SystemExit(2) from None
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    results = execute(recipe, run_dir, list(hc.overrides.task))
+    failed = [r.name for r in results if r.status == "failed"]
+    for r in results:
+        if r.status == "failed":
+            print(f"d2build: stage {r.name} failed: {r.reason}", file=sys.stderr)
+    log.info("run.json: %s", run_dir / "run.json")
+    if failed:
+        _failed_jobs.append(",".join(hc.overrides.task) or recipe.name)
+
+
+def run(argv: list[str]) -> int:
+    import hydra
+
+    from d2build.compose import conf_dir, register_plugins
+
+    register_plugins()
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "d2build", *argv]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 1 if _failed_jobs else 0
+
+
+def _compose_or_report(overrides: list[str]):
+    from hydra.errors import HydraException
+
+    from d2build.compose import compose
+    from d2build.schema import RecipeError
+
+    try:
+        return compose(overrides)
+    except RecipeError as e:
+        _print_problems(e)
+    except HydraException as e:
+        print(f"d2build: {e}", file=sys.stderr)
+    return None
+
+
+def plan_cmd(argv: list[str]) -> int:
+    from d2build.runner import format_plan, plan
+
+    recipe = _compose_or_report(argv)
+    if recipe is None:
+        return 2
+    print(f"recipe {recipe.name} ({recipe.source}), cache {Path(recipe.cache.dir).resolve()}")
+    print(format_plan(plan(recipe)))
+    return 0
+
+
+def validate_cmd(argv: list[str]) -> int:
+    from d2build.compose import list_recipes
+
+    known = list_recipes()
+    names = argv or sorted(known)
+    bad = 0
+    for name in names:
+        stem = Path(name).stem if name.endswith(".yaml") else name
+        if stem not in known:
+            print(f"{name}: no such recipe (known: {', '.join(sorted(known))})", file=sys.stderr)
+            bad += 1
+            continue
+        recipe = _compose_or_report([f"recipe={stem}"])
+        if recipe is None:
+            bad += 1
+        else:
+            from d2build.runner import plan
+
+            stages = " -> ".join(p.name for p in plan(recipe))
+            print(f"ok  {stem:<20} {recipe.source}  ({stages})")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = argv[0] if argv and argv[0] in ("run", "plan", "validate") else "run"
+    if argv and argv[0] == command:
+        argv = argv[1:]
+    if command == "plan":
+        return plan_cmd(argv)
+    if command == "validate":
+        return validate_cmd(argv)
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

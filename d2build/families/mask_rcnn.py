@@ -1,0 +1,75 @@
+"""Mask R-CNN (FPN): everything d2build knows about this Detectron2 family, in one place.
+
+How to export it (TracingAdapter around `inference(..., do_postprocess=False)`), what the export's
+outputs mean, how Detectron2 eager is run for comparison (same letterboxed input, the recipe's
+thresholds), and which surgery turns the export into the TensorRT-ready graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "pred_masks", "scores", "image_size")
+GRAPH_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes", "detection_masks")
+
+
+class MaskRCNN:
+    name = "mask_rcnn"
+    with_masks = True
+
+    @staticmethod
+    def eager_overrides(surgery: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
+        return {
+            "MODEL.ROI_HEADS.NMS_THRESH_TEST": surgery["nms"]["iou_threshold"],
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": surgery["nms"]["score_threshold"],
+            "TEST.DETECTIONS_PER_IMAGE": surgery["nms"]["max_detections"],
+            "MODEL.RPN.PRE_NMS_TOPK_TEST": surgery["rpn"]["pre_nms_topk"],
+            "MODEL.RPN.POST_NMS_TOPK_TEST": surgery["rpn"]["post_nms_topk"],
+            "MODEL.RPN.NMS_THRESH": surgery["rpn"]["iou_threshold"],
+        }
+
+    @staticmethod
+    def eager(model, image_chw: np.ndarray):
+        """Detectron2's own answer on one letterboxed [3,H,W] image: Instances in input pixels."""
+        import torch
+
+        with torch.no_grad():
+            return model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)[0]
+
+    def export(self, model, image_chw: np.ndarray, path: Path) -> None:
+        """Trace Detectron2 at this input size; outputs renamed to the Instances fields they hold."""
+        import onnx
+        import torch
+        from detectron2.export import TracingAdapter
+
+        x = torch.as_tensor(image_chw)
+        adapter = TracingAdapter(model, [{"image": x}],
+                                 inference_func=lambda m, inputs: m.inference(inputs, do_postprocess=False))
+        adapter.eval()
+        with torch.no_grad():
+            torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
+                              input_names=["image"])
+        proto = onnx.load(str(path))
+        renames = dict(zip((o.name for o in proto.graph.output), EXPORT_OUTPUTS))
+        for node in proto.graph.node:
+            node.output[:] = [renames.get(o, o) for o in node.output]
+        for out in proto.graph.output:
+            out.name = renames[out.name]
+        onnx.save(proto, str(path))
+
+    @staticmethod
+    def export_detections(outputs: dict[str, np.ndarray], lb) -> Any:
+        """The export's outputs (input pixels) as Detections in original pixels, masks unpasted."""
+        from d2build.processing import Detections, boxes_to_original
+
+        return Detections(boxes_to_original(outputs["pred_boxes"], lb), outputs["scores"], outputs["pred_classes"])
+
+    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int]):
+        from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
+
+        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks)
+        return RCNNSurgeon(export_model, spec).run()

@@ -1,0 +1,48 @@
+"""surgery: the export becomes the TensorRT-ready graph (static shapes, plugin nodes).
+
+The family module does the rewrite; this stage records what came out: node count, op histogram,
+every plugin's attributes, input/output shapes and the anchor counts that were checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+from d2build.stages.base import Progress, Stage
+
+
+class SurgeryStage(Stage):
+    name = "surgery"
+    VERSION = 1
+    needs = ("export",)
+    tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "sal-detectron2")
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        m = recipe.model
+        return {"family": m.family, "config": m.config, "input": list(m.input),
+                "surgery": recipe.to_dict()["surgery"]}
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
+            progress: Progress) -> dict[str, Any]:
+        import onnx
+
+        from d2build import detectron
+        from d2build.families import family
+        from d2build.graph import io_shapes, op_histogram, plugin_attributes
+
+        d2cfg = detectron.load_cfg(cfg["config"])
+        export = onnx.load(str(inputs["export"].path("model.onnx")))
+        progress.step(f"rewriting {len(export.graph.node)} export nodes")
+        model, facts = family(cfg["family"]).surgery(export, d2cfg, cfg["surgery"], tuple(cfg["input"]))
+        onnx.save(model, str(out_dir / "model.onnx"))
+        progress.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
+        return {
+            "nodes": len(model.graph.node),
+            "ops": op_histogram(model),
+            "plugins": plugin_attributes(model),
+            "io": io_shapes(model),
+            **facts,
+        }
