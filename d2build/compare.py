@@ -11,8 +11,9 @@ reported by name so a failing verification says *which* detections differ.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +53,24 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired masks must have the same shape, got {a.shape} and {b.shape}")
-    if len(a) == 0:
-        return np.zeros(0, dtype=np.float64)
-    fa = a.reshape(len(a), -1)
-    fb = b.reshape(len(b), -1)
-    inter = np.count_nonzero(fa & fb, axis=1).astype(np.float64)
-    union = np.count_nonzero(fa | fb, axis=1).astype(np.float64)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    idx = np.arange(len(a))
+    return _paired_mask_iou(a, b, idx, idx)
+
+
+def _paired_mask_iou(a: np.ndarray, b: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """IoU of a[ii[k]] and b[jj[k]] for each k, one pair at a time.
+
+    A pair at a time on views (no fancy-indexed copies of whole mask stacks):
+    100 full-resolution 1344 x 1344 masks are 180 MB per stack, and copying
+    and combining them wholesale took seconds where this takes tens of ms.
+    """
+    out = np.empty(len(ii), dtype=np.float64)
+    for k, (i, j) in enumerate(zip(ii, jj, strict=True)):
+        ma, mb = a[i], b[j]
+        inter = np.count_nonzero(np.logical_and(ma, mb))
+        union = np.count_nonzero(ma) + np.count_nonzero(mb) - inter
+        out[k] = inter / union if union > 0 else 1.0
+    return out
 
 
 def _nan_to_none(x: float | None) -> float | None:
@@ -216,9 +228,11 @@ def match_detections(
     mask_ious: list[float] | None = None
     if ref.masks is not None and got.masks is not None:
         if pairs:
-            ii = np.array([p[0] for p in pairs])
-            jj = np.array([p[1] for p in pairs])
-            mask_ious = [float(x) for x in mask_iou(ref.masks[ii], got.masks[jj])]
+            if ref.masks.shape[1:] != got.masks.shape[1:]:
+                raise ValueError(f"mask sizes differ: {ref.masks.shape[1:]} vs {got.masks.shape[1:]}")
+            ii = [p[0] for p in pairs]
+            jj = [p[1] for p in pairs]
+            mask_ious = [float(x) for x in _paired_mask_iou(ref.masks, got.masks, ii, jj)]
         else:
             mask_ious = []
 
@@ -325,7 +339,7 @@ def describe_mismatches(
             + _explain_one(j, got, ref, ious[:, j], used_ref, result, class_names, got_label, ref_label)
         )
     if mask_iou_min is not None and result.mask_ious:
-        for (i, j), m in sorted(zip(result.pairs, result.mask_ious), key=lambda t: t[1]):
+        for (i, j), m in sorted(zip(result.pairs, result.mask_ious, strict=True), key=lambda t: t[1]):
             if m < mask_iou_min:
                 lines.append(
                     f"mask: {ref_label} #{i} / {got_label} #{j} "

@@ -150,4 +150,40 @@ def random_model(cfg, seed: int, image_chw):
     finally:
         for h in hooks:
             h.remove()
+    # Detectron2 initialises the predictors with std 0.01/0.001, so class scores sit at ~1/81 and
+    # mask logits at ~0: nothing clears the 0.05 score threshold and masks are coin flips. Rescale
+    # each predictor so its outputs on the photograph have a spread like a trained model's.
+    for path, target in PREDICTOR_SPREAD.items():
+        layer = model.get_submodule(path) if _has(model, path) else None
+        if layer is not None:
+            _rescale_outputs(model, layer, image_chw, target)
     return model
+
+
+PREDICTOR_SPREAD = {"roi_heads.box_predictor.cls_score": 2.0, "roi_heads.mask_head.predictor": 3.0}
+
+
+def _has(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _rescale_outputs(model, layer, image_chw, target_std: float) -> None:
+    import torch
+
+    seen = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().flatten()))
+    try:
+        with torch.no_grad():
+            model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)
+    finally:
+        hook.remove()
+    if not seen:
+        return
+    std = float(torch.cat(seen).std())
+    with torch.no_grad():
+        layer.weight.mul_(target_std / std)
+        layer.bias.mul_(target_std / std)

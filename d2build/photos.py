@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 # Colour photographs bundled in scikit-image's wheel (loaded offline), in the order used.
-BUNDLED = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+BUNDLED = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

@@ -25,9 +25,10 @@ Nothing here imports torch or detectron2 at module level, so light commands
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -228,7 +229,7 @@ class Detections:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def subset(self, index: Any) -> "Detections":
+    def subset(self, index: Any) -> Detections:
         """Detections selected by a numpy index (mask, indices or slice)."""
         return Detections(
             boxes=self.boxes[index],
@@ -239,7 +240,7 @@ class Detections:
         )
 
     @classmethod
-    def empty(cls, image_hw: tuple[int, int] | None = None) -> "Detections":
+    def empty(cls, image_hw: tuple[int, int] | None = None) -> Detections:
         """No detections; with ``image_hw`` it carries an empty [0, h, w] mask array."""
         masks = None if image_hw is None else np.zeros((0, *image_hw), dtype=bool)
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), masks)
@@ -456,9 +457,7 @@ def detections_from_instances(instances: Any, lb: Letterbox, mask_threshold: flo
         pasted = paste_masks_in_image(
             pm.detach().float().cpu(), torch.from_numpy(boxes), lb.original_hw, threshold=mask_threshold
         )
-        masks = _np(pasted).astype(bool)
-        if masks.shape[1:] != tuple(lb.original_hw):  # N == 0 returns [0, h, w] already
-            masks = masks.reshape(len(boxes), *lb.original_hw)
+        masks = _np(pasted).astype(bool)  # [N, h, w]; also for N == 0
 
     keypoints = None
     if instances.has("pred_keypoints"):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import colorsys
 import importlib.util
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -237,7 +238,7 @@ def _caption(
     left: Detections,
     right: Detections,
     titles: tuple[str, str],
-    highlight: "MatchResult | None",
+    highlight: MatchResult | None,
 ) -> str:
     """One-line summary of what the two panels show."""
     parts = [f"{titles[0]}: {len(left)} detections", f"{titles[1]}: {len(right)} detections"]
@@ -263,7 +264,7 @@ def side_by_side(
     class_names: Sequence[str] | None,
     titles: tuple[str, str] = ("Detectron2", "TensorRT-ready graph"),
     path: str | PathLike[str] | None = None,
-    highlight: "MatchResult | None" = None,
+    highlight: MatchResult | None = None,
 ) -> Image.Image:
     """Two panels (``left`` = reference, ``right`` = graph) and a caption; saved as PNG at ``path``.
 

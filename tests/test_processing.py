@@ -40,9 +40,9 @@ def _bgr(rgb: np.ndarray) -> np.ndarray:
 
 def _smooth_masks(rng: np.random.Generator, n: int, m: int = 28) -> np.ndarray:
     """Mask-head-like probabilities: smooth blobs, mostly near 0 or 1, some in between."""
-    coarse = torch.from_numpy(rng.normal(size=(n, 1, 6, 6)).astype(np.float32))
-    fine = torch.nn.functional.interpolate(coarse, size=(m, m), mode="bicubic", align_corners=False)
-    return torch.sigmoid(4 * fine)[:, 0].numpy()
+    coarse = rng.normal(size=(n, 6, 6)).astype(np.float32)
+    fine = np.stack([np.asarray(Image.fromarray(c, "F").resize((m, m), Image.Resampling.BICUBIC)) for c in coarse])
+    return (1.0 / (1.0 + np.exp(-4.0 * fine))).astype(np.float32)
 
 
 def _random_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
@@ -282,7 +282,9 @@ def test_paste_100_masks_on_1344_is_fast():
         timings.append(time.perf_counter() - t0)
     print(f"paste_masks 100 x 1344x1344: best {min(timings) * 1e3:.1f} ms")
     assert min(timings) < 0.5
-    assert _iou_per_mask(out, _d2_paste(masks, boxes, hw)).mean() >= 0.999
+    # Detectron2 itself needs seconds for all 100 on CPU; a sample is enough here.
+    some = slice(0, 100, 5)
+    assert _iou_per_mask(out[some], _d2_paste(masks[some], boxes[some], hw)).mean() >= 0.999
 
 
 # --------------------------------------------------------------------------- #

@@ -103,7 +103,7 @@ def test_side_by_side_large_image_fast(tmp_path):
     import time
 
     rng = np.random.default_rng(0)
-    img = np.ascontiguousarray(np.kron(data.astronaut(), np.ones((3, 3, 1), np.uint8))[:1344, :1344, ::-1])
+    img = np.ascontiguousarray(np.asarray(Image.fromarray(data.astronaut()).resize((1344, 1344)))[:, :, ::-1])
     n = 100
     cx, cy = rng.uniform(0, 1344, (2, n))
     bw, bh = np.exp(rng.uniform(np.log(20), np.log(900), (2, n)))

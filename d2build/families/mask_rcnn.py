@@ -7,6 +7,8 @@ thresholds), and which surgery turns the export into the TensorRT-ready graph.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +52,15 @@ class MaskRCNN:
         adapter = TracingAdapter(model, [{"image": x}],
                                  inference_func=lambda m, inputs: m.inference(inputs, do_postprocess=False))
         adapter.eval()
-        with torch.no_grad():
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches surgery removes
             torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
                               input_names=["image"])
         proto = onnx.load(str(path))
         renames = dict(zip((o.name for o in proto.graph.output), EXPORT_OUTPUTS))
         for node in proto.graph.node:
+            node.input[:] = [renames.get(i, i) for i in node.input]
             node.output[:] = [renames.get(o, o) for o in node.output]
         for out in proto.graph.output:
             out.name = renames[out.name]

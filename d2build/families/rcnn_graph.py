@@ -335,6 +335,7 @@ class RCNNSurgeon:
         bias = np.concatenate([bias, np.zeros(4, np.float32)]) * scale
         reg.inputs[1] = gs.Constant(reg.name + "/W", w.astype(np.float32))
         reg.inputs[2] = gs.Constant(reg.name + "/B", bias.astype(np.float32))
+        reg.outputs[0].shape = None  # was [P, 4C]; shape inference recomputes it
 
     def masks(self, det_classes: gs.Variable, det_boxes: gs.Variable) -> gs.Variable:
         """Mask head on the final boxes; each detection keeps its own class's mask, as probabilities."""

@@ -371,7 +371,8 @@ def _lower_node(node: onnx.NodeProto, model: onnx.ModelProto) -> None:
     spec = PLUGINS[node.op_type]
     if len(node.input) not in spec.num_inputs:
         raise PluginAttributeError(
-            f"{_node_label(node)} has {len(node.input)} inputs; the plugin takes {' or '.join(map(str, spec.num_inputs))}"
+            f"{_node_label(node)} has {len(node.input)} inputs; the plugin takes "
+            f"{' or '.join(map(str, spec.num_inputs))}"
         )
     if len(node.output) != len(spec.output_types):
         raise PluginAttributeError(

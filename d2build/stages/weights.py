@@ -17,7 +17,7 @@ from d2build.stages.base import Progress, Stage
 
 class WeightsStage(Stage):
     name = "weights"
-    VERSION = 1
+    VERSION = 2
     tools = ("torch", "sal-detectron2")
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
