@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
@@ -87,14 +87,14 @@ class Cache:
             return "absent"
         try:
             manifest = json.loads(mf.read_text())
-            files = manifest["files"]
-        except (ValueError, KeyError):
+            files = {name: (meta["size"], meta["sha256"]) for name, meta in manifest["files"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or JSON of the wrong shape
             return "unreadable manifest"
-        for name, meta in files.items():
+        for name, (size, sha256) in files.items():
             p = d / name
-            if not p.is_file() or p.stat().st_size != meta["size"]:
+            if not p.is_file() or p.stat().st_size != size:
                 return f"{name} missing or resized"
-            if file_digest(p) != meta["sha256"]:
+            if file_digest(p) != sha256:
                 return f"{name} digest mismatch"
         return None
 
@@ -119,9 +119,13 @@ class Cache:
         stage_dir = self.root / stage
         self._mkdir(stage_dir)
         lock = FileLock(str(stage_dir / f".{key}.lock"))
-        if on_wait is not None and lock.is_locked:
-            on_wait()
-        with lock:
+        try:  # `lock.is_locked` only says whether *this* object holds it: try once to see who does
+            held = lock.acquire(blocking=False)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            held = lock.acquire()
+        with held:
             hit = self.lookup(stage, key)  # built by someone else while we waited
             if hit is not None:
                 return hit, "hit"

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 USAGE = """\
-usage: d2build [run] [-m] [KEY=VALUE ...]   compose a recipe and run export -> surgery -> verify
+usage: d2build [run] [-m] [--until STAGE] [KEY=VALUE ...]
+                                           compose a recipe and run weights -> export -> surgery -> verify
+                                           (--until: stop after STAGE and what it needs)
        d2build plan [KEY=VALUE ...]        show the DAG: each stage's key and hit/build; runs nothing
        d2build validate [RECIPE ...]       check recipes (default: all shipped and ./recipes ones)
        python -m d2build ...               same as d2build
@@ -31,6 +33,7 @@ Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache
 
 log = logging.getLogger("d2build")
 _failed_jobs: list[str] = []
+_until: str | None = None
 
 
 def _print_problems(err) -> None:
@@ -53,7 +56,7 @@ def _job(cfg) -> None:
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    results = execute(recipe, run_dir, list(hc.overrides.task))
+    results = execute(recipe, run_dir, list(hc.overrides.task), until=_until)
     failed = [r.name for r in results if r.status == "failed"]
     for r in results:
         if r.status == "failed":
@@ -136,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in ("run", "plan", "validate") else "run"
     if argv and argv[0] == command:
         argv = argv[1:]
+    if "--until" in argv:
+        global _until
+        i = argv.index("--until")
+        if i + 1 >= len(argv):
+            print("d2build: --until needs a stage name (weights, export, surgery, verify)", file=sys.stderr)
+            return 2
+        _until = argv[i + 1]
+        del argv[i:i + 2]
     if command == "plan":
         return plan_cmd(argv)
     if command == "validate":

@@ -72,14 +72,19 @@ def format_plan(planned: list[PlannedStage]) -> str:
     return "\n".join(lines)
 
 
-def execute(recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[StageResult]:
-    """Run the DAG; write run.json into run_dir; return per-stage results (failures included)."""
+def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | None = None) -> list[StageResult]:
+    """Run the DAG (or the part of it that `until` needs); write run.json; return per-stage results."""
     cache = Cache(recipe.cache.dir)
     results: list[StageResult] = []
     artifacts: dict[str, Artifact] = {}
     log.info("d2build: recipe %s (%s), cache %s", recipe.name, recipe.source, cache.root)
-    for p in plan(recipe, cache):
-        res = _run_one(p, cache, artifacts, run_dir)
+    planned = plan(recipe, cache)
+    wanted = _ancestors(planned, until) if until else {p.name for p in planned}
+    for p in planned:
+        if p.name not in wanted:
+            res = StageResult(p.name, p.key, "skipped", 0.0, reason=f"--until {until}")
+        else:
+            res = _run_one(p, cache, artifacts, run_dir)
         results.append(res)
         line = f"{res.name:<8} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
         if res.dir:
@@ -89,6 +94,19 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[StageRe
         (log.error if res.status == "failed" else log.info)(line)
         _write_run_json(run_dir, recipe, overrides, results)
     return results
+
+
+def _ancestors(planned: list[PlannedStage], until: str) -> set[str]:
+    needs = {p.name: p.needs for p in planned}
+    if until not in needs:
+        raise ValueError(f"--until {until}: no such stage (stages: {', '.join(needs)})")
+    keep, todo = set(), [until]
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(needs[name])
+    return keep
 
 
 def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_dir: Path) -> StageResult:

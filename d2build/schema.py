@@ -25,7 +25,9 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # EfficientNMS_TRT considers at most this many (box, class) candidates before NMS on
 # desktop/datacenter GPUs; a graph that needs more cannot reproduce Detectron2.
 PLUGIN_PRE_NMS_LIMIT = 5000
-RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
+RPN_LEVELS = 5
+# Below this score threshold EfficientNMS_TRT keeps sub-threshold candidates as output padding.
+DENSE_MODE_BELOW = 0.007  # P2..P6 for every FPN recipe d2build supports
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,9 @@ class _Checker:
                 return f"command line ({k}={self.overrides[k]})"
         return self.recipe_file
 
-    def add(self, key: str, message: str, fix: str) -> None:
-        self.problems.append(Problem(self.where(key), key, message, fix))
+    def add(self, key: str, message: str, fix: str, *, set_by: str | None = None) -> None:
+        """`set_by`: the key whose setting caused the problem, when it is not `key` itself."""
+        self.problems.append(Problem(self.where(set_by or key), key, message, fix))
 
 
 # ---------------------------------------------------------------- generic structure and types
@@ -224,7 +227,7 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
                 missing = True
             continue
         v = _coerce(node[name], hints[name], key, ck)
-        if v is None and node[name] is not None:
+        if v is None and (node[name] is not None or not _is_optional(hints[name])):  # null for a required value
             missing = True
             continue
         values[name] = v
@@ -292,6 +295,10 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
     _in_unit(ck, "surgery.nms.iou_threshold", s.nms.iou_threshold, 0.5)
     _in_unit(ck, "surgery.nms.score_threshold", s.nms.score_threshold, 0.05)
     _in_unit(ck, "surgery.rpn.iou_threshold", s.rpn.iou_threshold, 0.7)
+    if s.nms.score_threshold < DENSE_MODE_BELOW:
+        ck.add("surgery.nms.score_threshold", f"{s.nms.score_threshold} is below {DENSE_MODE_BELOW}, where "
+               "EfficientNMS_TRT switches to a dense mode that pads its output with sub-threshold boxes",
+               f"use a threshold >= {DENSE_MODE_BELOW} (Detectron2 uses 0.05)")
     if not 1 <= s.nms.max_detections <= 1000:
         ck.add("surgery.nms.max_detections", f"{s.nms.max_detections} is outside 1..1000", "Detectron2 uses 100")
     limit = PLUGIN_PRE_NMS_LIMIT // RPN_LEVELS
@@ -313,7 +320,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("calibration.count", f"{c.count} images cannot calibrate anything", "use calibration.count >= 1")
     if r.precision.mode == "int8" and not c.images:
         ck.add("calibration.images", "precision=int8 needs calibration images and none are set",
-               "add calibration=bundled, or calibration.images=/path/to/folder")
+               "add calibration=bundled, or calibration.images=/path/to/folder", set_by="precision.mode")
     _check_images(ck, "calibration.images", c.images)
     v = r.verify
     _check_images(ck, "verify.images", v.images)

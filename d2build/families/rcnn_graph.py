@@ -174,7 +174,13 @@ class RCNNSurgeon:
         return inp
 
     def proposals(self) -> tuple[gs.Variable, gs.Variable]:
-        """Detectron2's RPN as static ops and one EfficientNMS_TRT; returns (num, boxes [1,P,4])."""
+        """Detectron2's RPN as static ops and one EfficientNMS_TRT; returns (scores [1,P], boxes [1,P,4]).
+
+        The threshold (logit about -87) keeps every real proposal, which puts EfficientNMS_TRT in its
+        "dense" mode: masked candidates are not dropped but sorted last with score -32768 and can fill
+        empty output slots, counted in num_detections. Their output score is sigmoid(-32768) = 0,
+        while a real proposal's is > 0, so downstream validity is `score > 0`, not `row < num`.
+        """
         s, b, g = self.spec, self.b, self.graph
         levels = len(s.rpn_in_features)
         a_per = s.anchors_per_location
@@ -222,13 +228,13 @@ class RCNNSurgeon:
                 seg[0, lvl * k:(lvl + 1) * k, lvl] = 0
             scores = b.op("Add", [scores, seg], name="rpn_level_slots")
         scores = b.op("Where", [nonempty, scores, np.float32(-BIG)], name="rpn_drop_empty")
-        num, rois, _, _ = b.op("EfficientNMS_TRT", [boxes, scores], {
+        num, rois, probs, levels_out = b.op("EfficientNMS_TRT", [boxes, scores], {
             "plugin_version": "1", "background_class": -1, "max_output_boxes": s.rpn_post_nms_topk,
             "score_threshold": RPN_SCORE_THRESHOLD, "iou_threshold": s.rpn_iou, "score_activation": 1,
             "class_agnostic": 0, "box_coding": 0,
         }, outputs=4, name="rpn_nms", domain=PLUGIN_DOMAIN)
-        self._nms_outputs(num, rois, _, _, s.rpn_post_nms_topk)
-        return num, rois
+        self._nms_outputs(num, rois, probs, levels_out, s.rpn_post_nms_topk)
+        return probs, rois
 
     def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node, n: int) -> gs.Variable:
         """One conv per level: rows [score for level 0..L-1 (own level = logit, else -BIG), dx, dy, dw, dh].
@@ -291,7 +297,7 @@ class RCNNSurgeon:
         out.dtype, out.shape = np.float32, [1, count, channels, pooler[0], pooler[0]]
         return out
 
-    def detections(self, num_rois: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
+    def detections(self, rpn_scores: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
         """Box head on the proposals, Detectron2's fast_rcnn_inference as one EfficientNMS_TRT."""
         s, b, g = self.spec, self.b, self.graph
         p = s.rpn_post_nms_topk
@@ -305,7 +311,8 @@ class RCNNSurgeon:
         reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
         self._fold_regression_weights(reg, c)
         probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")
-        real = b.op("Less", [np.arange(p, dtype=np.int32).reshape(1, p, 1), num_rois], name="real_proposals")
+        real = b.op("Greater", [b.op("Reshape", [rpn_scores, np.array([1, p, 1], np.int64)], name="rpn_scores_3d"),
+                                np.float32(0)], name="real_proposals")
         probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [1, P, C+1]
         deltas = b.op("Reshape", [reg.outputs[0], np.array([1, p, c + 1, 4], np.int64)], name="box_deltas")
         params = b.op("MatMul", [b.op("Reshape", [rois, np.array([1, p, 1, 4], np.int64)], name="proposals_4d"),
@@ -361,8 +368,8 @@ class RCNNSurgeon:
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
         g = self.graph
         inp = self.input_and_preprocessing()
-        num_rois, rois = self.proposals()
-        outs = self.detections(num_rois, rois)
+        rpn_scores, rois = self.proposals()
+        outs = self.detections(rpn_scores, rois)
         if self.spec.mask_pooler is not None:
             outs.append(self.masks(outs[3], outs[1]))
         g.inputs, g.outputs = [inp], outs

@@ -16,7 +16,7 @@ from d2build.stages.base import Progress, Stage
 
 class SurgeryStage(Stage):
     name = "surgery"
-    VERSION = 1
+    VERSION = 2
     needs = ("export",)
     tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "sal-detectron2")
 
