@@ -25,9 +25,9 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # EfficientNMS_TRT considers at most this many (box, class) candidates before NMS on
 # desktop/datacenter GPUs; a graph that needs more cannot reproduce Detectron2.
 PLUGIN_PRE_NMS_LIMIT = 5000
-RPN_LEVELS = 5
+RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
 # Below this score threshold EfficientNMS_TRT keeps sub-threshold candidates as output padding.
-DENSE_MODE_BELOW = 0.007  # P2..P6 for every FPN recipe d2build supports
+DENSE_MODE_BELOW = 0.007
 
 
 @dataclass(frozen=True)
@@ -247,9 +247,9 @@ def _detectron2_configs_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "model_zoo" / "configs"
 
 
-def _in_unit(ck: _Checker, key: str, v: float, default: float) -> None:
+def _in_unit(ck: _Checker, key: str, v: float, default: float, who: str = "Detectron2 uses") -> None:
     if not 0.0 <= v <= 1.0:
-        ck.add(key, f"{v} is outside [0, 1]", f"set a value between 0 and 1 (Detectron2 uses {default})")
+        ck.add(key, f"{v} is outside [0, 1]", f"set a value between 0 and 1 ({who} {default})")
 
 
 def _check_model(m: ModelConfig, ck: _Checker) -> None:
@@ -325,7 +325,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     v = r.verify
     _check_images(ck, "verify.images", v.images)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
-        _in_unit(ck, f"verify.{key}", getattr(v, key), getattr(_VERIFY_DEFAULTS, key))
+        _in_unit(ck, f"verify.{key}", getattr(v, key), getattr(_VERIFY_DEFAULTS, key), "the default is")
     if v.count < 1:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")
     if v.min_detections < 1:
