@@ -66,6 +66,7 @@ _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
     ("builtins", "dict"),
     ("builtins", "list"),
+    ("_codecs", "encode"),  # protocol-2 pickles store raw array bytes as latin-1 text; encode() only converts it
 }
 
 
