@@ -1,8 +1,8 @@
-"""Command line: `d2build [run] key=value ...`, `d2build plan ...`, `d2build validate ...`.
+"""Command line: `d2build [run] key=value ...` and sub-commands (`d2build plan ...`, see commands/).
 
 A run is a Hydra app (so `-m` sweeps, output folders and overrides work as Hydra users expect);
-`plan` and `validate` compose through Hydra's compose API and never start a stage. Nothing here
-imports torch: a bad recipe is rejected in about a second.
+sub-commands live in d2build/commands/. Nothing here imports torch: a bad recipe is rejected in
+about a second.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ USAGE = """\
 usage: d2build [run] [-m] [--until STAGE] [KEY=VALUE ...]
                                            compose a recipe and run weights -> export -> surgery -> verify
                                            (--until: stop after STAGE and what it needs)
-       d2build plan [KEY=VALUE ...]        show the DAG: each stage's key and hit/build; runs nothing
-       d2build validate [RECIPE ...]       check recipes (default: all shipped and ./recipes ones)
+       d2build COMMAND ...                 a sub-command (listed below)
        python -m d2build ...               same as d2build
 
 common overrides:
@@ -36,15 +35,10 @@ _failed_jobs: list[str] = []
 _until: str | None = None
 
 
-def _print_problems(err) -> None:
-    print(f"d2build: the recipe cannot be built ({len(err.problems)} problem(s)):", file=sys.stderr)
-    for p in err.problems:
-        print(f"  {p}", file=sys.stderr)
-
-
 def _job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from d2build.commands._common import print_problems
     from d2build.compose import recipe_from_hydra
     from d2build.runner import execute
     from d2build.schema import RecipeError
@@ -52,7 +46,7 @@ def _job(cfg) -> None:
     try:
         recipe = recipe_from_hydra(cfg)
     except RecipeError as e:
-        _print_problems(e)
+        print_problems(e)
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -82,62 +76,16 @@ def run(argv: list[str]) -> int:
     return 1 if _failed_jobs else 0
 
 
-def _compose_or_report(overrides: list[str]):
-    from hydra.errors import HydraException
-
-    from d2build.compose import compose
-    from d2build.schema import RecipeError
-
-    try:
-        return compose(overrides)
-    except RecipeError as e:
-        _print_problems(e)
-    except HydraException as e:
-        print(f"d2build: {e}", file=sys.stderr)
-    return None
-
-
-def plan_cmd(argv: list[str]) -> int:
-    from d2build.runner import format_plan, plan
-
-    recipe = _compose_or_report(argv)
-    if recipe is None:
-        return 2
-    print(f"recipe {recipe.name} ({recipe.source}), cache {Path(recipe.cache.dir).resolve()}")
-    print(format_plan(plan(recipe)))
-    return 0
-
-
-def validate_cmd(argv: list[str]) -> int:
-    from d2build.compose import list_recipes
-
-    known = list_recipes()
-    names = argv or sorted(known)
-    bad = 0
-    for name in names:
-        stem = Path(name).stem if name.endswith(".yaml") else name
-        if stem not in known:
-            print(f"{name}: no such recipe (known: {', '.join(sorted(known))})", file=sys.stderr)
-            bad += 1
-            continue
-        recipe = _compose_or_report([f"recipe={stem}"])
-        if recipe is None:
-            bad += 1
-        else:
-            from d2build.runner import plan
-
-            stages = " -> ".join(p.name for p in plan(recipe))
-            print(f"ok  {stem:<20} {recipe.source}  ({stages})")
-    return 1 if bad else 0
-
-
 def main(argv: list[str] | None = None) -> int:
+    from d2build import commands
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(USAGE + "\nsub-commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in commands.available().items()))
         return 0
-    command = argv[0] if argv and argv[0] in ("run", "plan", "validate") else "run"
-    if argv and argv[0] == command:
+    if argv and argv[0] in commands.available():
+        return commands.dispatch(argv[0], argv[1:])
+    if argv and argv[0] == "run":
         argv = argv[1:]
     if "--until" in argv:
         global _until
@@ -147,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _until = argv[i + 1]
         del argv[i:i + 2]
-    if command == "plan":
-        return plan_cmd(argv)
-    if command == "validate":
-        return validate_cmd(argv)
     return run(argv)
 
 

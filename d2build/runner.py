@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact, Cache, make_key
-from d2build.families import pipeline_for
+from d2build.pipeline import pipeline_for
 from d2build.schema import Recipe
 from d2build.stages.base import Progress, Stage, StageFailed
 

@@ -1,29 +1,21 @@
-"""Model families: Detectron2 knowledge per family, and the stage pipeline each one builds.
+"""Model families: all Detectron2 knowledge about one family lives in its module here.
 
-Adding a family means a module here, a recipe and tests; the runner and the cache do not change.
+Adding a family means a module here (registered below), a recipe and tests; the runner, the
+stages and the cache do not change.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
-if TYPE_CHECKING:
-    from d2build.schema import Recipe
-    from d2build.stages.base import Stage
+FAMILIES = {
+    "mask_rcnn": "d2build.families.mask_rcnn:MaskRCNN",
+}
 
 
 def family(name: str) -> Any:
-    if name == "mask_rcnn":
-        from d2build.families.mask_rcnn import MaskRCNN
-
-        return MaskRCNN()
-    raise ValueError(f"model.family={name!r} has no implementation; supported: mask_rcnn")
-
-
-def pipeline_for(recipe: "Recipe") -> list["Stage"]:
-    from d2build.stages.export import ExportStage
-    from d2build.stages.surgery import SurgeryStage
-    from d2build.stages.verify import VerifyStage
-    from d2build.stages.weights import WeightsStage
-
-    return [WeightsStage(), ExportStage(), SurgeryStage(), VerifyStage()]
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} has no implementation; supported: {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
