@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FAMILIES_SUPPORTED = ("mask_rcnn",)
+from d2build.families import FAMILIES  # noqa: E402 - a dict of names, no torch or Detectron2 import
+
+FAMILIES_SUPPORTED = tuple(FAMILIES)
 FAMILIES_KNOWN = ("mask_rcnn", "keypoint_rcnn", "faster_rcnn")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
