@@ -73,6 +73,11 @@ class MaskRCNN:
 
         return Detections(boxes_to_original(outputs["pred_boxes"], lb), outputs["scores"], outputs["pred_classes"])
 
+    @staticmethod
+    def verify_extra(ref, got, match, verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Family-specific verify metrics and failures beyond boxes and masks (none for Mask R-CNN)."""
+        return {}, []
+
     def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int]):
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
 

@@ -109,7 +109,8 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
         "max_score_diff": m.max_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(t2 - t1, 3),
         "picture": f"pictures/{stem}.png", "match": m.to_dict(),
     }
-    problems = []
+    extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
+    row.update(extra)
     if len(ref) < v["min_detections"]:
         problems.append(f"Detectron2 found {len(ref)} detections (< verify.min_detections={v['min_detections']})")
     if m.recovered < v["min_recovered"]:
