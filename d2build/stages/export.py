@@ -14,13 +14,15 @@ from d2build.cache import Artifact
 from d2build.schema import Recipe
 from d2build.stages.base import Progress, Stage, StageFailed
 
-CHECK_PHOTOS = ("astronaut", "coffee")
+# One photograph keeps a cold export cheap (Detectron2 eager costs ~7 s per image at 1344 on 2 cores);
+# verify then compares the TensorRT-ready graph on three. Tests check the export on a second one.
+CHECK_PHOTOS = ("astronaut",)
 CHECK_IOU, CHECK_SCORE = 0.99, 1e-3
 
 
 class ExportStage(Stage):
     name = "export"
-    VERSION = 1
+    VERSION = 2
     needs = ("weights",)
     tools = ("torch", "torchvision", "sal-detectron2", "onnx", "onnxruntime")
 
