@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,8 @@ from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
+_PROBE_BYTES = 1 << 20  # after a failed build: can the cache folder still take a 1 MiB file?
+log = logging.getLogger("d2build")
 
 
 class CacheError(RuntimeError):
@@ -78,6 +81,10 @@ class Cache:
         d = self.entry_dir(stage, key)
         problem = self._check(d)
         if problem is None:
+            try:  # record the last use for `d2build cache gc --older-than` (a read-only cache is fine)
+                os.utime(d / MANIFEST)
+            except OSError:
+                pass
             return Artifact(stage, key, d, json.loads((d / MANIFEST).read_text()))
         return None
 
@@ -130,6 +137,9 @@ class Cache:
             if hit is not None:
                 return hit, "hit"
             final = self.entry_dir(stage, key)
+            if final.exists():
+                log.warning("%s %s: the published entry fails its check (%s); moving it aside and rebuilding",
+                            stage, key[:12], self._check(final))
             self._remove_stale(stage_dir, key, final)
             tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self._mkdir(tmp)
@@ -138,9 +148,25 @@ class Cache:
                 info = build(tmp) or {}
                 seconds = time.monotonic() - t0
                 manifest = self._write_manifest(tmp, stage, key, material, info, seconds)
-                os.rename(tmp, final)
-            except BaseException:
+                try:
+                    os.rename(tmp, final)
+                except OSError as e:
+                    # Published meanwhile by a builder our lock did not exclude (file locks that do not work
+                    # across the machines sharing an NFS cache, or a stale NFS directory cache): use theirs.
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    theirs = self.lookup(stage, key)
+                    if theirs is None:
+                        raise
+                    log.warning("%s %s: published by another builder while this one built; using theirs",
+                                stage, key[:12])
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return theirs, "hit"
+            except BaseException as e:
+                unusable = self._storage_problem(stage_dir, tmp, e) if isinstance(e, Exception) else None
                 shutil.rmtree(tmp, ignore_errors=True)
+                if unusable is not None:
+                    raise unusable from e
                 raise
         return Artifact(stage, key, final, manifest), "built"
 
@@ -178,8 +204,62 @@ class Cache:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-            raise CacheError(
-                f"cache folder {d} is not writable ({reason}); set cache.dir=/a/writable/folder "
-                "or free some space"
-            ) from e
+            raise _cache_error(d, e, "is not writable") from e
+
+    def _storage_problem(self, stage_dir: Path, tmp: Path, e: Exception) -> CacheError | None:
+        """A build failed: was it the cache's storage (full, read-only, file-size limit)? Libraries often
+        hide the errno (torch.save says `unexpected pos`), so look at the chain, then try a write."""
+        seen, cur = set(), e
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if isinstance(cur, CacheError):
+                return None
+            if isinstance(cur, OSError) and cur.errno in _STORAGE_ERRNOS:
+                where = os.path.abspath(cur.filename) if isinstance(cur.filename, str) else None
+                if where is None and cur.errno in _FULL_OR_READ_ONLY or (
+                        where is not None and where.startswith(str(self.root) + os.sep)):
+                    return _cache_error(stage_dir, cur, "could not take the build")
+            cur = cur.__cause__ or cur.__context__
+        if type(e).__name__ == "StageFailed":  # the stage judged its own output: not a storage problem
+            return None
+        probe = stage_dir / f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * _PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            return _cache_error(stage_dir, err, "could not take the build")
+        finally:
+            probe.unlink(missing_ok=True)
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        except (ImportError, OSError, ValueError):
+            return None
+        if limit != resource.RLIM_INFINITY and any(p.is_file() and p.stat().st_size >= limit for p in tmp.rglob("*")):
+            return _cache_error(stage_dir, OSError(errno.EFBIG, os.strerror(errno.EFBIG)), "could not take the build")
+        return None
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _cache_error(d: Path, e: OSError, what: str) -> CacheError:
+    """One sentence: which folder, what is wrong with it, what to do."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason, fix = "the disk is full", "free some space there, or set cache.dir=/a/folder/with/space"
+    elif e.errno == errno.EFBIG:
+        reason, fix = ("a file hit the file-size limit (ulimit -f)",
+                       "raise the limit (ulimit -f unlimited), or set cache.dir=/another/folder")
+    elif e.errno == errno.EROFS:
+        reason, fix = "the file system is read-only", "set cache.dir=/a/writable/folder"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        reason, fix = "permission denied", "make it writable for this user, or set cache.dir=/a/writable/folder"
+    elif e.errno == errno.ENOTDIR:
+        reason, fix = "a part of its path is a file, not a folder", "set cache.dir=/a/writable/folder"
+    else:
+        reason, fix = e.strerror or str(e), "set cache.dir=/a/writable/folder or free some space"
+    return CacheError(f"cache folder {d} {what} ({reason}): {fix}")

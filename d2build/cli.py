@@ -8,12 +8,14 @@ about a second.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 USAGE = """\
 usage: d2build [run] [-m] [--until STAGE] [KEY=VALUE ...]
-                                           compose a recipe and run weights -> export -> surgery -> verify
+                                           compose a recipe and run weights -> export -> surgery
+                                           -> [calibration] -> precision -> verify -> build
                                            (--until: stop after STAGE and what it needs)
        d2build COMMAND ...                 a sub-command (listed below)
        python -m d2build ...               same as d2build
@@ -24,7 +26,11 @@ common overrides:
   model.input=[640,640]             engine input [H, W]: multiple of 32, 256..2048
   surgery.nms.iou_threshold=0.5     also score_threshold, max_detections; surgery.rpn.*
   precision=fp32|fp16|int8          calibration=bundled (int8); verify.images=DIR; cache.dir=DIR
-  -m KEY=a,b,c                      a Hydra sweep: one job per value, shared cache
+  build.required=true               fail (instead of skipping the build) where TensorRT or a GPU is missing
+  -m KEY=a,b,c                      a Hydra sweep: one job per value, shared cache; writes
+                                    summary.csv/.md/.png in the sweep folder
+  hydra/launcher=joblib hydra.launcher.n_jobs=2    sweep jobs in parallel (submitit_slurm: a
+                                    cluster, see docs/DISTRIBUTED.md)
 
 Hydra's own flags work too (--cfg job, --hydra-help, hydra.run.dir=...).
 Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache.dir.
@@ -33,6 +39,8 @@ Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache
 log = logging.getLogger("d2build")
 _failed_jobs: list[str] = []
 _until: str | None = None
+# --until reaches jobs that run in other processes (joblib, submitit launchers) through the environment
+UNTIL_ENV = "D2BUILD_UNTIL"
 
 
 def _job(cfg) -> None:
@@ -50,7 +58,7 @@ def _job(cfg) -> None:
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    results = execute(recipe, run_dir, list(hc.overrides.task), until=_until)
+    results = execute(recipe, run_dir, list(hc.overrides.task), until=_until or os.environ.get(UNTIL_ENV) or None)
     failed = [r.name for r in results if r.status == "failed"]
     for r in results:
         if r.status == "failed":
@@ -63,17 +71,26 @@ def _job(cfg) -> None:
 def run(argv: list[str]) -> int:
     import hydra
 
+    from d2build import sweep
     from d2build.compose import conf_dir, register_plugins
 
     register_plugins()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)
-    saved = sys.argv
+    saved, saved_until = sys.argv, os.environ.get(UNTIL_ENV)
     sys.argv = [saved[0] if saved else "d2build", *argv]
+    if _until:
+        os.environ[UNTIL_ENV] = _until
+    del sweep.LAST[:]
     try:
         app()
     finally:
         sys.argv = saved
-    return 1 if _failed_jobs else 0
+        if saved_until is None:
+            os.environ.pop(UNTIL_ENV, None)
+        else:
+            os.environ[UNTIL_ENV] = saved_until
+    # jobs run by other processes (joblib, submitit) report failures through the sweep summary
+    return 1 if _failed_jobs or any(s.failed for s in sweep.LAST) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         global _until
         i = argv.index("--until")
         if i + 1 >= len(argv):
-            print("d2build: --until needs a stage name (weights, export, surgery, verify)", file=sys.stderr)
+            print("d2build: --until needs a stage name (weights, export, surgery, calibration, precision, verify, "
+                  "build)", file=sys.stderr)
             return 2
         _until = argv[i + 1]
         del argv[i:i + 2]

@@ -46,11 +46,19 @@ def shipped_recipes_dir() -> Path:
     return _resource_dir("d2build.recipes", "recipes")
 
 
+_EXTRA_RECIPE_DIRS: list[Path] = []  # searched before all others (`d2build validate path/to/file.yaml`)
+
+
+def set_extra_recipe_dirs(dirs: list[Path]) -> None:
+    """Search these folders first (validate uses it for recipe files given by path)."""
+    _EXTRA_RECIPE_DIRS[:] = [Path(d).resolve() for d in dirs]
+
+
 def recipe_dirs() -> list[Path]:
     """Folders searched for recipes: the user's ./recipes first (it wins a name clash), then shipped."""
-    dirs = []
+    dirs = list(_EXTRA_RECIPE_DIRS)
     local = Path.cwd() / "recipes"
-    if local.is_dir():
+    if local.is_dir() and local.resolve() not in dirs:
         dirs.append(local.resolve())
     shipped = shipped_recipes_dir().resolve()
     if shipped not in dirs:

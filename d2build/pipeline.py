@@ -10,9 +10,20 @@ if TYPE_CHECKING:
 
 
 def pipeline_for(recipe: "Recipe") -> list["Stage"]:
+    """weights -> export -> surgery -> [calibration, int8 only] -> precision -> verify -> build.
+
+    Calibration joins the DAG only at int8 (it reads the export, not surgery: see its docstring);
+    build needs verify so no engine is built from a graph that failed verification.
+    """
+    from d2build.stages.build import BuildStage
+    from d2build.stages.calibration import CalibrationStage
     from d2build.stages.export import ExportStage
+    from d2build.stages.precision import PrecisionStage
     from d2build.stages.surgery import SurgeryStage
     from d2build.stages.verify import VerifyStage
     from d2build.stages.weights import WeightsStage
 
-    return [WeightsStage(), ExportStage(), SurgeryStage(), VerifyStage()]
+    mode = recipe.precision.mode
+    calibration = [CalibrationStage()] if mode == "int8" else []
+    return [WeightsStage(), ExportStage(), SurgeryStage(), *calibration, PrecisionStage(mode), VerifyStage(),
+            BuildStage(recipe.build.device)]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2build.cache import Artifact, Cache, make_key
+from d2build.cache import Artifact, Cache, CacheError, make_key
 from d2build.pipeline import pipeline_for
 from d2build.schema import Recipe
 from d2build.stages.base import Progress, Stage, StageFailed
@@ -64,10 +64,10 @@ def plan(recipe: Recipe, cache: Cache | None = None) -> list[PlannedStage]:
 
 
 def format_plan(planned: list[PlannedStage]) -> str:
-    lines = [f"{'stage':<10} {'key':<14} {'would':<7} needs"]
+    lines = [f"{'stage':<12} {'key':<14} {'would':<7} needs"]
     for p in planned:
         would = "skip" if p.skip else ("hit" if p.cached else "build")
-        lines.append(f"{p.name:<10} {p.key[:12]:<14} {would:<7} {', '.join(p.needs) or '-'}"
+        lines.append(f"{p.name:<12} {p.key[:12]:<14} {would:<7} {', '.join(p.needs) or '-'}"
                      + (f"   ({p.skip})" if p.skip else ""))
     return "\n".join(lines)
 
@@ -86,7 +86,7 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
         else:
             res = _run_one(p, cache, artifacts, run_dir)
         results.append(res)
-        line = f"{res.name:<8} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
+        line = f"{res.name:<11} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
         if res.dir:
             line += f"  {res.dir}"
         if res.reason:
@@ -135,6 +135,8 @@ def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_
             (evidence / name).write_text(text)
         return StageResult(p.name, p.key, "failed", time.monotonic() - t0,
                            str(evidence) if e.files else None, sorted(e.files), reason=str(e))
+    except CacheError as e:  # the cache folder's own words: which folder, what is wrong, what to do
+        return StageResult(p.name, p.key, "failed", time.monotonic() - t0, reason=str(e))
     except Exception as e:  # noqa: BLE001 - a stage crash is reported per stage, then the run fails
         log.debug("%s", traceback.format_exc())
         return StageResult(p.name, p.key, "failed", time.monotonic() - t0,

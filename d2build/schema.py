@@ -21,13 +21,18 @@ from typing import Any
 from d2build.families import FAMILIES  # noqa: E402 - a dict of names, no torch or Detectron2 import
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
-FAMILIES_KNOWN = ("mask_rcnn", "keypoint_rcnn", "faster_rcnn")
+# Detectron2 model families users ask for; the ones without a module in d2build/families are
+# rejected as "not supported" rather than "unknown".
+FAMILIES_KNOWN = (*FAMILIES_SUPPORTED, *(f for f in ("retinanet", "cascade_rcnn", "panoptic_fpn", "fcos")
+                                       if f not in FAMILIES_SUPPORTED))
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+RUNTIME_BACKENDS = ("tensorrt", "reference")
 # EfficientNMS_TRT considers at most this many (box, class) candidates before NMS on
 # desktop/datacenter GPUs; a graph that needs more cannot reproduce Detectron2.
 PLUGIN_PRE_NMS_LIMIT = 5000
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
+BUNDLED_PHOTOS = 6  # len(d2build.photos.BUNDLED), without importing numpy here
 # Below this score threshold EfficientNMS_TRT keeps sub-threshold candidates as output padding.
 DENSE_MODE_BELOW = 0.007
 
@@ -80,6 +85,18 @@ class BuildConfig:
     workspace_gib: float
     optimization_level: int
     required: bool
+    device: int = 0  # CUDA device index the engine is built for (and whose lock is taken)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
+
+    backend: str = "tensorrt"  # tensorrt (the built engine) | reference (the precision graph on CPU)
+    warmup: int = 10
+    iterations: int = 100
+    cuda_graph: bool = False
+    score_threshold: float = 0.5  # infer: detections drawn in pictures (all are written to JSON)
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,8 @@ class VerifyConfig:
     min_recovered: float
     min_mask_iou: float
     min_detections: int
+    keypoint_median_px: float = 1.0
+    keypoint_p95_px: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,7 @@ class Recipe:
     build: BuildConfig
     verify: VerifyConfig
     cache: CacheConfig
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     name: str = "?"  # recipe name (the `recipe` group choice)
     source: str = "?"  # the recipe file, for messages
 
@@ -239,6 +259,26 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 # ---------------------------------------------------------------- semantic rules
 
 _ZOO_UNSUPPORTED = re.compile(r"(_C4_|_DC5_|[Cc]ascade|LVIS|Panoptic|Cityscapes|[Rr]otated|\.py$)")
+# Why a config name matched: what the model is (the structural check below names the key for any config).
+_UNSUPPORTED_KINDS = (
+    (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"), (r"[Cc]ascade", "a Cascade R-CNN"),
+    (r"LVIS", "an LVIS model"), (r"Panoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
+    (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
+)
+_SUPPORTED_MODELS = ("FPN R-CNN yacs configs (GeneralizedRCNN, ResNet/ResNeXt-FPN backbone, RPN, StandardROIHeads) "
+                     f"of the families {', '.join(FAMILIES_SUPPORTED)}")
+# What the surgery handles, as (key, Detectron2's default, accepted values, what anything else is).
+_D2_STRUCTURE = (
+    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN", ("GeneralizedRCNN",), "another meta-architecture"),
+    ("MODEL.BACKBONE.NAME", "build_resnet_backbone", ("build_resnet_fpn_backbone",), "a backbone without FPN (C4/DC5)"),
+    ("MODEL.PROPOSAL_GENERATOR.NAME", "RPN", ("RPN",), "not an RPN"),
+    ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("StandardROIHeads",), "not the standard FPN ROI heads"),
+    ("MODEL.RESNETS.RES5_DILATION", 1, (1,), "a dilated C5 (DC5)"),
+    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False] * 4, ([False] * 4,), "deformable convolutions"),
+    ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False, (False,), "class-agnostic box regression"),
+    ("MODEL.ROI_BOX_HEAD.NAME", "", ("FastRCNNConvFCHead",), "another box head"),
+    ("MODEL.ROI_BOX_HEAD.NUM_CONV", 0, (0,), "a box head with convolutions"),
+)
 
 
 def _detectron2_configs_dir() -> Path | None:
@@ -261,8 +301,8 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
         ck.add("model.family", f"{m.family!r} is not supported by this version of d2build",
                f"use one of: {', '.join(FAMILIES_SUPPORTED)}")
     if _ZOO_UNSUPPORTED.search(m.config):
-        ck.add("model.config", f"{m.config!r} is not an FPN R-CNN yacs config d2build can surgery "
-               "(C4, DC5, cascade, LazyConfig .py and rotated models are not supported)",
+        kind = next(what for pattern, what in _UNSUPPORTED_KINDS if re.search(pattern, m.config))
+        ck.add("model.config", f"{m.config!r} is {kind}, which is not supported: d2build supports {_SUPPORTED_MODELS}",
                "use an FPN config such as COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
     elif not m.config.endswith(".yaml"):
         ck.add("model.config", f"{m.config!r} is not a .yaml config", "name a model-zoo .yaml config or a local .yaml file")
@@ -274,6 +314,8 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
             where = f"under {zoo}" if zoo else "(detectron2 is not installed)"
             ck.add("model.config", f"{m.config!r} is neither a local file nor a model-zoo config {where}",
                    "check the spelling, e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+        else:
+            _check_structure(m, local if local.is_file() else zoo / m.config, ck)  # type: ignore[operator]
     w = m.weights
     if w != "random" and not re.match(r"^https?://", w):
         p = Path(w).expanduser()
@@ -291,6 +333,81 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
             ck.add(key, f"{side} is not divisible by 32 (the FPN's largest stride)", f"use {lo} or {hi}")
     if m.seed < 0:
         ck.add("model.seed", f"{m.seed} is negative", "use a seed >= 0")
+
+
+def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
+    """A Detectron2 yacs config as a dict, `_BASE_` chains merged (child keys win), without Detectron2."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # Detectron2 configs may hold `!!python/...` tags; never run them
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    tree = yaml.load(path.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+    base = tree.pop("_BASE_", None)
+    if base is None or depth > 10:
+        return tree
+    merged = _read_d2_yaml((path.parent / Path(base).expanduser()).resolve(), depth + 1)
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+    merge(merged, tree)
+    return merged
+
+
+def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
+    """The Detectron2 config describes a model surgery handles, with the heads of model.family."""
+    import yaml
+
+    try:
+        tree = _read_d2_yaml(path)
+    except OSError as e:
+        ck.add("model.config", f"{m.config!r} cannot be read ({e})", "pass a readable Detectron2 .yaml config")
+        return
+    except yaml.YAMLError as e:
+        ck.add("model.config", f"{m.config!r} is not valid YAML ({e})", "pass a Detectron2 .yaml config")
+        return
+
+    def get(key: str, default: Any) -> Any:
+        node: Any = tree
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    for key, default, ok, what in _D2_STRUCTURE:
+        value = get(key, default)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value not in ok:
+            ck.add("model.config", f"{m.config!r} has {key}={value!r} ({what}); d2build supports "
+                   f"{_SUPPORTED_MODELS}", "use an FPN config such as COCO-InstanceSegmentation/"
+                   "mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml or "
+                   "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
+            return
+    if m.family not in FAMILIES_SUPPORTED:
+        return
+    from d2build.families import family
+
+    def heads(name: str) -> dict[str, bool]:
+        fam = family(name)
+        return {"MODEL.MASK_ON": fam.with_masks, "MODEL.KEYPOINT_ON": fam.with_keypoints}
+
+    has = {k: bool(get(k, False)) for k in heads(m.family)}
+    if has != heads(m.family):
+        fits = [name for name in FAMILIES_SUPPORTED if heads(name) == has]
+        # blame whichever of the two the command line changed (the recipe itself is consistent)
+        key = "model.family" if ck.where("model.family") != ck.recipe_file else "model.config"
+        needs = "; ".join(f"{name}: " + (", ".join(k for k, on in heads(name).items() if on) or "neither")
+                          for name in FAMILIES_SUPPORTED)
+        ck.add(key, f"model.config {m.config!r} has {', '.join(f'{k}={v}' for k, v in has.items())}, "
+               f"which model.family={m.family} does not build (heads per family: {needs})",
+               f"use model.family={fits[0]}" if fits else "pick a config of one of these families")
 
 
 def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
@@ -324,6 +441,21 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("calibration.images", "precision=int8 needs calibration images and none are set",
                "add calibration=bundled, or calibration.images=/path/to/folder", set_by="precision.mode")
     _check_images(ck, "calibration.images", c.images)
+    if c.images == "bundled" and c.count > BUNDLED_PHOTOS:
+        ck.add("calibration.count", f"{c.count} is more than the {BUNDLED_PHOTOS} bundled photographs",
+               f"use calibration.count<={BUNDLED_PHOTOS} or calibration.images=/path/to/folder")
+    for i, item in enumerate(r.precision.keep_fp32):
+        if not item.strip():
+            ck.add(f"precision.keep_fp32[{i}]", "is empty", "name an op type (Softmax), a node name or a "
+                   "pattern of node names (/roi_heads/mask_head/*)")
+    rt = r.runtime
+    if rt.backend not in RUNTIME_BACKENDS:
+        ck.add("runtime.backend", f"unknown backend {rt.backend!r}", f"use runtime.backend={'|'.join(RUNTIME_BACKENDS)}")
+    if rt.warmup < 0:
+        ck.add("runtime.warmup", f"{rt.warmup} is negative", "use runtime.warmup >= 0 (default 10)")
+    if rt.iterations < 1:
+        ck.add("runtime.iterations", f"{rt.iterations} measures nothing", "use runtime.iterations >= 1 (default 100)")
+    _in_unit(ck, "runtime.score_threshold", rt.score_threshold, 0.5, "the default is")
     v = r.verify
     _check_images(ck, "verify.images", v.images)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
@@ -332,6 +464,10 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")
     if v.min_detections < 1:
         ck.add("verify.min_detections", "a verify that accepts zero detections proves nothing", "use 1 or more")
+    for key in ("keypoint_median_px", "keypoint_p95_px"):
+        if getattr(v, key) < 0:
+            ck.add(f"verify.{key}", f"{getattr(v, key)} is negative", f"use a distance >= 0 px (default "
+                   f"{getattr(_VERIFY_DEFAULTS, key)})")
     b = r.build
     if b.batch_size != 1:
         ck.add("build.batch_size", f"{b.batch_size}: only batch size 1 is supported so far", "use build.batch_size=1")
@@ -339,6 +475,8 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("build.workspace_gib", f"{b.workspace_gib} is not positive", "use e.g. 4")
     if not 0 <= b.optimization_level <= 5:
         ck.add("build.optimization_level", f"{b.optimization_level} is outside 0..5", "TensorRT's default is 3")
+    if b.device < 0:
+        ck.add("build.device", f"{b.device} is negative", "use a CUDA device index, e.g. build.device=0")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
 

@@ -53,3 +53,28 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+# ------------------------------------------------------------------ a small (320x320) session cache
+# for the sweep and fault tests: weights and export at 320x320 are built (or seeded by
+# tests/test_faults.py, which builds them anyway) once per session.
+
+SMALL_320 = ["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[320,320]"]
+
+
+def published(cache: Path, stage: str) -> list[Path]:
+    d = cache / stage
+    return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+
+
+@pytest.fixture(scope="session")
+def cache_320_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache320")
+
+
+@pytest.fixture
+def cache_320(cache_320_dir, tmp_path) -> Path:
+    """The session's 320x320 cache with weights and export published (built here on first use)."""
+    if not (published(cache_320_dir, "weights") and published(cache_320_dir, "export")):
+        d2build(SMALL_320, cache_320_dir, tmp_path / "seed-320", until="export")
+    return cache_320_dir

@@ -127,10 +127,10 @@ FILE_CASES = [
                  id="rpn-post-nms-topk-0"),
     pytest.param({"model": {"seed": -1}}, "model.seed", "negative", id="negative-seed"),
     # families and configs
-    pytest.param({"model": {"family": "retinanet"}}, "model.family", "unknown family 'retinanet'",
-                 id="unknown-family"),
-    pytest.param({"model": {"family": "keypoint_rcnn"}}, "model.family", "is not supported",
-                 id="keypoint-rcnn-not-supported"),
+    pytest.param({"model": {"family": "yolo"}}, "model.family", "unknown family 'yolo'", id="unknown-family"),
+    pytest.param({"model": {"family": "retinanet"}}, "model.family", "is not supported", id="family-not-supported"),
+    pytest.param({"model": {"family": "keypoint_rcnn"}}, "model.config", "which model.family=keypoint_rcnn does not build",
+                 id="family-config-mismatch"),
     pytest.param({"model": {"config": "COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml"}}, "model.config",
                  "not supported", id="c4-config"),
     pytest.param({"model": {"config": "COCO-InstanceSegmentation/mask_rcnn_R_50_DC5_3x.yaml"}}, "model.config",
@@ -223,7 +223,7 @@ OVERRIDE_CASES = [
     pytest.param(["model.input=[4096,4096]"], "model.input[0]", "outside 256..2048", id="cli-input-too-large"),
     pytest.param(["model.input=[640,640,640]"], "model.input", "has 3 items", id="cli-input-list-of-3"),
     pytest.param(["model.input=true"], "model.input", "is not list of an integer", id="cli-input-bool"),
-    pytest.param(["model.family=faster_rcnn"], "model.family", "is not supported", id="cli-family-not-supported"),
+    pytest.param(["model.family=faster_rcnn"], "model.family", "MODEL.MASK_ON=True", id="cli-family-config-mismatch"),
     pytest.param(["model.config=COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml"], "model.config",
                  "not supported", id="cli-c4-config"),
     pytest.param(["model.weights=nothere.pkl"], "model.weights", "is not `random`, a URL, or an existing file",
@@ -388,7 +388,8 @@ def test_rejecting_a_bad_recipe_imports_neither_torch_nor_detectron2(tmp_path):
 # plan: stage keys
 # --------------------------------------------------------------------------- #
 
-_PLAN_LINE = re.compile(r"^(weights|export|surgery|verify)\s+([0-9a-f]{12})\s+(build|hit|skip)\b", re.M)
+_PLAN_LINE = re.compile(r"^(weights|export|surgery|calibration|precision|verify|build)\s+([0-9a-f]{12})\s+"
+                        r"(build|hit|skip)\b", re.M)
 
 
 def _plan_keys(tmp_path: Path, *extra: str) -> dict[str, str]:
@@ -398,15 +399,16 @@ def _plan_keys(tmp_path: Path, *extra: str) -> dict[str, str]:
     assert proc.returncode == 0, proc.stderr
     assert str(cache) in proc.stdout
     rows = _PLAN_LINE.findall(proc.stdout)
-    assert [r[0] for r in rows] == ["weights", "export", "surgery", "verify"], proc.stdout
-    assert all(would == "build" for _, _, would in rows), proc.stdout  # fresh cache: everything to build
+    assert [r[0] for r in rows] == ["weights", "export", "surgery", "precision", "verify", "build"], proc.stdout
+    # fresh cache: everything to build (the engine build is skipped where TensorRT is missing)
+    assert all(would == "build" for name, _, would in rows if name != "build"), proc.stdout
     assert not cache.exists() or not any(cache.iterdir()), "plan must not write artifacts"
     return {name: key for name, key, _ in rows}
 
 
 def test_plan_keys_follow_what_each_stage_reads(tmp_path):
     base = _plan_keys(tmp_path)
-    assert len(set(base.values())) == 4
+    assert len(set(base.values())) == 6
 
     nms = _plan_keys(tmp_path, "surgery.nms.iou_threshold=0.6")
     assert nms["weights"] == base["weights"] and nms["export"] == base["export"]

@@ -11,6 +11,8 @@ from typing import Any
 
 FAMILIES = {
     "mask_rcnn": "d2build.families.mask_rcnn:MaskRCNN",
+    "keypoint_rcnn": "d2build.families.keypoint_rcnn:KeypointRCNN",
+    "faster_rcnn": "d2build.families.faster_rcnn:FasterRCNN",
 }
 
 

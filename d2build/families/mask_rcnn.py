@@ -19,8 +19,12 @@ GRAPH_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detec
 
 
 class MaskRCNN:
+    """Detectron2's GeneralizedRCNN with FPN and a mask head; Faster and Keypoint R-CNN subclass it."""
+
     name = "mask_rcnn"
     with_masks = True
+    with_keypoints = False
+    export_outputs = EXPORT_OUTPUTS  # the traced Instances fields, sorted by name, then image_size
 
     @staticmethod
     def eager_overrides(surgery: dict[str, Any]) -> dict[str, Any]:
@@ -36,11 +40,12 @@ class MaskRCNN:
 
     @staticmethod
     def eager(model, image_chw: np.ndarray):
-        """Detectron2's own answer on one letterboxed [3,H,W] image: Instances in input pixels."""
+        """Detectron2's own answer on one letterboxed BGR [3,H,W] image: Instances in input pixels."""
         import torch
 
         with torch.no_grad():
-            return model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)[0]
+            return model.inference([{"image": _in_model_format(model, torch.as_tensor(image_chw))}],
+                                   do_postprocess=False)[0]
 
     def export(self, model, image_chw: np.ndarray, path: Path) -> None:
         """Trace Detectron2 at this input size; outputs renamed to the Instances fields they hold."""
@@ -48,9 +53,13 @@ class MaskRCNN:
         import torch
         from detectron2.export import TracingAdapter
 
-        x = torch.as_tensor(image_chw)
-        adapter = TracingAdapter(model, [{"image": x}],
-                                 inference_func=lambda m, inputs: m.inference(inputs, do_postprocess=False))
+        x = torch.as_tensor(image_chw)  # BGR, as every d2build image; the export takes BGR too
+
+        def inference(m, inputs):
+            return m.inference([{**i, "image": _in_model_format(m, i["image"])} for i in inputs],
+                               do_postprocess=False)
+
+        adapter = TracingAdapter(model, [{"image": x}], inference_func=inference)
         adapter.eval()
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings():
@@ -58,7 +67,7 @@ class MaskRCNN:
             torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
                               input_names=["image"])
         proto = onnx.load(str(path))
-        renames = dict(zip((o.name for o in proto.graph.output), EXPORT_OUTPUTS))
+        renames = dict(zip((o.name for o in proto.graph.output), self.export_outputs, strict=True))
         for node in proto.graph.node:
             node.input[:] = [renames.get(i, i) for i in node.input]
             node.output[:] = [renames.get(o, o) for o in node.output]
@@ -81,5 +90,10 @@ class MaskRCNN:
     def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int]):
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
 
-        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks)
+        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints)
         return RCNNSurgeon(export_model, spec).run()
+
+
+def _in_model_format(model, image_bgr):
+    """A BGR image tensor in the channel order the model was trained on (`INPUT.FORMAT` BGR or RGB)."""
+    return image_bgr.flip(0) if model.input_format == "RGB" else image_bgr

@@ -1,10 +1,14 @@
 """Surgery for FPN R-CNNs: the Detectron2 export becomes the static graph TensorRT builds from.
 
 What is kept from the export, found by module scope: the backbone and FPN, the RPN head convs,
-the box head and predictor, the mask head. Everything data-dependent between them (Detectron2's
-proposal selection, ROI pooling with NonZero level assignment, per-class NMS inside If nodes) is
-replaced by static ops and four plugin nodes whose attributes come from the recipe and the
-Detectron2 config. The proposal stage reproduces Detectron2's `find_top_rpn_proposals`:
+the box head and predictor, and the heads the family has on its final boxes (`HeadSpec`): the mask
+head (Mask R-CNN), the keypoint head (Keypoint R-CNN), or none (Faster R-CNN). Everything
+data-dependent between them (Detectron2's proposal selection, ROI pooling with NonZero level
+assignment, per-class NMS inside If nodes) is replaced by static ops and plugin nodes (two
+EfficientNMS_TRT, one PyramidROIAlign_TRT per pooler) whose attributes come from the recipe and
+the Detectron2 config. The head stages only append to the graph, so a family without a head
+builds exactly the graph of one that has it, minus that head. The proposal stage reproduces
+Detectron2's `find_top_rpn_proposals`:
 
 * per-level top-k: each level's logits live in their own score row (other levels read -BIG), so one
   TopK over the L score rows selects each level's top-k with global indices;
@@ -78,10 +82,17 @@ class HeadSpec:
     nms_iou: float
     max_detections: int
     canonical_box_size: int = 224
+    keypoint_pooler: tuple[int, int] | None = None  # resolution, sampling ratio; None: no keypoint stage
+    num_keypoints: int = 0
 
 
-def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool) -> HeadSpec:
-    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code."""
+def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
+              with_keypoints: bool = False) -> HeadSpec:
+    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
+
+    `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
+    have exactly those heads on (MODEL.MASK_ON, MODEL.KEYPOINT_ON).
+    """
     import torch
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.anchor_generator import build_anchor_generator
@@ -96,8 +107,17 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
     ):
         if val not in ok:
             raise GraphMismatch(f"{key}={val!r} is not supported by surgery (supported: {ok})")
+    for key, on, wanted in (("MODEL.MASK_ON", m.MASK_ON, with_masks),
+                            ("MODEL.KEYPOINT_ON", m.KEYPOINT_ON, with_keypoints)):
+        if bool(on) != wanted:
+            raise GraphMismatch(f"{key}={on} but this family's graph {'has' if wanted else 'has no'} that head: "
+                                "model.family and model.config disagree")
     if with_masks and (m.ROI_MASK_HEAD.POOLER_TYPE != "ROIAlignV2" or m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK):
         raise GraphMismatch("mask head must use ROIAlignV2 pooling and class-specific masks")
+    kp = m.ROI_KEYPOINT_HEAD
+    if with_keypoints and (kp.POOLER_TYPE != "ROIAlignV2" or kp.NAME != "KRCNNConvDeconvUpsampleHead"):
+        raise GraphMismatch(f"keypoint head must be KRCNNConvDeconvUpsampleHead with ROIAlignV2 pooling "
+                            f"(config: {kp.NAME}, {kp.POOLER_TYPE})")
     strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
     rpn_feats = tuple(m.RPN.IN_FEATURES)
     h, w = input_hw
@@ -127,6 +147,8 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
         score_threshold=float(surgery["nms"]["score_threshold"]),
         nms_iou=float(surgery["nms"]["iou_threshold"]),
         max_detections=int(surgery["nms"]["max_detections"]),
+        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
+        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
     )
 
 
@@ -363,6 +385,28 @@ class RCNNSurgeon:
         out.name, out.dtype, out.shape = "detection_masks", np.float32, [1, d, m, m]
         return out
 
+    def keypoints(self, det_boxes: gs.Variable) -> gs.Variable:
+        """Keypoint head on the final boxes: `detection_heatmaps [1, D, K, 56, 56]`, raw logits.
+
+        The heatmaps leave the graph undecoded: Detectron2 resizes each detection's heatmaps to its
+        own box size before the argmax, a data-dependent shape a static TensorRT graph cannot hold
+        (a fixed-size stand-in would move keypoints by up to box/56 px). `processing.decode_keypoints`
+        reproduces Detectron2's decode for all detections at once.
+        """
+        s, b, g = self.spec, self.b, self.graph
+        assert s.keypoint_pooler is not None
+        d, res = s.max_detections, s.keypoint_pooler[0]
+        pooled = self.pyramid_roi_align(det_boxes, d, s.keypoint_pooler, "keypoint")
+        first = find_one(g, "roi_heads.keypoint_head.conv_fcn1", "Conv")
+        first.inputs[0] = b.op("Reshape", [pooled, np.array([d, pooled.shape[2], res, res], np.int64)],
+                               name="keypoint_features")
+        upsample = find_one(g, "roi_heads.keypoint_head", "Resize")  # the head's final x2 bilinear upsample
+        m = 4 * res  # deconv and upsample double the pooled resolution twice
+        out = b.op("Reshape", [upsample.outputs[0], np.array([1, d, s.num_keypoints, m, m], np.int64)],
+                   name="keypoint_heatmaps")
+        out.name, out.dtype, out.shape = "detection_heatmaps", np.float32, [1, d, s.num_keypoints, m, m]
+        return out
+
     # ------------------------------------------------------------------ whole graph
 
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -372,6 +416,8 @@ class RCNNSurgeon:
         outs = self.detections(rpn_scores, rois)
         if self.spec.mask_pooler is not None:
             outs.append(self.masks(outs[3], outs[1]))
+        if self.spec.keypoint_pooler is not None:
+            outs.append(self.keypoints(outs[1]))
         g.inputs, g.outputs = [inp], outs
         g.cleanup().toposort()
         left = sorted({n.op for n in g.nodes} & {"If", "Loop", "NonZero", "Scan"})

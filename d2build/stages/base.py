@@ -39,7 +39,7 @@ class Progress:
         self.t0 = time.monotonic()
 
     def step(self, what: str) -> None:
-        log.info("  %-8s %6.1fs  %s", self.stage, time.monotonic() - self.t0, what)
+        log.info("  %-11s %6.1fs  %s", self.stage, time.monotonic() - self.t0, what)
 
     def count(self, i: int, n: int, what: str) -> None:
         self.step(f"[{i}/{n}] {what}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from d2build.stages.base import Progress, Stage, StageFailed
 
 class VerifyStage(Stage):
     name = "verify"
-    VERSION = 1
-    needs = ("weights", "surgery")
+    VERSION = 2
+    needs = ("weights", "precision")  # the precision graph (fp32 = surgery's graph, fp16, int8)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
@@ -34,6 +35,7 @@ class VerifyStage(Stage):
             "config": recipe.model.config,
             "input": list(recipe.model.input),
             "surgery": d["surgery"],
+            "precision": recipe.precision.mode,
             "verify": d["verify"],
             "images": photos.source_digest(recipe.verify.images, recipe.verify.count),
         }
@@ -49,7 +51,7 @@ class VerifyStage(Stage):
         v = cfg["verify"]
         d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(cfg["surgery"]))
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        session = ReferenceSession(inputs["surgery"].path("model.onnx"))
+        session, emulated = precision_session(inputs["precision"], ReferenceSession)
         names = class_names(d2cfg)
         refs = photos.list_images(v["images"], v["count"])
         (out_dir / "pictures").mkdir()
@@ -63,16 +65,52 @@ class VerifyStage(Stage):
             if problem:
                 failures.append(problem)
         summary = summarize(rows)
-        (out_dir / "metrics.json").write_text(json.dumps({"images": rows, "summary": summary}, indent=2))
-        report = render_report(cfg, rows, summary, failures)
+        precision = precision_facts(cfg.get("precision", "fp32"), inputs["precision"].info, emulated)
+        (out_dir / "metrics.json").write_text(json.dumps({"images": rows, "summary": summary,
+                                                          "precision": precision}, indent=2))
+        report = render_report(cfg, rows, summary, failures) + render_precision(precision)
         (out_dir / "report.md").write_text(report)
         if failures:
             raise StageFailed("verify failed:\n" + "\n".join(failures), files={"report.md": report})
-        return {"summary": summary, "images": [{k: r[k] for k in SUMMARY_KEYS} for r in rows]}
+        return {"summary": summary, "images": [{k: r[k] for k in SUMMARY_KEYS} for r in rows],
+                "precision": {k: v for k, v in precision.items() if k != "emulated_nodes"}}
 
 
 SUMMARY_KEYS = ("image", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
-                "mean_mask_iou", "max_score_diff", "eager_s", "graph_s")
+                "mean_mask_iou", "max_score_diff", "mean_score_shift", "eager_s", "graph_s")
+
+
+def precision_session(artifact, session_cls):
+    """A reference session over the precision graph; float16 nodes ONNX Runtime's CPU provider has
+    no kernel for run as float16 storage with float32 arithmetic (d2build/reference/emulate.py)."""
+    import onnx
+
+    from d2build.reference.emulate import emulate_unsupported_fp16
+
+    model = onnx.load(str(artifact.path("model.onnx")))
+    emulated: list[dict[str, str]] = []
+    if artifact.info.get("mode") == "fp16":
+        ops = {n.name: n.op_type for n in model.graph.node}
+        model, names = emulate_unsupported_fp16(model)
+        emulated = [{"node": n, "op": ops[n]} for n in names]
+    return session_cls(model), emulated
+
+
+def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, str]]) -> dict[str, Any]:
+    """What the report says about the graph's precision: FP32 islands, Q/DQ counts, emulation."""
+    out: dict[str, Any] = {"mode": mode}
+    if mode == "fp16":
+        out["fp32_islands"] = {k: {"why": v["why"], "ops": v["ops"], "nodes": len(v["nodes"])}
+                               for k, v in info.get("fp32_islands", {}).items()}
+        out["fp16_nodes"], out["fp32_nodes"], out["casts"] = (info.get("fp16_nodes"), info.get("fp32_nodes"),
+                                                              info.get("casts"))
+        out["emulated"] = len(emulated)
+        out["emulated_ops"] = dict(sorted(Counter(e["op"] for e in emulated).items()))
+        out["emulated_nodes"] = [e["node"] for e in emulated]
+    elif mode == "int8":
+        out.update({k: info.get(k) for k in ("quantized_nodes", "quantized_ops", "QuantizeLinear",
+                                             "DequantizeLinear", "calibration", "not_quantized")})
+    return out
 
 
 def class_names(d2cfg) -> list[str] | None:
@@ -106,7 +144,8 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
     row = {
         "image": photo.name, "detectron2": len(ref), "graph": len(got), "matched": len(m.pairs),
         "recovered": m.recovered, "mean_box_iou": m.mean_box_iou, "mean_mask_iou": m.mean_mask_iou,
-        "max_score_diff": m.max_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(t2 - t1, 3),
+        "max_score_diff": m.max_score_diff, "mean_score_shift": _mean(m.score_diffs),
+        "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(t2 - t1, 3),
         "picture": f"pictures/{stem}.png", "match": m.to_dict(),
     }
     extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
@@ -124,11 +163,17 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
     return row, f"  {photo.name}: " + "; ".join(problems) + ("\n" + detail if detail else "")
 
 
+def _mean(values) -> float:
+    return float(sum(values) / len(values)) if len(values) else 0.0
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     masks = [r["mean_mask_iou"] for r in rows if r["mean_mask_iou"] is not None]
     return {
         "images": n,
+        "matched_share": sum(r["matched"] for r in rows) / max(1, sum(r["detectron2"] for r in rows)),
+        "mean_score_shift": sum(r["mean_score_shift"] for r in rows) / n,
         "min_recovered": min(r["recovered"] for r in rows),
         "min_matched": min(r["matched"] for r in rows),
         "mean_box_iou": sum(r["mean_box_iou"] for r in rows) / n,
@@ -137,6 +182,37 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "eager_s_per_image": sum(r["eager_s"] for r in rows) / n,
         "graph_s_per_image": sum(r["graph_s"] for r in rows) / n,
     }
+
+
+def render_precision(p: dict[str, Any]) -> str:
+    """The report's precision section: what is FP32 and why (fp16), Q/DQ (int8), what was emulated."""
+    if p["mode"] == "fp32":
+        return ""
+    lines = ["", f"## Precision: {p['mode']}", ""]
+    if p["mode"] == "fp16":
+        lines += [f"{p['fp16_nodes']} nodes compute in float16, {p['fp32_nodes']} in float32, joined by "
+                  f"{p['casts']} Cast nodes. The graph input stays float32. FP32 islands:", "",
+                  "| island | nodes | ops | why |", "|---|---:|---|---|"]
+        for k, v in p["fp32_islands"].items():
+            ops = ", ".join(f"{op} {n}" for op, n in v["ops"].items())
+            lines.append(f"| {k} | {v['nodes']} | {ops} | {v['why']} |")
+        ops = ", ".join(f"{op} {n}" for op, n in p["emulated_ops"].items()) or "none"
+        lines += ["", f"Emulated on CPU: {p['emulated']} float16 nodes ({ops}) have no float16 kernel in "
+                  "ONNX Runtime's CPU provider here; each ran as Cast(float32) -> op -> Cast(float16): "
+                  "float16 inputs and outputs, float32 arithmetic (as TensorRT's float16 kernels "
+                  "accumulate). The plugins ran on float32 inputs, as their TensorRT contract requires."]
+    else:
+        ops = ", ".join(f"{op} {n}" for op, n in (p.get("quantized_ops") or {}).items())
+        cal = p.get("calibration") or {}
+        lines += [f"{p['quantized_nodes']} nodes quantized ({ops}): {p['QuantizeLinear']} QuantizeLinear, "
+                  f"{p['DequantizeLinear']} DequantizeLinear (per-channel int8 weights, per-tensor activations "
+                  f"calibrated with {cal.get('method')} on {', '.join(cal.get('images', []))}). Not quantized: "
+                  f"{', '.join(p.get('not_quantized') or []) or 'none'}.", "",
+                  "Agreement with fp32 (Detectron2 eager, which the fp32 graph reproduces): the table above "
+                  "counts a detection as found at the int8 thresholds; mean score shift is int8 - fp32 over "
+                  "matched pairs. ONNX Runtime executes the Q/DQ graph as written: every quantized tensor "
+                  "is rounded and clipped to int8 with the calibrated scales."]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -148,9 +224,10 @@ def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict
     v = cfg["verify"]
     h, w = cfg["input"]
     lines = [
-        f"# verify: {cfg['family']} at {h}x{w}",
+        f"# verify: {cfg['family']} at {h}x{w}, {cfg.get('precision', 'fp32')}",
         "",
-        f"TensorRT-ready graph (plugins run by d2build's CPU reference implementations in ONNX Runtime) vs "
+        f"TensorRT-ready {cfg.get('precision', 'fp32')} graph (plugins run by d2build's CPU reference "
+        f"implementations in ONNX Runtime) vs "
         f"Detectron2 eager on the same letterboxed input. A match needs the same class, box IoU >= "
         f"{v['iou_threshold']} and |score difference| <= {v['score_tolerance']}; each image must recover >= "
         f"{v['min_recovered']:.0%} of Detectron2's detections with mean mask IoU >= {v['min_mask_iou']}.",
@@ -158,14 +235,17 @@ def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict
         "**Verdict: " + ("FAILED" if failures else "passed") + "**",
         "",
         "| image | Detectron2 | graph | matched | recovered | mean box IoU | mean mask IoU | max score diff "
-        "| eager s | graph s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean score shift | eager s | graph s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| [{r['image']}]({r['picture']}) | {r['detectron2']} | {r['graph']} | {r['matched']} | "
                      f"{r['recovered']:.3f} | {_fmt(r['mean_box_iou'])} | {_fmt(r['mean_mask_iou'])} | "
-                     f"{_fmt(r['max_score_diff'], 5)} | {r['eager_s']:.2f} | {r['graph_s']:.2f} |")
-    lines += ["", f"Mean per image: Detectron2 eager {summary['eager_s_per_image']:.2f} s, "
+                     f"{_fmt(r['max_score_diff'], 5)} | {r['mean_score_shift']:+.5f} | {r['eager_s']:.2f} | "
+                     f"{r['graph_s']:.2f} |")
+    lines += ["", f"All images: {summary['matched_share']:.1%} of Detectron2's detections matched, mean box IoU "
+              f"{summary['mean_box_iou']:.4f}, mean score shift {summary['mean_score_shift']:+.5f}.",
+              "", f"Mean per image: Detectron2 eager {summary['eager_s_per_image']:.2f} s, "
               f"graph on ONNX Runtime {summary['graph_s_per_image']:.2f} s (same CPU, same process)."]
     if failures:
         lines += ["", "## What differs", "", "```", *failures, "```"]

@@ -17,16 +17,16 @@ from d2build.stages.base import Progress, Stage
 
 class WeightsStage(Stage):
     name = "weights"
-    VERSION = 2
+    VERSION = 3
     tools = ("torch", "sal-detectron2")
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        from d2build.detectron import BN_PHOTO
+        from d2build.detectron import BN_PHOTO, RESIDUAL_BRANCH_SCALE
 
         m = recipe.model
         cfg: dict[str, Any] = {"config": m.config, "weights": m.weights}
         if m.weights == "random":
-            cfg.update(seed=m.seed, bn_photo=BN_PHOTO)
+            cfg.update(seed=m.seed, bn_photo=BN_PHOTO, residual_branch_scale=RESIDUAL_BRANCH_SCALE)
         elif not m.weights.startswith(("http://", "https://")):
             cfg["weights_sha256"] = file_digest(Path(m.weights).expanduser())
         return cfg

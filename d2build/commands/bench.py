@@ -1,0 +1,81 @@
+"""d2build bench [--image PATH|NAME] [--engine|--graph PATH] KEY=VALUE ...: latency percentiles and FPS."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+
+from d2build.commands import _runtime
+
+SUMMARY = "latency percentiles and FPS of a built model (runtime.warmup, .iterations, .cuda_graph)"
+log = logging.getLogger("d2build")
+
+
+def main(argv: list[str]) -> int:
+    p = _runtime.parser("bench", "Time the recipe's model (or an explicit engine/graph): the model alone on an "
+                                 "input already in place, and end to end (letterbox, copies, decode, mask paste).")
+    p.add_argument("--image", default="astronaut", help="a bundled photograph's name or an image path")
+    args = _runtime.parse(p, argv)
+    setup = _runtime.setup("bench", args)
+    if setup is None:
+        return 2
+    recipe, out = setup
+    model = _runtime.open_model_or_report(recipe, args, out)
+    if model is None:
+        return 2
+    from pathlib import Path
+
+    from d2build import photos
+    from d2build.processing import letterbox
+    from d2build.runtime import percentiles
+
+    rt = recipe.runtime
+    photo = photos.load(args.image)
+    chw, _ = letterbox(photo.bgr, model.input_hw, model.pad)
+    runner = model.runner
+    lock = nullcontext()
+    if model.backend == "tensorrt":  # one GPU job at a time, as for builds
+        from d2build import trt
+
+        lock = trt.gpu_lock(Path(recipe.cache.dir).expanduser().resolve(), recipe.build.device)
+    with lock:
+        runner.prepare({"input_tensor": chw[None]})
+        graph = False
+        if rt.cuda_graph:
+            if model.backend == "tensorrt":
+                runner.engine.capture()
+                graph = True
+            else:
+                log.info("runtime.cuda_graph applies to runtime.backend=tensorrt only; ignored")
+        log.info("warm-up: %d run(s)", rt.warmup)
+        for _ in range(rt.warmup):
+            runner.execute()
+        runner.synchronize()
+        model_ms = []
+        for i in range(rt.iterations):
+            t0 = time.perf_counter()
+            runner.execute()
+            runner.synchronize()
+            model_ms.append((time.perf_counter() - t0) * 1000)
+        n_e2e = max(1, min(rt.iterations, 20))
+        e2e_ms = []
+        for _ in range(n_e2e):
+            t0 = time.perf_counter()
+            model.detect(photo.bgr)
+            e2e_ms.append((time.perf_counter() - t0) * 1000)
+    doc = {"backend": model.backend, "model": str(model.path), "input": list(model.input_hw), "image": photo.name,
+           "recipe": recipe.name, "precision": recipe.precision.mode, "warmup": rt.warmup,
+           "iterations": rt.iterations, "cuda_graph": graph, "model_ms": percentiles(model_ms),
+           "end_to_end_ms": percentiles(e2e_ms), "end_to_end_iterations": n_e2e,
+           "emulated_fp16_nodes": len(runner.emulated)}
+    (out / "bench.json").write_text(json.dumps(doc, indent=1))
+    for what, s in (("model", doc["model_ms"]), ("end to end", doc["end_to_end_ms"])):
+        log.info("%-10s ms: mean %.2f  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  min %.2f  max %.2f  |  %.1f FPS",
+                 what, s["mean"], s["p50"], s["p90"], s["p95"], s["p99"], s["min"], s["max"], s["fps"])
+    if model.backend == "reference":
+        log.info("(reference backend: ONNX Runtime on this CPU%s; engine timings need runtime.backend=tensorrt)",
+                 ", float16 emulated in float32 arithmetic" if runner.emulated else "")
+    log.info("wrote %s", out / "bench.json")
+    return 0

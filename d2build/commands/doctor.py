@@ -1,0 +1,87 @@
+"""d2build doctor: what this machine can do -- TensorRT, CUDA, GPU, plugins, Detectron2, ONNX Runtime, torch."""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import metadata
+
+SUMMARY = "one line each: TensorRT, CUDA, GPU, plugin library, Detectron2, onnxruntime(-extensions), torch"
+
+
+def _version(*dists: str) -> str | None:
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def lines(device: int = 0) -> list[tuple[str, str]]:
+    """(what, status) pairs; never raises: a probe that fails says so on its line."""
+    from d2build import trt
+
+    out: list[tuple[str, str]] = []
+    env = trt.environment(device, probe_gpu=True)
+    out.append(("TensorRT", f"{env.tensorrt} (strongly typed networks; builds engines)" if env.tensorrt
+                else f"missing: {env.tensorrt_error}"))
+    out.append(("plugins", _plugins(env)))
+    out.append(("torch", _torch()))
+    out.append(("CUDA", f"available through torch (CUDA {env.torch_cuda})" if env.cuda
+                else f"not available: {env.gpu_error or 'no CUDA device'}"))
+    out.append(("GPU", f"{env.gpu}, compute capability {env.compute_capability} (device {device})" if env.gpu
+                else "none" + (f" ({env.gpu_error})" if env.gpu_error else "")))
+    d2 = _version("sal-detectron2", "detectron2")
+    out.append(("Detectron2", f"{d2} (pure-Python install)" if d2 and importlib.util.find_spec("detectron2")
+                else "missing: run scripts/setup.sh (repacks PyPI's sal-detectron2)"))
+    ort = _version("onnxruntime", "onnxruntime-gpu")
+    ext = _version("onnxruntime-extensions")
+    out.append(("onnxruntime", f"{ort}, extensions {ext} (CPU reference executor for verify and "
+                "runtime.backend=reference)" if ort and ext else
+                f"{ort or 'missing'}, {'extensions ' + ext if ext else 'onnxruntime-extensions missing'}: "
+                "verify and runtime.backend=reference cannot run"))
+    reason = trt.skip_reason(env)
+    out.append(("build", "engines can be built here" if reason is None else f"skipped here: {reason}"))
+    return out
+
+
+def _plugins(env) -> str:
+    if env.tensorrt is None:
+        return "unknown (needs TensorRT): EfficientNMS_TRT and PyramidROIAlign_TRT come from libnvinfer_plugin"
+    try:
+        from d2build import trt
+
+        t = trt.load()
+        logger = t.Logger(t.Logger.ERROR)
+        if not t.init_libnvinfer_plugins(logger, ""):
+            return "libnvinfer_plugin did not initialise"
+        registry = t.get_plugin_registry()
+        creators = getattr(registry, "all_creators", None) or registry.plugin_creator_list  # 10.x+ / older
+        names = {c.name for c in creators}
+        need = ("EfficientNMS_TRT", "PyramidROIAlign_TRT")
+        have = [n for n in need if n in names]
+        missing = [n for n in need if n not in names]
+        return f"found {', '.join(have) or 'none'}" + (f"; MISSING {', '.join(missing)}" if missing else "")
+    except Exception as e:  # noqa: BLE001 - doctor reports, never raises
+        return f"could not be queried: {type(e).__name__}: {e}"
+
+
+def _torch() -> str:
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001
+        return f"does not import: {e}"
+    return f"{torch.__version__}" + (f" (CUDA {torch.version.cuda} build)" if torch.version.cuda else " (CPU build)")
+
+
+def main(argv: list[str]) -> int:
+    device = 0
+    for a in argv:
+        if a.startswith("build.device="):
+            device = int(a.split("=", 1)[1])
+        elif a in ("-h", "--help"):
+            print("usage: d2build doctor [build.device=N]\n" + SUMMARY)
+            return 0
+    for what, status in lines(device):
+        print(f"{what:<12} {status}")
+    return 0

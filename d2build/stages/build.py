@@ -1,0 +1,82 @@
+"""build: a TensorRT engine from the precision graph (d2build/trt.py talks to TensorRT).
+
+The network is strongly typed, so the engine computes in exactly the precision the graph says
+(fp32, fp16 casts, int8 Q/DQ): the builder gets no precision flags. The key holds the precision
+graph's key, the builder settings, the TensorRT version and the GPU's compute capability (an
+engine runs only where it was built). Verify is a `need` but not part of the key: it gates the
+build (no engine from a graph that failed verification) without shaping it.
+
+Without TensorRT or a GPU the stage is skipped with a one-line reason and what to install, and
+the run still succeeds -- unless `build.required=true`, which turns that reason into a failure.
+A build takes `<cache root>/.gpu-<device>.lock`, so GPU stages of concurrent runs never share a GPU.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+from d2build.stages.base import Progress, Stage, StageFailed
+
+
+@lru_cache(maxsize=None)
+def _environment(device: int):
+    from d2build import trt
+
+    return trt.environment(device)
+
+
+class BuildStage(Stage):
+    name = "build"
+    VERSION = 1
+    needs = ("precision", "verify")
+    keyed_needs = ("precision",)  # verify orders and gates the build; it does not change the engine
+
+    def __init__(self, device: int = 0, environment=None):
+        self.device = device  # where to build; not keyed (the GPU's compute capability is)
+        self._env = environment  # tests pass a real Environment; runs probe this machine once
+
+    def environment(self):
+        return self._env if self._env is not None else _environment(self.device)
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        from d2build.trt import BuilderSettings
+
+        env = self.environment()
+        return {
+            "settings": BuilderSettings.from_config(recipe.to_dict()["build"]).key_material(),
+            "tensorrt": env.tensorrt,
+            "compute_capability": env.compute_capability,
+        }
+
+    def key_material(self, recipe: Recipe, upstream_keys: dict[str, str]) -> dict[str, Any]:
+        material = super().key_material(recipe, upstream_keys)
+        material["upstream"] = {n: upstream_keys[n] for n in self.keyed_needs}
+        return material
+
+    def skip_reason(self, recipe: Recipe) -> str | None:
+        if recipe.build.required:
+            return None  # run() fails with the reason instead
+        from d2build.trt import skip_reason
+
+        return skip_reason(self.environment())
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
+            progress: Progress) -> dict[str, Any]:
+        from d2build import trt
+
+        env = self.environment()
+        reason = trt.skip_reason(env)
+        if reason:
+            raise StageFailed(f"build.required=true, but {reason}")
+        settings = trt.BuilderSettings(**cfg["settings"], device=self.device)
+        cache_root = out_dir.parent.parent  # <cache root>/build/.tmp-<key>-...
+        lock = trt.gpu_lock(cache_root, settings.device)
+        progress.step(f"waiting for GPU {settings.device} ({lock.lock_file})")
+        with lock:
+            facts = trt.build_engine(inputs["precision"].path("model.onnx"), settings, out_dir, progress.step)
+        return {**facts, "gpu": env.gpu, "compute_capability": env.compute_capability,
+                "precision": inputs["precision"].info.get("mode")}

@@ -1,0 +1,124 @@
+"""calibration: activation ranges for int8, from the FP32 graph run on real images.
+
+Its own cached artifact, so one calibration serves every int8 build it is valid for. Which graph
+the ranges come from decides that: the key holds the export (model, weights, input size), the RPN
+settings, the images' pixel digests, their count and the method -- not `surgery.nms.*`. The ranges
+are computed on the graph surgery makes from the export with the recipe's RPN settings and
+Detectron2's default final NMS (IoU 0.5, score 0.05, 100 detections). Everything before the final
+NMS (backbone, FPN, RPN head, box head) is the same graph whatever `surgery.nms.*` says; the mask
+head sees the detections of that default NMS. A sweep of NMS thresholds at int8 therefore
+calibrates once. The ranges are keyed by tensor name: the precision stage checks that the graph it
+quantizes has every calibrated tensor, and fails if not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+from d2build.stages.base import Progress, Stage
+
+# The final NMS of the graph calibration runs (Detectron2's test-time defaults).
+CALIBRATION_NMS = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100}
+
+
+class CalibrationStage(Stage):
+    name = "calibration"
+    VERSION = 1
+    needs = ("export",)
+    tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "onnxruntime-extensions", "sal-detectron2", "numpy")
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        from d2build import photos
+        from d2build.stages.surgery import SurgeryStage
+
+        m, c = recipe.model, recipe.calibration
+        return {
+            "surgery_version": SurgeryStage.VERSION,  # the calibration graph is surgery's, rebuilt here
+            "family": m.family,
+            "config": m.config,
+            "input": list(m.input),
+            "rpn": recipe.to_dict()["surgery"]["rpn"],
+            "nms": CALIBRATION_NMS,
+            "method": c.method,
+            "count": c.count,
+            "images": photos.source_digest(c.images, c.count) if c.images else None,
+            "source": c.images,
+        }
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
+            progress: Progress) -> dict[str, Any]:
+        import onnx
+
+        from d2build import detectron, photos
+        from d2build.families import family
+        from d2build.processing import letterbox
+        from d2build.quantize import RangeCollector, targets
+        from d2build.reference import ReferenceSession
+
+        d2cfg = detectron.load_cfg(cfg["config"])
+        hw = tuple(cfg["input"])
+        progress.step("surgery for the calibration graph (recipe RPN, default final NMS)")
+        export = onnx.load(str(inputs["export"].path("model.onnx")))
+        graph, _ = family(cfg["family"]).surgery(export, d2cfg, {"nms": cfg["nms"], "rpn": cfg["rpn"]}, hw)
+        found = targets(graph)
+        tensors = list(dict.fromkeys(t.activation for t in found))
+        consumers: dict[str, list[str]] = {}
+        for t in found:
+            consumers.setdefault(t.activation, []).append(t.node)
+        probe = with_outputs(graph, tensors)
+        session = ReferenceSession(probe)
+        collector = RangeCollector()
+        refs = photos.list_images(cfg["source"], cfg["count"])
+        seconds = []
+        for i, ref in enumerate(refs, 1):
+            photo = photos.load(ref)
+            progress.count(i, len(refs), f"'{photo.name}': {len(tensors)} activation ranges")
+            chw, _ = letterbox(photo.bgr, hw, d2cfg.MODEL.PIXEL_MEAN)
+            t0 = time.perf_counter()
+            outs = session.run({"input_tensor": chw[None]}, tensors)
+            for name in tensors:
+                collector.add(name, outs[name])
+            seconds.append(time.perf_counter() - t0)
+        progress.step(f"{cfg['method']} ranges from {len(refs)} image(s)")
+        ranges = {}
+        for name in tensors:
+            ranges[name] = {"amax": collector.amax(name, cfg["method"]), "absmax": collector.absmax[name],
+                            "consumers": consumers[name]}
+        zero = sorted(n for n, r in ranges.items() if r["amax"] <= 0)
+        if zero:
+            raise ValueError(f"{len(zero)} activation(s) are zero on every calibration image, e.g. {zero[:3]}; "
+                             "int8 cannot be calibrated from these images")
+        doc = {"method": cfg["method"], "images": [Path(r).name for r in refs], "input": list(hw),
+               "nms": cfg["nms"], "tensors": ranges}
+        (out_dir / "ranges.json").write_text(json.dumps(doc, indent=1))
+        clip = [r["amax"] / r["absmax"] for r in ranges.values()]
+        return {
+            "method": cfg["method"],
+            "images": doc["images"],
+            "tensors": len(ranges),
+            "quantized_nodes": len(found),
+            "clip_ratio": {"min": min(clip), "median": sorted(clip)[len(clip) // 2], "max": max(clip)},
+            "seconds_per_image": sum(seconds) / len(seconds),
+        }
+
+
+def with_outputs(model, names: list[str]):
+    """A copy of `model` that also outputs the named intermediate tensors (types from value_info)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    infos = {vi.name: vi for vi in out.graph.value_info}
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name in have:
+            continue
+        if name not in infos:
+            raise ValueError(f"tensor {name!r} has no type information in the graph")
+        out.graph.output.append(infos[name])
+    return out

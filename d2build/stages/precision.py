@@ -1,0 +1,74 @@
+"""precision: the graph TensorRT builds from, in the recipe's precision (fp32 | fp16 | int8).
+
+TensorRT 10/11 networks are strongly typed, so precision lives in the ONNX graph:
+
+* fp32: surgery's graph as it is (hard-linked, or copied where links cannot be made);
+* fp16: float16 with FP32 islands and Cast nodes at their borders (d2build/autocast.py: which
+  nodes stay FP32 and why is written to the manifest, node by node);
+* int8: explicit QuantizeLinear/DequantizeLinear on every Conv/ConvTranspose/Gemm activation and
+  weight (d2build/quantize.py), with activation ranges from the `calibration` stage.
+
+Every graph passes onnx.checker with full shape inference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+from d2build.stages.base import Progress, Stage
+
+
+class PrecisionStage(Stage):
+    name = "precision"
+    VERSION = 1
+    tools = ("onnx", "onnx-graphsurgeon", "numpy")
+
+    def __init__(self, mode: str = "fp32"):
+        self.mode = mode
+        # int8 reads calibration ranges; fp32 and fp16 need only the graph
+        self.needs = ("surgery", "calibration") if mode == "int8" else ("surgery",)
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        p = recipe.precision
+        return {"mode": p.mode, "keep_fp32": [] if p.mode == "fp32" else list(p.keep_fp32)}
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
+            progress: Progress) -> dict[str, Any]:
+        src = inputs["surgery"].path("model.onnx")
+        dst = out_dir / "model.onnx"
+        if cfg["mode"] == "fp32":
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+            return {"mode": "fp32", "fp32": "every node (surgery's graph unchanged)"}
+        import onnx
+
+        model = onnx.load(str(src))
+        if cfg["mode"] == "fp16":
+            from d2build.autocast import to_fp16
+
+            progress.step(f"casting {len(model.graph.node)} nodes to float16, keeping FP32 islands")
+            result = to_fp16(model, cfg["keep_fp32"])
+            onnx.save(result.model, str(dst))
+            progress.step(f"{result.facts['fp16_nodes']} fp16 nodes, {result.facts['fp32_nodes']} FP32, "
+                          f"{result.casts} casts; checked with onnx.checker (full shape inference)")
+            return {"mode": "fp16", "casts": result.casts, "nodes": len(result.model.graph.node), **result.facts}
+        import json
+
+        from d2build.quantize import insert_qdq
+
+        ranges = json.loads(inputs["calibration"].path("ranges.json").read_text())
+        amax = {name: r["amax"] for name, r in ranges["tensors"].items()}
+        progress.step(f"inserting Q/DQ ({ranges['method']} ranges from {len(ranges['images'])} image(s))")
+        quantized, facts = insert_qdq(model, amax, cfg["keep_fp32"])
+        onnx.save(quantized, str(dst))
+        progress.step(f"{facts['quantized_nodes']} Conv/Gemm quantized: {facts['QuantizeLinear']} Q, "
+                      f"{facts['DequantizeLinear']} DQ; checked with onnx.checker (full shape inference)")
+        return {"mode": "int8", "calibration": {"method": ranges["method"], "images": ranges["images"]},
+                "nodes": len(quantized.graph.node), **facts}

@@ -1,0 +1,187 @@
+"""The build stage and d2build/trt.py: everything decided before TensorRT is called.
+
+No tensorrt module is faked: these tests use real `Environment` objects (as `trt.environment()`
+returns them) and real recipes, and check the builder settings, what enters the engine's cache
+key, and when and why a build is skipped or fails. On this machine TensorRT is absent, so the
+actual build is checked only through its skip path; `d2build doctor` is run for real.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO
+from d2build import trt
+from d2build.compose import compose
+from d2build.runner import format_plan, plan
+from d2build.stages.base import StageFailed
+from d2build.stages.build import BuildStage
+
+SMALL = ["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[640,640]"]
+NO_TRT = trt.Environment(None, "TensorRT is not installed (...)", False, None, 0, None, None, "not probed")
+NO_GPU = trt.Environment("10.13.0", None, False, "13.0", 0, None, None, "torch sees no CUDA device")
+H100 = trt.Environment("10.13.0", None, True, "13.0", 0, "NVIDIA H100 80GB HBM3", "9.0")
+A5000 = trt.Environment("10.13.0", None, True, "13.0", 0, "NVIDIA RTX A5000", "8.6")
+H100_TRT11 = trt.Environment("11.1.0", None, True, "13.0", 0, "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def recipe(*overrides: str):
+    return compose([*SMALL, *overrides])
+
+
+def build_key(env: trt.Environment, *overrides: str) -> str:
+    """The build stage's key for a recipe on a machine described by `env` (upstream keys planned)."""
+    from d2build.cache import make_key
+
+    r = recipe(*overrides)
+    upstream = {p.name: p.key for p in plan(r) if p.name in ("precision", "verify")}
+    return make_key(BuildStage(r.build.device, env).key_material(r, upstream))
+
+
+# ------------------------------------------------------------------ config -> builder settings
+
+def test_builder_settings_from_config():
+    s = trt.BuilderSettings.from_config(recipe("build.workspace_gib=2.5", "build.optimization_level=5").to_dict()["build"])
+    assert s.workspace_bytes == int(2.5 * 2**30)
+    assert s.optimization_level == 5
+    assert s.strongly_typed is True  # precision is in the graph; never a builder flag
+    assert s.batch_size == 1 and s.device == 0
+    assert "device" not in s.key_material()
+
+
+# ------------------------------------------------------------------ key material
+
+def test_engine_key_follows_tensorrt_gpu_settings_and_graph_only():
+    base = build_key(H100)
+    assert build_key(A5000) != base  # another compute capability: another engine
+    assert build_key(H100_TRT11) != base  # another TensorRT version
+    assert build_key(H100, "build.optimization_level=5") != base
+    assert build_key(H100, "build.workspace_gib=8") != base
+    assert build_key(H100, "precision=fp16") != base  # another graph
+    # not the engine: which GPU index builds it, whether a build is required, verify's settings
+    assert build_key(H100, "build.device=1") == base
+    assert build_key(H100, "build.required=true") == base
+    assert build_key(H100, "verify.count=2", "verify.min_recovered=0.9") == base
+    same_arch = trt.Environment("10.13.0", None, True, "13.0", 0, "NVIDIA H100 PCIe", "9.0")
+    assert build_key(same_arch) == base  # same architecture, same TensorRT: the engine is valid there
+
+
+def test_build_material_names_tensorrt_and_compute_capability():
+    r = recipe()
+    upstream = {p.name: p.key for p in plan(r)}
+    m = BuildStage(0, H100).key_material(r, upstream)
+    assert m["config"]["tensorrt"] == "10.13.0" and m["config"]["compute_capability"] == "9.0"
+    assert set(m["upstream"]) == {"precision"}
+
+
+# ------------------------------------------------------------------ skip logic
+
+def test_skip_reasons_say_what_is_missing_and_how_to_get_it():
+    no_trt = trt.skip_reason(NO_TRT)
+    assert no_trt.startswith("TensorRT is not installed")
+    assert "pip install 'd2build[trt]'" in no_trt and "container" in no_trt and "\n" not in no_trt
+    no_gpu = trt.skip_reason(NO_GPU)
+    assert "no usable NVIDIA GPU" in no_gpu and "torch sees no CUDA device" in no_gpu
+    assert trt.skip_reason(H100) is None
+
+
+def test_this_machine_has_no_tensorrt_and_says_so():
+    env = trt.environment(0)
+    assert env.tensorrt is None and "not installed" in env.tensorrt_error
+    assert trt.skip_reason(env).startswith("TensorRT is not installed")
+    with pytest.raises(ImportError, match="d2build\\[trt\\]"):
+        trt.load()
+
+
+def test_build_skips_unless_required_then_fails_with_the_reason(tmp_path):
+    optional, required = recipe(), recipe("build.required=true")
+    assert BuildStage(0, NO_TRT).skip_reason(optional).startswith("TensorRT is not installed")
+    assert BuildStage(0, H100).skip_reason(optional) is None
+    stage = BuildStage(0, NO_TRT)
+    assert stage.skip_reason(required) is None  # not skipped: run() fails instead
+    with pytest.raises(StageFailed, match="build.required=true, but TensorRT is not installed"):
+        stage.run({"settings": {}}, {}, tmp_path, None)
+    with pytest.raises(StageFailed, match="no usable NVIDIA GPU"):
+        BuildStage(0, NO_GPU).run({"settings": {}}, {}, tmp_path, None)
+
+
+# ------------------------------------------------------------------ the DAG
+
+def test_pipeline_has_calibration_only_at_int8_and_build_after_verify():
+    for precision, stages in (("fp32", ["weights", "export", "surgery", "precision", "verify", "build"]),
+                              ("fp16", ["weights", "export", "surgery", "precision", "verify", "build"])):
+        assert [p.name for p in plan(recipe(f"precision={precision}"))] == stages
+    planned = plan(recipe("precision=int8", "calibration=bundled"))
+    names = [p.name for p in planned]
+    assert names == ["weights", "export", "surgery", "calibration", "precision", "verify", "build"]
+    needs = {p.name: p.needs for p in planned}
+    assert needs["calibration"] == ("export",)  # not surgery: NMS thresholds do not reach it
+    assert needs["precision"] == ("surgery", "calibration")
+    assert needs["build"] == ("precision", "verify")
+    text = format_plan(planned)
+    assert "calibration" in text.splitlines()[4] and "TensorRT is not installed" in text.splitlines()[-1]
+
+
+def test_calibration_key_ignores_final_nms_but_not_rpn_images_or_method():
+    def key(*o):
+        return {p.name: p.key for p in plan(recipe("precision=int8", "calibration=bundled", *o))}
+
+    base = key()
+    for o in ("surgery.nms.iou_threshold=0.4", "surgery.nms.score_threshold=0.3", "surgery.nms.max_detections=50"):
+        k = key(o)
+        assert k["calibration"] == base["calibration"] and k["precision"] != base["precision"], o
+    for o in ("surgery.rpn.iou_threshold=0.6", "calibration.method=minmax", "calibration.count=2",
+              "model.input=[672,672]"):
+        assert key(o)["calibration"] != base["calibration"], o
+
+
+# ------------------------------------------------------------------ one GPU job at a time
+
+def test_gpu_lock_is_exclusive_per_device(tmp_path):
+    a, b, other = trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 1)
+    assert a.lock_file == str(tmp_path / ".gpu-0.lock")
+    order = []
+    with a:
+        t = threading.Thread(target=lambda: (b.acquire(), order.append("b"), b.release()))
+        t.start()
+        with other:  # another GPU is free meanwhile
+            order.append("other")
+        time.sleep(0.3)
+        order.append("a done")
+    t.join(5)
+    assert order == ["other", "a done", "b"]
+
+
+# ------------------------------------------------------------------ doctor and the schema
+
+def test_doctor_reports_one_line_each_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "d2build", "doctor"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    heads = [line.split()[0] for line in lines]
+    assert heads == ["TensorRT", "plugins", "torch", "CUDA", "GPU", "Detectron2", "onnxruntime", "build"]
+    assert "missing" in lines[0] and "d2build[trt]" in lines[0]
+    assert "0.7.2" in lines[5] and "extensions" in lines[6]
+
+
+@pytest.mark.parametrize("override, key, text", [
+    ("runtime.backend=onnx", "runtime.backend", "unknown backend"),
+    ("build.device=-1", "build.device", "negative"),
+    ("runtime.iterations=0", "runtime.iterations", "measures nothing"),
+    ("calibration.count=9", "calibration.count", "bundled photographs"),
+    ("precision.keep_fp32=[' ']", "precision.keep_fp32[0]", "is empty"),
+])
+def test_schema_rejects_bad_build_runtime_and_calibration_settings(override, key, text):
+    from d2build.schema import RecipeError
+
+    extra = ["calibration=bundled"] if key.startswith("calibration") else []
+    with pytest.raises(RecipeError) as info:
+        compose([*SMALL, *extra, override])
+    found = [p for p in info.value.problems if p.key == key]
+    assert found and text in str(found[0]) and found[0].fix, info.value
