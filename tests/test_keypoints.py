@@ -9,7 +9,6 @@ than the heatmap, sub-pixel boxes and boxes sticking out of the image.
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -109,22 +108,12 @@ def _python_calls(fn, *args) -> int:
 
 
 def test_decode_is_one_vectorised_pass():
-    """100 detections cost the same Python work as 10 (no loop per ROI), and far less time than Detectron2's loop."""
+    """100 detections cost the same Python work as 10: no loop per ROI (the speed-up itself is a benchmark)."""
     rng = np.random.default_rng(3)
     maps, boxes = _heatmaps(rng, 100, "smooth"), _boxes(rng, 100, 40.0, 400.0)
     decode_keypoints(maps[:2], boxes[:2])  # warm caches and lazy imports
     assert _python_calls(decode_keypoints, maps[:10], boxes[:10]) == _python_calls(decode_keypoints, maps, boxes)
-
-    t0 = time.perf_counter()
-    ref = _d2_decode(maps, boxes)
-    d2_s = time.perf_counter() - t0
-    ours_s = float("inf")
-    for _ in range(2):  # best of two: a busy CI machine should not decide this
-        t0 = time.perf_counter()
-        got = decode_keypoints(maps, boxes)
-        ours_s = min(ours_s, time.perf_counter() - t0)
-    _assert_same(ref, got)
-    assert ours_s < 0.5 * d2_s, f"decode_keypoints {ours_s:.2f}s vs Detectron2's loop {d2_s:.2f}s"
+    _assert_same(_d2_decode(maps, boxes), decode_keypoints(maps, boxes))
 
 
 def test_decode_outputs_decodes_heatmaps_and_maps_keypoints_to_original():
