@@ -21,12 +21,13 @@ class WeightsStage(Stage):
     tools = ("torch", "sal-detectron2")
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        from d2build.detectron import BN_PHOTO, RESIDUAL_BRANCH_SCALE
+        from d2build.detectron import BN_PHOTO, PREDICTOR_SPREAD, RESIDUAL_BRANCH_SCALE
 
         m = recipe.model
         cfg: dict[str, Any] = {"config": m.config, "weights": m.weights}
         if m.weights == "random":
-            cfg.update(seed=m.seed, bn_photo=BN_PHOTO, residual_branch_scale=RESIDUAL_BRANCH_SCALE)
+            cfg.update(seed=m.seed, bn_photo=BN_PHOTO, residual_branch_scale=RESIDUAL_BRANCH_SCALE,
+                       predictor_spread=PREDICTOR_SPREAD)
         elif not m.weights.startswith(("http://", "https://")):
             cfg["weights_sha256"] = file_digest(Path(m.weights).expanduser())
         return cfg
