@@ -67,9 +67,6 @@ class Builder:
         k = self._n[what]
         return f"{self.prefix}/{what}" + (f"_{k - 1}" if k > 1 else "")
 
-    def const(self, what: str, values: Any, dtype=np.float32) -> gs.Constant:
-        return gs.Constant(self.name(what), np.ascontiguousarray(np.asarray(values, dtype=dtype)))
-
     def op(self, op: str, inputs: Sequence[Any], attrs: dict[str, Any] | None = None, *,
            outputs: int = 1, name: str | None = None, domain: str | None = None) -> Any:
         node_name = self.name(name or op)

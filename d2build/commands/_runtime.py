@@ -46,6 +46,17 @@ def setup(prog: str, args):
     return recipe, out
 
 
+def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str]):
+    """Parse, compose the recipe and open its model: (args, recipe, out, model), or None after saying why."""
+    args = parse(p, argv)
+    ready = setup(prog, args)
+    if ready is None:
+        return None
+    recipe, out = ready
+    model = open_model_or_report(recipe, args, out)
+    return None if model is None else (args, recipe, out, model)
+
+
 def open_model_or_report(recipe, args, out: Path):
     from d2build.runtime import ModelUnavailable, open_model
 

@@ -17,14 +17,10 @@ def main(argv: list[str]) -> int:
     p = _runtime.parser("bench", "Time the recipe's model (or an explicit engine/graph): the model alone on an "
                                  "input already in place, and end to end (letterbox, copies, decode, mask paste).")
     p.add_argument("--image", default="astronaut", help="a bundled photograph's name or an image path")
-    args = _runtime.parse(p, argv)
-    setup = _runtime.setup("bench", args)
-    if setup is None:
+    ready = _runtime.prepare("bench", p, argv)
+    if ready is None:
         return 2
-    recipe, out = setup
-    model = _runtime.open_model_or_report(recipe, args, out)
-    if model is None:
-        return 2
+    args, recipe, out, model = ready
     from pathlib import Path
 
     from d2build import photos

@@ -15,14 +15,10 @@ def main(argv: list[str]) -> int:
     p = _runtime.parser("infer", "Run the recipe's model (or an explicit engine/graph) on images.")
     p.add_argument("--images", default="bundled", help="a folder of images, or `bundled` (default)")
     p.add_argument("--count", type=int, default=3, help="how many images (default 3)")
-    args = _runtime.parse(p, argv)
-    setup = _runtime.setup("infer", args)
-    if setup is None:
+    ready = _runtime.prepare("infer", p, argv)
+    if ready is None:
         return 2
-    recipe, out = setup
-    model = _runtime.open_model_or_report(recipe, args, out)
-    if model is None:
-        return 2
+    args, recipe, out, model = ready
     from d2build import photos
     from d2build.visualize import draw_detections
 
