@@ -279,10 +279,29 @@ class EngineRunner:
 # ----------------------------------------------------------------------------- one GPU, one job
 
 
+def gpu_identity(device: int) -> str:
+    """What names a GPU across processes: this host's name and the device's UUID (unique even when
+    CUDA_VISIBLE_DEVICES renumbers devices, as SLURM does), or its index where torch cannot tell."""
+    import socket
+
+    ident = f"cuda{device}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+            ident = str(uuid) if uuid else ident
+    except Exception:  # noqa: BLE001 - no usable CUDA: the index is the best name there is
+        pass
+    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
+    return f"{host}-{ident}"
+
+
 def gpu_lock(cache_root: Path, device: int):
     """A file lock that keeps GPU stages (builds, benchmarks) of every d2build process using this
-    cache off the same GPU at once: `<cache root>/.gpu-<device>.lock`."""
+    cache off the same GPU at once: `<cache root>/.gpu-<host>-<GPU UUID>.lock`. Named by host and
+    GPU, so nodes sharing a cache folder only wait for jobs on their own GPU."""
     from filelock import FileLock
 
     cache_root.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(cache_root / f".gpu-{device}.lock"))
+    return FileLock(str(cache_root / f".gpu-{gpu_identity(device)}.lock"))

@@ -8,10 +8,12 @@ actual build is checked only through its skip path; `d2build doctor` is run for 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -144,7 +146,10 @@ def test_calibration_key_ignores_final_nms_but_not_rpn_images_or_method():
 
 def test_gpu_lock_is_exclusive_per_device(tmp_path):
     a, b, other = trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 1)
-    assert a.lock_file == str(tmp_path / ".gpu-0.lock")
+    assert a.lock_file == b.lock_file != other.lock_file
+    name = Path(a.lock_file).name  # named by host and GPU, so a shared cache does not serialise nodes
+    assert name == f".gpu-{trt.gpu_identity(0)}.lock"
+    assert trt.gpu_identity(0).split("-")[0] == socket.gethostname().split("-")[0]
     order = []
     with a:
         t = threading.Thread(target=lambda: (b.acquire(), order.append("b"), b.release()))

@@ -8,7 +8,7 @@ build (no engine from a graph that failed verification) without shaping it.
 
 Without TensorRT or a GPU the stage is skipped with a one-line reason and what to install, and
 the run still succeeds -- unless `build.required=true`, which turns that reason into a failure.
-A build takes `<cache root>/.gpu-<device>.lock`, so GPU stages of concurrent runs never share a GPU.
+A build takes `<cache root>/.gpu-<host>-<GPU UUID>.lock`, so GPU stages of concurrent runs never share a GPU.
 """
 
 from __future__ import annotations
