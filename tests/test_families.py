@@ -78,6 +78,8 @@ def test_recipe_passes_verify(shared_cache, tmp_path, recipe, size):
             assert r["keypoints"] == 17 * r["matched"], r
             assert r["keypoint_median_px"] <= 1.0 and r["keypoint_p95_px"] <= 3.0, r
     assert len(list(Path(run.stage("verify")["dir"], "pictures").glob("*.png"))) == 3
+    report = Path(run.stage("verify")["dir"], "report.md").read_text()
+    assert ("keypoint median px" in report) == (fam == "keypoint_rcnn")
 
 
 def test_rgb_config_passes_verify(shared_cache, tmp_path):
@@ -184,6 +186,29 @@ def test_keypoint_agreement_and_verify_extra():
     assert len(problems) == 2 and "median keypoint distance 5.00 px" in problems[0]
     with pytest.raises(ValueError, match="keypoints are missing"):
         keypoint_agreement(ref, Detections(ref.boxes, ref.scores, ref.classes), m.pairs)
+
+
+def test_report_shows_family_metrics():
+    """Keypoint distances reach report.md as their own table, not only metrics.json."""
+    from d2build.stages.verify import render_report, summarize
+
+    ref = _people()
+    got = Detections(ref.boxes, ref.scores, ref.classes, keypoints=ref.keypoints.copy())
+    got.keypoints[:, :, 1] += 0.25
+    m = match_detections(ref, got)
+    extra, _ = family("keypoint_rcnn").verify_extra(ref, got, m, {"keypoint_median_px": 1.0,
+                                                                   "keypoint_p95_px": 3.0})
+    row = {"image": "people", "detectron2": 3, "graph": 3, "matched": 3, "recovered": 1.0,
+           "mean_box_iou": 1.0, "mean_mask_iou": None, "max_score_diff": 0.0, "mean_score_shift": 0.0,
+           "mean_abs_score_diff": 0.0, "eager_s": 1.0, "graph_s": 0.5, "picture": "pictures/people.png",
+           "match": {}, **extra}
+    cfg = {"family": "keypoint_rcnn", "input": [640, 640], "verify": {"iou_threshold": 0.9, "score_tolerance": 0.02,
+                                                                      "min_recovered": 0.97, "min_mask_iou": 0.9}}
+    report = render_report(cfg, [row], summarize([row]), [])
+    assert "| image | keypoints | keypoint median px | keypoint p95 px |" in report
+    assert "| people | 51 | 0.2500 | 0.2500 |" in report
+    plain = {k: v for k, v in row.items() if k not in extra}
+    assert "keypoint" not in render_report({**cfg, "family": "mask_rcnn"}, [plain], summarize([plain]), [])
 
 
 def test_pictures_draw_the_coco_skeleton():

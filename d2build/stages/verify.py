@@ -22,7 +22,7 @@ from d2build.stages.base import Progress, Stage, StageFailed
 
 class VerifyStage(Stage):
     name = "verify"
-    VERSION = 2
+    VERSION = 3  # 3: family metrics (keypoint distances) in report.md
     needs = ("weights", "precision")  # the precision graph (fp32 = surgery's graph, fp16, int8)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
@@ -215,6 +215,9 @@ def render_precision(p: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BASE_ROW_KEYS = (*SUMMARY_KEYS, "mean_abs_score_diff", "picture", "match")
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
@@ -243,6 +246,11 @@ def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict
                      f"{r['recovered']:.3f} | {_fmt(r['mean_box_iou'])} | {_fmt(r['mean_mask_iou'])} | "
                      f"{_fmt(r['max_score_diff'], 5)} | {r['mean_score_shift']:+.5f} | {r['eager_s']:.2f} | "
                      f"{r['graph_s']:.2f} |")
+    extra = [k for k in rows[0] if k not in BASE_ROW_KEYS] if rows else []
+    if extra:  # family-specific metrics (keypoint distances, ...) as their own table
+        lines += ["", "| image | " + " | ".join(k.replace("_", " ") for k in extra) + " |",
+                  "|---|" + "---:|" * len(extra)]
+        lines += [f"| {r['image']} | " + " | ".join(_fmt(r.get(k)) for k in extra) + " |" for r in rows]
     lines += ["", f"All images: {summary['matched_share']:.1%} of Detectron2's detections matched, mean box IoU "
               f"{summary['mean_box_iou']:.4f}, mean score shift {summary['mean_score_shift']:+.5f}.",
               "", f"Mean per image: Detectron2 eager {summary['eager_s_per_image']:.2f} s, "
