@@ -2,11 +2,13 @@
 
 For Mask R-CNN and Keypoint R-CNN (R50-FPN, d2build's random weights that behave), at several square
 inputs, batch 1, fp32 and autocast fp16: warm-up, then the median (and p10/p90) of many timed runs
-with CUDA synchronisation. Two paths are timed: `inference(do_postprocess=False)` (what an engine
+with CUDA synchronisation. The configurations are timed in interleaved rounds (--rounds), so a slow
+spell of the host (eager Detectron2 is launch- and Python-bound) lands on all of them alike; the
+spread of the per-round medians is reported beside the overall median. Two paths are timed: `inference(do_postprocess=False)` (what an engine
 computes: boxes, scores, classes, 28x28 masks / heatmaps) and the full `model([...])` call with
 Detectron2's post-processing (mask pasting / keypoint decoding at the original image size).
 
-    python bench/gpu_eager.py --out bench/results/gpu_eager.json [--iters 50] [--sizes 640 1024 1344]
+    python bench/gpu_eager.py --out bench/results/gpu_eager.json [--iters 150] [--rounds 5] [--sizes 640 1024 1344]
 
 It needs a CUDA GPU; TensorRT engines are not timed (TensorRT is not installable there).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -42,6 +45,26 @@ def timed(fn, iters: int, warmup: int) -> list[float]:
     return out
 
 
+def gpu_busy_ms(fn, iters: int) -> float | None:
+    """GPU time per call: the kernels' and copies' own device time, summed over `iters` profiled calls.
+    Set against the wall time it says how much of eager latency is the GPU working (the part an engine
+    speeds up) and how much is the host launching work and running Python (the part it removes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - no CUPTI: say so in the results instead of failing the run
+        print(f"GPU profiling unavailable: {e}", flush=True)
+        return None
+    us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages())
+    return round(us / 1000 / iters, 2)
+
+
 def summary(seconds: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in seconds)
     med = statistics.median(ms)
@@ -49,12 +72,24 @@ def summary(seconds: list[float]) -> dict[str, float]:
             "p90_ms": round(ms[(9 * len(ms)) // 10], 2), "fps": round(1000.0 / med, 1)}
 
 
+def host_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/gpu_eager.json")
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=150, help="timed runs per configuration and path, in all")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the runs are split into")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed runs per configuration and path, per round")
     ap.add_argument("--sizes", type=int, nargs="+", default=[640, 1024, 1344])
+    ap.add_argument("--busy-iters", type=int, default=10, help="profiled calls per configuration for GPU busy time")
     args = ap.parse_args()
 
     from d2build import detectron, photos
@@ -63,37 +98,58 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cudnn.benchmark = True
     photo = photos.bundled("astronaut")
-    rows = []
+    chw0 = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
+    configs = []  # (model name, size, precision, path) -> callable
     for name, config in MODELS.items():
         cfg = detectron.load_cfg(config)
-        chw0 = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
         model = detectron.random_model(cfg, 0, chw0).to("cuda").eval()
         for size in args.sizes:
             chw, lb = letterbox(photo.bgr, (size, size), cfg.MODEL.PIXEL_MEAN)
             x = torch.as_tensor(chw, device="cuda")
             h, w = lb.original_hw
             for precision in ("fp32", "fp16"):
-                def raw():
-                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+                fp16 = precision == "fp16"
+
+                def raw(model=model, x=x, fp16=fp16):
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
                         return model.inference([{"image": x}], do_postprocess=False)
 
-                def full():
-                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+                def full(model=model, x=x, h=h, w=w, fp16=fp16):
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
                         return model([{"image": x, "height": h, "width": w}])
 
-                detections = len(raw()[0])
-                row = {"model": name, "input": size, "precision": precision, "detections": detections,
-                       "raw": summary(timed(raw, args.iters, args.warmup)),
-                       "with_postprocess": summary(timed(full, args.iters, args.warmup))}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                configs.append({"model": name, "input": size, "precision": precision,
+                                "detections": len(raw()[0]), "fns": {"raw": raw, "with_postprocess": full}})
+    load_before = os.getloadavg()
+    samples = {(i, path): [] for i in range(len(configs)) for path in ("raw", "with_postprocess")}
+    per_round = {key: [] for key in samples}
+    n = max(1, args.iters // args.rounds)
+    for r in range(args.rounds):
+        for i, c in enumerate(configs):
+            for path, fn in c["fns"].items():
+                t = timed(fn, n, args.warmup)
+                samples[i, path] += t
+                per_round[i, path].append(statistics.median(t) * 1000)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for i, c in enumerate(configs):
+        row = {k: c[k] for k in ("model", "input", "precision", "detections")}
+        for path in ("raw", "with_postprocess"):
+            row[path] = {**summary(samples[i, path]),
+                         "round_medians_ms": [round(m, 2) for m in per_round[i, path]]}
+        if args.busy_iters:
+            row["raw"]["gpu_busy_ms"] = gpu_busy_ms(c["fns"]["raw"], args.busy_iters)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     doc = {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "iters": args.iters, "warmup": args.warmup, "batch": 1,
+        "host_cpu": host_cpu(), "torch_threads": torch.get_num_threads(),
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "iters": n * args.rounds, "rounds": args.rounds, "warmup_per_round": args.warmup, "batch": 1,
         "weights": "d2build random weights (seed 0) that behave; timings do not depend on weight values "
                    "except through the number of detections (reported per row)",
         "rows": rows,
