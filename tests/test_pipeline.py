@@ -79,6 +79,7 @@ def test_export_matches_detectron2_on_two_photographs(shared_cache, tmp_path):
     chw, lb = letterbox(photos.bundled("coffee").bgr, (640, 640), cfg.MODEL.PIXEL_MEAN)
     export = Path(run.stage("export")["dir"]) / "model.onnx"
     checks.append(check_export(family("mask_rcnn"), model, export, "coffee", chw, lb))
+    assert [c["against"] for c in checks] == ["trace", "eager"]  # the traced forward's values, then eager
     for c in checks:
         assert c["detections"] >= 20 and c["matched"] == c["detections"], c
         assert c["mean_box_iou"] >= 0.99 and c["max_score_diff"] <= 1e-3, c

@@ -54,9 +54,9 @@ class KeypointRCNN(MaskRCNN):
     with_keypoints = True
     export_outputs = EXPORT_OUTPUTS
 
-    def export(self, model, image_chw: np.ndarray, path: Path) -> None:
+    def export(self, model, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
         with raw_heatmaps():
-            super().export(model, image_chw, path)
+            return super().export(model, image_chw, path)
 
     @staticmethod
     def verify_extra(ref, got, match, verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -47,9 +47,11 @@ class MaskRCNN:
             return model.inference([{"image": _in_model_format(model, torch.as_tensor(image_chw))}],
                                    do_postprocess=False)[0]
 
-    def export(self, model, image_chw: np.ndarray, path: Path) -> None:
-        """Trace Detectron2 at this input size; outputs renamed to the Instances fields they hold."""
-        import onnx
+    def export(self, model, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
+        """Trace Detectron2 at this input size; outputs named after the Instances fields they hold.
+
+        Returns what Detectron2's forward computed on `image_chw` while it was traced (one run of the
+        model, not two), by output name: the values the exported graph must reproduce."""
         import torch
         from detectron2.export import TracingAdapter
 
@@ -61,19 +63,18 @@ class MaskRCNN:
 
         adapter = TracingAdapter(model, [{"image": x}], inference_func=inference)
         adapter.eval()
+        traced: list[Any] = []
+        hook = adapter.register_forward_hook(lambda _m, _args, out: traced.append(out))
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches surgery removes
-            torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
-                              input_names=["image"])
-        proto = onnx.load(str(path))
-        renames = dict(zip((o.name for o in proto.graph.output), self.export_outputs, strict=True))
-        for node in proto.graph.node:
-            node.input[:] = [renames.get(i, i) for i in node.input]
-            node.output[:] = [renames.get(o, o) for o in node.output]
-        for out in proto.graph.output:
-            out.name = renames[out.name]
-        onnx.save(proto, str(path))
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches surgery removes
+                torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
+                                  input_names=["image"], output_names=list(self.export_outputs))
+        finally:
+            hook.remove()
+        outputs = traced[-1] if isinstance(traced[-1], (tuple, list)) else (traced[-1],)
+        return {name: t.detach().numpy() for name, t in zip(self.export_outputs, outputs, strict=True)}
 
     @staticmethod
     def export_detections(outputs: dict[str, np.ndarray], lb) -> Any:
