@@ -11,8 +11,9 @@ from getrusage), on a fresh cache folder unless reuse is the point:
                 and export, against N cold runs of the same variants (each on an empty cache)
 
     .venv/bin/python bench/pipeline_cost.py --size 640 --variants 9 [--cold-variants 9] [-- KEY=VALUE ...]
+    .venv/bin/python bench/pipeline_cost.py --size 640 --no-sweep --tag int8 -- precision=int8 calibration=bundled
 
-Writes bench/results/pipeline_cost_<size>.json and prints a Markdown table.
+Writes bench/results/pipeline_cost_<size>[_<tag>].json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=9)
     ap.add_argument("--cold-variants", type=int, default=None,
                     help="how many of the variants to run cold for the comparison (default: all)")
+    ap.add_argument("--no-sweep", action="store_true", help="cold, cached and stage memory only")
+    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. the precision)")
     ap.add_argument("overrides", nargs="*", default=[])
     args = ap.parse_args()
     base = ["recipe=mask_rcnn_r50", "model.weights=random", f"model.input=[{args.size},{args.size}]",
@@ -89,31 +92,45 @@ def main() -> None:
                                           "built": r["stages"][stage]["status"]}
         print("stage memory", doc["stage_memory"], flush=True)
 
-        values = [round(0.3 + 0.4 * i / max(1, args.variants - 1), 3) for i in range(args.variants)]
-        sweep = d2build(["-m", *base, "surgery.nms.iou_threshold=" + ",".join(map(str, values))], cache, work)
-        cold_n = args.cold_variants or args.variants
-        cold_runs = []
-        for v in values[:cold_n]:
-            c = work / f"cold-{v}"
-            cold_runs.append(d2build([*base, f"surgery.nms.iou_threshold={v}"], c, work)["wall_s"])
-            shutil.rmtree(c, ignore_errors=True)
-        cold_total = sum(cold_runs) * (args.variants / cold_n)
-        doc["sweep"] = {"values": values, "sweep_wall_s": sweep["wall_s"], "cold_runs_wall_s": cold_runs,
-                        "cold_total_s": round(cold_total, 1), "cold_measured": cold_n,
-                        "reuse_ratio": round(cold_total / sweep["wall_s"], 2)}
-        print("sweep", doc["sweep"], flush=True)
+        if not args.no_sweep:
+            doc["sweep"] = measure_sweep(base, cache, work, args)
+            print("sweep", doc["sweep"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = REPO / "bench" / "results" / f"pipeline_cost_{args.size}.json"
+    finish(doc, args)
+
+
+def measure_sweep(base: list[str], cache: Path, work: Path, args: argparse.Namespace) -> dict:
+    """A multirun over N NMS IoU thresholds on the warm cache against N cold runs of the same variants."""
+    values = [round(0.3 + 0.4 * i / max(1, args.variants - 1), 3) for i in range(args.variants)]
+    sweep = d2build(["-m", *base, "surgery.nms.iou_threshold=" + ",".join(map(str, values))], cache, work)
+    cold_n = args.cold_variants or args.variants
+    cold_runs = []
+    for v in values[:cold_n]:
+        c = work / f"cold-{v}"
+        cold_runs.append(d2build([*base, f"surgery.nms.iou_threshold={v}"], c, work)["wall_s"])
+        shutil.rmtree(c, ignore_errors=True)
+    cold_total = sum(cold_runs) * (args.variants / cold_n)
+    return {"values": values, "sweep_wall_s": sweep["wall_s"], "cold_runs_wall_s": cold_runs,
+            "cold_total_s": round(cold_total, 1), "cold_measured": cold_n,
+            "reuse_ratio": round(cold_total / sweep["wall_s"], 2)}
+
+
+def finish(doc: dict, args: argparse.Namespace) -> None:
+    out = REPO / "bench" / "results" / f"pipeline_cost_{args.size}{'_' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
-    s = doc["sweep"]
-    print(f"| input | cold s | cached s | cached/cold | {args.variants}-variant sweep s | "
-          f"{args.variants} cold runs s | reuse ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.size} | {doc['cold']['wall_s']} | {doc['cached']['wall_s']} | "
-          f"{doc['cached']['wall_s'] / doc['cold']['wall_s']:.3f} | {s['sweep_wall_s']} | {s['cold_total_s']} | "
-          f"{s['reuse_ratio']} |")
+    cold, cached = doc["cold"]["wall_s"], doc["cached"]["wall_s"]
+    if "sweep" not in doc:
+        print(f"| input | cold s | cached s | cached/cold |\n|---|---:|---:|---:|\n"
+              f"| {args.size} | {cold} | {cached} | {cached / cold:.3f} |")
+    else:
+        s = doc["sweep"]
+        print(f"| input | cold s | cached s | cached/cold | {args.variants}-variant sweep s | "
+              f"{args.variants} cold runs s | reuse ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(f"| {args.size} | {cold} | {cached} | {cached / cold:.3f} | {s['sweep_wall_s']} | "
+              f"{s['cold_total_s']} | {s['reuse_ratio']} |")
     print(f"wrote {out}")
 
 
