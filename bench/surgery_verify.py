@@ -7,7 +7,9 @@ Times, for one recipe and input size (default mask_rcnn_r50 with random weights 
     plugins, same process, same photographs, same thread count, interleaved, median of --repeat.
 Writes bench/results/surgery_verify_<H>x<W>.json and prints a Markdown table.
 
-    .venv/bin/python bench/surgery_verify.py [--repeat 3] [--threads 2] [KEY=VALUE ...]
+    .venv/bin/python bench/surgery_verify.py [--repeat 3] [--threads 2] [KEY=VALUE ...] [--precisions fp32 fp16 int8]
+
+(overrides before --precisions, which takes every word after it)
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
                     help="also time the precision stage's graph for these (fp16, int8 need that stage)")
     ap.add_argument("overrides", nargs="*", default=["model.weights=random", "model.input=[1344,1344]"])
     args = ap.parse_args()
+    if bad := [p for p in args.precisions if p not in ("fp32", "fp16", "int8")]:
+        ap.error(f"--precisions takes fp32, fp16, int8; got {bad} (put KEY=VALUE overrides before --precisions)")
 
     import onnx
     import torch
