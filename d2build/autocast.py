@@ -31,7 +31,6 @@ Graph inputs and outputs keep their types (float32 `input_tensor`, float32/int32
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -40,7 +39,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-PLUGIN_DOMAIN = "trt.plugins"
+from d2build.graph import PLUGIN_DOMAIN, matches
 
 FP16_COMPUTE = frozenset({"Conv", "ConvTranspose", "Gemm"})
 FP16_WHEN_FED = frozenset({"Relu", "MaxPool", "Resize", "Add"})
@@ -86,10 +85,6 @@ class Decision:
     reasons: dict[str, str]  # FP32 node name -> reason key
 
 
-def _matches(node: gs.Node, patterns: Iterable[str]) -> bool:
-    return any(node.op == p or node.name == p or fnmatch.fnmatchcase(node.name, p) for p in patterns)
-
-
 def _ranked_producers(graph: gs.Graph) -> set[str]:
     """Compute nodes whose outputs a TopK ranks, found through data-movement ops."""
     out: set[str] = set()
@@ -128,7 +123,7 @@ def classify(graph: gs.Graph, keep_fp32: Iterable[str] = ()) -> Decision:
             prec[node.name] = "none"  # integer-only (e.g. an index Add): no float precision to decide
         elif node.domain == PLUGIN_DOMAIN or node.op.endswith("_TRT"):
             fp32(node, "plugin_nms" if node.op == "EfficientNMS_TRT" else "plugin_fp32_only")
-        elif _matches(node, keep):
+        elif matches(node.op, node.name, keep):
             fp32(node, "keep_fp32")
         elif node.name in ranked or node.op == "TopK":
             fp32(node, "ranked")

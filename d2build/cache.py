@@ -79,14 +79,16 @@ class Cache:
     def lookup(self, stage: str, key: str) -> Artifact | None:
         """The published entry if present and intact; None if absent or if any digest differs."""
         d = self.entry_dir(stage, key)
-        problem = self._check(d)
-        if problem is None:
-            try:  # record the last use for `d2build cache gc --older-than` (a read-only cache is fine)
-                os.utime(d / MANIFEST)
-            except OSError:
-                pass
-            return Artifact(stage, key, d, json.loads((d / MANIFEST).read_text()))
-        return None
+        return self._hit(stage, key, d) if self._check(d) is None else None
+
+    @staticmethod
+    def _hit(stage: str, key: str, d: Path) -> Artifact:
+        """An intact entry as an Artifact, its last use recorded for `d2build cache gc --older-than`."""
+        try:
+            os.utime(d / MANIFEST)
+        except OSError:  # a read-only cache is fine
+            pass
+        return Artifact(stage, key, d, json.loads((d / MANIFEST).read_text()))
 
     def _check(self, d: Path) -> str | None:
         mf = d / MANIFEST
@@ -133,13 +135,13 @@ class Cache:
                 on_wait()
             held = lock.acquire()
         with held:
-            hit = self.lookup(stage, key)  # built by someone else while we waited
-            if hit is not None:
-                return hit, "hit"
             final = self.entry_dir(stage, key)
+            problem = self._check(final)  # built by someone else while we waited?
+            if problem is None:
+                return self._hit(stage, key, final), "hit"
             if final.exists():
                 log.warning("%s %s: the published entry fails its check (%s); moving it aside and rebuilding",
-                            stage, key[:12], self._check(final))
+                            stage, key[:12], problem)
             self._remove_stale(stage_dir, key, final)
             tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self._mkdir(tmp)

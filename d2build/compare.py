@@ -161,6 +161,11 @@ class MatchResult:
         """Mean |score difference| over pairs (0.0 when nothing matched)."""
         return float(np.mean(np.abs(self.score_diffs))) if self.score_diffs else 0.0
 
+    @property
+    def mean_score_shift(self) -> float:
+        """Mean signed score difference (graph - reference) over pairs (0.0 when nothing matched)."""
+        return float(np.mean(self.score_diffs)) if self.score_diffs else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready summary plus per-pair details (NaN written as null)."""
         return {

@@ -8,9 +8,10 @@ backbones and exporter versions, and lets it say exactly what it could not find.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -18,6 +19,11 @@ import onnx_graphsurgeon as gs
 
 PLUGIN_DOMAIN = "trt.plugins"  # TensorRT's ONNX parser resolves these op types via the plugin registry
 OPSET = 17
+
+
+def matches(op: str, name: str, patterns: Iterable[str]) -> bool:
+    """Does a node match one of `precision.keep_fp32`'s patterns: an op type, a node name or a glob of names?"""
+    return any(op == p or name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 class GraphMismatch(ValueError):

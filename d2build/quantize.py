@@ -19,7 +19,6 @@ percentile of |x|) or `entropy` (TensorRT's KL-divergence search over a 2048-bin
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -27,6 +26,8 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from d2build.graph import matches
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")
 BINS = 2048
@@ -45,17 +46,13 @@ class QuantTarget:
     axis: int
 
 
-def _matches(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
-    return any(node.op_type == p or node.name == p or fnmatch.fnmatchcase(node.name, p) for p in patterns)
-
-
 def targets(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> list[QuantTarget]:
     """Every Conv/ConvTranspose/Gemm with a constant weight, in graph order, minus `keep_fp32`."""
     keep = tuple(keep_fp32)
     inits = {i.name for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
-        if n.op_type not in QUANTIZED_OPS or _matches(n, keep) or n.input[1] not in inits:
+        if n.op_type not in QUANTIZED_OPS or matches(n.op_type, n.name, keep) or n.input[1] not in inits:
             continue
         if n.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}

@@ -258,13 +258,13 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 
 # ---------------------------------------------------------------- semantic rules
 
-_ZOO_UNSUPPORTED = re.compile(r"(_C4_|_DC5_|[Cc]ascade|LVIS|Panoptic|Cityscapes|[Rr]otated|\.py$)")
-# Why a config name matched: what the model is (the structural check below names the key for any config).
+# Config names d2build refuses, and what the model is (the structural check below names the key for any config).
 _UNSUPPORTED_KINDS = (
     (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"), (r"[Cc]ascade", "a Cascade R-CNN"),
     (r"LVIS", "an LVIS model"), (r"Panoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
     (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
 )
+_ZOO_UNSUPPORTED = re.compile("|".join(f"({p})" for p, _ in _UNSUPPORTED_KINDS))
 _SUPPORTED_MODELS = ("FPN R-CNN yacs configs (GeneralizedRCNN, ResNet/ResNeXt-FPN backbone, RPN, StandardROIHeads) "
                      f"of the families {', '.join(FAMILIES_SUPPORTED)}")
 # What the surgery handles, as (key, Detectron2's default, accepted values, what anything else is).
@@ -394,16 +394,14 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
         return
     from d2build.families import family
 
-    def heads(name: str) -> dict[str, bool]:
-        fam = family(name)
-        return {"MODEL.MASK_ON": fam.with_masks, "MODEL.KEYPOINT_ON": fam.with_keypoints}
-
-    has = {k: bool(get(k, False)) for k in heads(m.family)}
-    if has != heads(m.family):
-        fits = [name for name in FAMILIES_SUPPORTED if heads(name) == has]
+    heads = {name: {"MODEL.MASK_ON": family(name).with_masks, "MODEL.KEYPOINT_ON": family(name).with_keypoints}
+             for name in FAMILIES_SUPPORTED}
+    has = {k: bool(get(k, False)) for k in heads[m.family]}
+    if has != heads[m.family]:
+        fits = [name for name in FAMILIES_SUPPORTED if heads[name] == has]
         # blame whichever of the two the command line changed (the recipe itself is consistent)
         key = "model.family" if ck.where("model.family") != ck.recipe_file else "model.config"
-        needs = "; ".join(f"{name}: " + (", ".join(k for k, on in heads(name).items() if on) or "neither")
+        needs = "; ".join(f"{name}: " + (", ".join(k for k, on in heads[name].items() if on) or "neither")
                           for name in FAMILIES_SUPPORTED)
         ck.add(key, f"model.config {m.config!r} has {', '.join(f'{k}={v}' for k, v in has.items())}, "
                f"which model.family={m.family} does not build (heads per family: {needs})",

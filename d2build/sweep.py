@@ -100,7 +100,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=order)
 
 
-def _load_job(sweep_dir: Path, d: Path) -> tuple[list[str], dict[str, Any] | None]:
+def _load_job(d: Path) -> tuple[list[str], dict[str, Any] | None]:
     rj = d / "run.json"
     if rj.is_file():
         try:
@@ -124,7 +124,7 @@ def _split(override: str) -> tuple[str, str]:
 
 def collect(sweep_dir: Path) -> Summary:
     sweep_dir = Path(sweep_dir)
-    jobs = [(d, *_load_job(sweep_dir, d)) for d in job_dirs(sweep_dir)]
+    jobs = [(d, *_load_job(d)) for d in job_dirs(sweep_dir)]
     keys: list[str] = []
     values: dict[str, set[str]] = {}
     for _, overrides, _ in jobs:
@@ -199,10 +199,11 @@ def columns(summary: Summary) -> list[str]:
 
 def to_csv(summary: Summary) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns(summary), extrasaction="ignore", lineterminator="\n")
+    cols = columns(summary)
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in summary.rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns(summary)})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     return buf.getvalue()
 
 

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
               "  Exit status: 0 all jobs ok, 1 some job failed, 2 no jobs found.",
               file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
-    from d2build.sweep import write_summary
+    from d2build.sweep import to_markdown, write_summary
 
     rc = 0
     for arg in argv:
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
             print(f"d2build summarize: no jobs under {d} (no run.json or .hydra/overrides.yaml found)", file=sys.stderr)
             rc = 2
             continue
-        print((d / "summary.md").read_text())
+        print(to_markdown(summary))
         print("wrote " + ", ".join(str(f) for f in summary.files))
         if summary.failed and rc == 0:
             print(f"d2build summarize: {len(summary.failed)} job(s) failed: {', '.join(summary.failed)}",

@@ -144,7 +144,7 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
     row = {
         "image": photo.name, "detectron2": len(ref), "graph": len(got), "matched": len(m.pairs),
         "recovered": m.recovered, "mean_box_iou": m.mean_box_iou, "mean_mask_iou": m.mean_mask_iou,
-        "max_score_diff": m.max_score_diff, "mean_score_shift": _mean(m.score_diffs),
+        "max_score_diff": m.max_score_diff, "mean_score_shift": m.mean_score_shift,
         "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(t2 - t1, 3),
         "picture": f"pictures/{stem}.png", "match": m.to_dict(),
     }
@@ -161,10 +161,6 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
         return row, None
     detail = "\n".join("    " + line for line in describe_mismatches(m, ref, got, names))
     return row, f"  {photo.name}: " + "; ".join(problems) + ("\n" + detail if detail else "")
-
-
-def _mean(values) -> float:
-    return float(sum(values) / len(values)) if len(values) else 0.0
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
