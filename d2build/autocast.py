@@ -39,7 +39,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from d2build.graph import PLUGIN_DOMAIN, matches
+from d2build import plugins
+from d2build.graph import matches
 
 FP16_COMPUTE = frozenset({"Conv", "ConvTranspose", "Gemm"})
 FP16_WHEN_FED = frozenset({"Relu", "MaxPool", "Resize", "Add"})
@@ -53,9 +54,8 @@ DATA_INPUTS: dict[str, tuple[int, ...]] = {
 }
 
 REASONS = {
-    "plugin_fp32_only": "PyramidROIAlign_TRT accepts FP32 only",
-    "plugin_nms": "EfficientNMS_TRT: box corners up to 2048 px (float16 spacing 1-2 px) and globally "
-                  "sorted scores",
+    "plugin_fp32_only": plugins.PYRAMID_ROI_ALIGN.why_fp32,
+    "plugin_nms": plugins.EFFICIENT_NMS.why_fp32,
     "keep_fp32": "precision.keep_fp32 in the recipe",
     "ranked": "TopK, and what it ranks (objectness logits among 100k+ anchors: float16 ties "
               "change the proposals; also the -1e4 level rows and the deltas that go into exp)",
@@ -121,8 +121,8 @@ def classify(graph: gs.Graph, keep_fp32: Iterable[str] = ()) -> Decision:
         data = [node.inputs[i] for i in _data_inputs(node)]
         if not data and not any(_is_float(o) for o in node.outputs):
             prec[node.name] = "none"  # integer-only (e.g. an index Add): no float precision to decide
-        elif node.domain == PLUGIN_DOMAIN or node.op.endswith("_TRT"):
-            fp32(node, "plugin_nms" if node.op == "EfficientNMS_TRT" else "plugin_fp32_only")
+        elif node.domain == plugins.DOMAIN or node.op in plugins.PLUGINS:
+            fp32(node, "plugin_nms" if node.op == plugins.EFFICIENT_NMS.op else "plugin_fp32_only")
         elif matches(node.op, node.name, keep):
             fp32(node, "keep_fp32")
         elif node.name in ranked or node.op == "TopK":

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-PLUGIN_DOMAIN = "trt.plugins"  # TensorRT's ONNX parser resolves these op types via the plugin registry
+from d2build import plugins
+
 OPSET = 17
 
 
@@ -108,7 +109,7 @@ def io_shapes(model: onnx.ModelProto) -> dict[str, dict[str, list]]:
 def plugin_attributes(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
     out = {}
     for n in model.graph.node:
-        if n.domain == PLUGIN_DOMAIN:
+        if n.domain == plugins.DOMAIN:
             out[n.name] = {"op": n.op_type, **{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}}
             for k, v in out[n.name].items():
                 if isinstance(v, bytes):

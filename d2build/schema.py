@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2build.families import FAMILIES  # noqa: E402 - a dict of names, no torch or Detectron2 import
+from d2build import plugins  # the plugin contract: pure Python
+from d2build.families import FAMILIES  # a dict of names, no torch or Detectron2 import
+from d2build.photos import BUNDLED
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
 # Detectron2 model families users ask for; the ones without a module in d2build/families are
@@ -28,13 +30,7 @@ FAMILIES_KNOWN = (*FAMILIES_SUPPORTED, *(f for f in ("retinanet", "cascade_rcnn"
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 RUNTIME_BACKENDS = ("tensorrt", "reference")
-# EfficientNMS_TRT considers at most this many (box, class) candidates before NMS on
-# desktop/datacenter GPUs; a graph that needs more cannot reproduce Detectron2.
-PLUGIN_PRE_NMS_LIMIT = 5000
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
-BUNDLED_PHOTOS = 6  # len(d2build.photos.BUNDLED), without importing numpy here
-# Below this score threshold EfficientNMS_TRT keeps sub-threshold candidates as output padding.
-DENSE_MODE_BELOW = 0.007
 
 
 @dataclass(frozen=True)
@@ -412,18 +408,18 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
     _in_unit(ck, "surgery.nms.iou_threshold", s.nms.iou_threshold, 0.5)
     _in_unit(ck, "surgery.nms.score_threshold", s.nms.score_threshold, 0.05)
     _in_unit(ck, "surgery.rpn.iou_threshold", s.rpn.iou_threshold, 0.7)
-    if s.nms.score_threshold < DENSE_MODE_BELOW:
-        ck.add("surgery.nms.score_threshold", f"{s.nms.score_threshold} is below {DENSE_MODE_BELOW}, where "
+    if s.nms.score_threshold < plugins.DENSE_MODE_BELOW:
+        ck.add("surgery.nms.score_threshold", f"{s.nms.score_threshold} is below {plugins.DENSE_MODE_BELOW}, where "
                "EfficientNMS_TRT switches to a dense mode that pads its output with sub-threshold boxes",
-               f"use a threshold >= {DENSE_MODE_BELOW} (Detectron2 uses 0.05)")
+               f"use a threshold >= {plugins.DENSE_MODE_BELOW} (Detectron2 uses 0.05)")
     if not 1 <= s.nms.max_detections <= 1000:
         ck.add("surgery.nms.max_detections", f"{s.nms.max_detections} is outside 1..1000", "Detectron2 uses 100")
-    limit = PLUGIN_PRE_NMS_LIMIT // RPN_LEVELS
+    limit = plugins.PRE_NMS_TOPK // RPN_LEVELS
     if not 1 <= s.rpn.pre_nms_topk <= limit:
         ck.add("surgery.rpn.pre_nms_topk", f"{s.rpn.pre_nms_topk} is outside 1..{limit}: {RPN_LEVELS} levels "
-               f"must fit EfficientNMS_TRT's {PLUGIN_PRE_NMS_LIMIT} pre-NMS slots", "Detectron2 uses 1000")
-    if not 1 <= s.rpn.post_nms_topk <= PLUGIN_PRE_NMS_LIMIT:
-        ck.add("surgery.rpn.post_nms_topk", f"{s.rpn.post_nms_topk} is outside 1..{PLUGIN_PRE_NMS_LIMIT}",
+               f"must fit EfficientNMS_TRT's {plugins.PRE_NMS_TOPK} pre-NMS slots", "Detectron2 uses 1000")
+    if not 1 <= s.rpn.post_nms_topk <= plugins.PRE_NMS_TOPK:
+        ck.add("surgery.rpn.post_nms_topk", f"{s.rpn.post_nms_topk} is outside 1..{plugins.PRE_NMS_TOPK}",
                "Detectron2 uses 1000")
 
 
@@ -439,9 +435,9 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("calibration.images", "precision=int8 needs calibration images and none are set",
                "add calibration=bundled, or calibration.images=/path/to/folder", set_by="precision.mode")
     _check_images(ck, "calibration.images", c.images)
-    if c.images == "bundled" and c.count > BUNDLED_PHOTOS:
-        ck.add("calibration.count", f"{c.count} is more than the {BUNDLED_PHOTOS} bundled photographs",
-               f"use calibration.count<={BUNDLED_PHOTOS} or calibration.images=/path/to/folder")
+    if c.images == "bundled" and c.count > len(BUNDLED):
+        ck.add("calibration.count", f"{c.count} is more than the {len(BUNDLED)} bundled photographs",
+               f"use calibration.count<={len(BUNDLED)} or calibration.images=/path/to/folder")
     for i, item in enumerate(r.precision.keep_fp32):
         if not item.strip():
             ck.add(f"precision.keep_fp32[{i}]", "is empty", "name an op type (Softmax), a node name or a "

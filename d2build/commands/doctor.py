@@ -46,8 +46,10 @@ def lines(device: int = 0) -> list[tuple[str, str]]:
 
 
 def _plugins(env) -> str:
+    from d2build.plugins import PLUGINS
+
     if env.tensorrt is None:
-        return "unknown (needs TensorRT): EfficientNMS_TRT and PyramidROIAlign_TRT come from libnvinfer_plugin"
+        return "unknown (needs TensorRT): " + " and ".join(PLUGINS) + " come from libnvinfer_plugin"
     try:
         from d2build import trt
 
@@ -58,7 +60,9 @@ def _plugins(env) -> str:
         registry = t.get_plugin_registry()
         creators = getattr(registry, "all_creators", None) or registry.plugin_creator_list  # 10.x+ / older
         names = {c.name for c in creators}
-        need = ("EfficientNMS_TRT", "PyramidROIAlign_TRT")
+        from d2build.plugins import PLUGINS
+
+        need = tuple(PLUGINS)
         have = [n for n in need if n in names]
         missing = [n for n in need if n not in names]
         return f"found {', '.join(have) or 'none'}" + (f"; MISSING {', '.join(missing)}" if missing else "")

@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from d2build.graph import OPSET, PLUGIN_DOMAIN, Builder, GraphMismatch, find_calls, find_one
+from d2build import plugins
+from d2build.graph import OPSET, Builder, GraphMismatch, find_calls, find_one
 
 BIG = 1.0e4  # a logit no real proposal reaches; rows/columns holding -BIG are never selected
 # EfficientNMS_TRT with score_activation=1 compares logits against logit(score_threshold):
@@ -250,11 +251,9 @@ class RCNNSurgeon:
                 seg[0, lvl * k:(lvl + 1) * k, lvl] = 0
             scores = b.op("Add", [scores, seg], name="rpn_level_slots")
         scores = b.op("Where", [nonempty, scores, np.float32(-BIG)], name="rpn_drop_empty")
-        num, rois, probs, levels_out = b.op("EfficientNMS_TRT", [boxes, scores], {
-            "plugin_version": "1", "background_class": -1, "max_output_boxes": s.rpn_post_nms_topk,
-            "score_threshold": RPN_SCORE_THRESHOLD, "iou_threshold": s.rpn_iou, "score_activation": 1,
-            "class_agnostic": 0, "box_coding": 0,
-        }, outputs=4, name="rpn_nms", domain=PLUGIN_DOMAIN)
+        num, rois, probs, levels_out = plugins.efficient_nms(
+            b, boxes, scores, name="rpn_nms", max_output_boxes=s.rpn_post_nms_topk,
+            score_threshold=RPN_SCORE_THRESHOLD, iou_threshold=s.rpn_iou, score_activation=1)
         self._nms_outputs(num, rois, probs, levels_out, s.rpn_post_nms_topk)
         return probs, rois
 
@@ -308,13 +307,12 @@ class RCNNSurgeon:
     def pyramid_roi_align(self, rois: gs.Variable, count: int, pooler: tuple[int, int], tag: str) -> gs.Variable:
         s = self.spec
         feats = self.features(s.roi_in_features)
-        if len(feats) != 4:
-            raise GraphMismatch(f"PyramidROIAlign_TRT pools 4 levels; ROI_HEADS.IN_FEATURES has {len(feats)}")
-        out = self.b.op("PyramidROIAlign_TRT", [rois, *feats], {
-            "plugin_version": "1", "fpn_scale": s.canonical_box_size, "pooled_size": pooler[0],
-            "image_size": list(s.input_hw), "roi_coords_absolute": 1, "roi_coords_swap": 0,
-            "roi_coords_transform": 2, "sampling_ratio": pooler[1],
-        }, name=f"{tag}_pooler", domain=PLUGIN_DOMAIN)
+        if len(feats) != plugins.ROI_ALIGN_LEVELS:
+            raise GraphMismatch(f"{plugins.PYRAMID_ROI_ALIGN.op} pools {plugins.ROI_ALIGN_LEVELS} levels; "
+                                f"ROI_HEADS.IN_FEATURES has {len(feats)}")
+        out = plugins.pyramid_roi_align(self.b, rois, feats, name=f"{tag}_pooler", pooled_size=pooler[0],
+                                        image_size=s.input_hw, sampling_ratio=pooler[1],
+                                        fpn_scale=s.canonical_box_size)
         channels = feats[0].shape[1] if feats[0].shape else 256
         out.dtype, out.shape = np.float32, [1, count, channels, pooler[0], pooler[0]]
         return out
@@ -341,11 +339,9 @@ class RCNNSurgeon:
                                  _CORNERS_TO_PARAMS], name="proposal_params")
         whwh, ctr = b.op("Split", [params, np.array([4, 4], np.int64)], {"axis": 3}, outputs=2, name="proposal_split")
         boxes = self._decode(deltas, whwh, ctr, "box")
-        outs = b.op("EfficientNMS_TRT", [boxes, probs], {
-            "plugin_version": "1", "background_class": c, "max_output_boxes": s.max_detections,
-            "score_threshold": s.score_threshold, "iou_threshold": s.nms_iou, "score_activation": 0,
-            "class_agnostic": 0, "box_coding": 0,
-        }, outputs=4, name="detection_nms", domain=PLUGIN_DOMAIN)
+        outs = plugins.efficient_nms(b, boxes, probs, name="detection_nms", background_class=c,
+                                     max_output_boxes=s.max_detections, score_threshold=s.score_threshold,
+                                     iou_threshold=s.nms_iou)
         for v, name in zip(outs, ("num_detections", "detection_boxes", "detection_scores", "detection_classes")):
             v.name = name
         self._nms_outputs(*outs, s.max_detections)
@@ -424,7 +420,7 @@ class RCNNSurgeon:
         if left:
             raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")
         g.opset = OPSET
-        g.import_domains = [onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)]
+        g.import_domains = [onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid(plugins.DOMAIN, plugins.DOMAIN_VERSION)]
         model = gs.export_onnx(g)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)

@@ -44,6 +44,7 @@ import onnxruntime as ort
 from onnx import AttributeProto, helper, numpy_helper
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+from .. import plugins as contract
 from .plugins import efficient_nms, pyramid_roi_align
 
 __all__ = [
@@ -60,15 +61,12 @@ __all__ = [
     "register_reference_ops",
 ]
 
-TRT_PLUGIN_DOMAIN = "trt.plugins"
+TRT_PLUGIN_DOMAIN = contract.DOMAIN
 ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
-EFFICIENT_NMS_OP = "EfficientNMS_TRT"
-PYRAMID_ROI_ALIGN_OP = "PyramidROIAlign_TRT"
+EFFICIENT_NMS_OP = contract.EFFICIENT_NMS.op
+PYRAMID_ROI_ALIGN_OP = contract.PYRAMID_ROI_ALIGN.op
 
-#: Attributes consumed by the TensorRT ONNX parser itself (creator lookup), never passed to the plugin.
-_PARSER_ATTRIBUTES = ("plugin_version", "plugin_namespace")
 _NO_ANCHORS = "d2build.reference/no_anchors"
-_REQUIRED = object()
 
 
 class PluginAttributeError(ValueError):
@@ -76,41 +74,31 @@ class PluginAttributeError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Plugin attribute schemas (from the plugin creators' field lists)
+# How each plugin of the contract (d2build/plugins.py) maps onto its reference PyOp
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Field:
-    """One plugin field: ONNX attribute type expected, TensorRT default (or required), value check."""
-
-    name: str
-    kind: str  # "float" (FLOAT), "int" (INT) or "int2" (INTS of length 2)
-    default: Any = _REQUIRED
-    check: Callable[[Any], bool] = lambda _: True
-    expectation: str = ""
-
-    def validate(self, op_type: str, value: Any) -> None:
-        if not self.check(value):
-            raise PluginAttributeError(f"{op_type}: attribute '{self.name}' = {value!r} is invalid; {self.expectation}")
-
-
-_BOOL = {"check": lambda v: v in (0, 1), "expectation": "expected 0 or 1"}
+def _validate(plugin: contract.Plugin, field: contract.Field, value: Any) -> None:
+    if not field.check(value):
+        raise PluginAttributeError(f"{plugin.op}: attribute '{field.name}' = {value!r} is invalid; {field.expectation}")
 
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """How one TensorRT plugin maps onto its reference PyOp."""
+    """A contract plugin plus its PyOp signature and reference computation."""
 
-    op_type: str
-    fields: tuple[Field, ...]
-    num_inputs: tuple[int, ...]
+    plugin: contract.Plugin
     input_types: tuple[int, ...]
     output_types: tuple[int, ...]
     compute: Callable[..., Any]
 
-    def field(self, name: str) -> Field | None:
-        return next((f for f in self.fields if f.name == name), None)
+    @property
+    def op_type(self) -> str:
+        return self.plugin.op
+
+    @property
+    def fields(self) -> tuple[contract.Field, ...]:
+        return self.plugin.fields
 
 
 def _efficient_nms_compute(boxes: np.ndarray, scores: np.ndarray, anchors: np.ndarray, **params: Any) -> tuple:
@@ -124,45 +112,12 @@ def _pyramid_roi_align_compute(rois: np.ndarray, *features: np.ndarray, **params
 
 _F, _I = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32
 
-#: EfficientNMSPluginCreator (efficientNMSPlugin.cpp): six required fields, class_agnostic optional.
-EFFICIENT_NMS = PluginSpec(
-    op_type=EFFICIENT_NMS_OP,
-    fields=(
-        Field("score_threshold", "float", check=lambda v: v >= 0, expectation="TensorRT requires >= 0"),
-        Field("iou_threshold", "float", check=lambda v: v > 0, expectation="TensorRT requires > 0"),
-        Field("max_output_boxes", "int", check=lambda v: v > 0, expectation="TensorRT requires > 0"),
-        Field("background_class", "int"),
-        Field("score_activation", "int", **_BOOL),
-        Field("class_agnostic", "int", default=0, **_BOOL),
-        Field("box_coding", "int", **_BOOL),
-    ),
-    num_inputs=(2, 3),
-    input_types=(_F, _F, _F),
-    output_types=(_I, _F, _F, _I),
-    compute=_efficient_nms_compute,
-)
-
-#: PyramidROIAlignPluginCreator (pyramidROIAlignPlugin.cpp): every field optional, defaults below.
-PYRAMID_ROI_ALIGN = PluginSpec(
-    op_type=PYRAMID_ROI_ALIGN_OP,
-    fields=(
-        Field("fpn_scale", "int", 224, lambda v: v >= 1, "TensorRT requires >= 1"),
-        Field("pooled_size", "int", 7, lambda v: v >= 1, "TensorRT requires >= 1"),
-        Field("image_size", "int2", (1024, 1024), lambda v: min(v) >= 1, "TensorRT requires [H, W] >= 1"),
-        Field("roi_coords_absolute", "int", 1),
-        Field("roi_coords_swap", "int", 0),
-        Field("roi_coords_plusone", "int", 0),
-        Field("roi_coords_transform", "int", 2, lambda v: v in (-1, 0, 1, 2), "expected -1, 0, 1 or 2"),
-        Field("sampling_ratio", "int", 0, lambda v: v >= 0, "TensorRT requires >= 0"),
-        Field("legacy", "int", 0),
-    ),
-    num_inputs=(5,),
-    input_types=(_F,) * 5,
-    output_types=(_F,),
-    compute=_pyramid_roi_align_compute,
-)
-
-PLUGINS: dict[str, PluginSpec] = {spec.op_type: spec for spec in (EFFICIENT_NMS, PYRAMID_ROI_ALIGN)}
+PLUGINS: dict[str, PluginSpec] = {
+    s.op_type: s for s in (
+        PluginSpec(contract.EFFICIENT_NMS, (_F, _F, _F), (_I, _F, _F, _I), _efficient_nms_compute),
+        PluginSpec(contract.PYRAMID_ROI_ALIGN, (_F,) * 5, (_F,), _pyramid_roi_align_compute),
+    )
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +133,7 @@ def _node_label(node: onnx.NodeProto) -> str:
 
 def _parse_parser_attribute(node: onnx.NodeProto, attr: AttributeProto) -> None:
     """``plugin_version`` must name version "1" and ``plugin_namespace`` the default "" namespace."""
-    expected = "1" if attr.name == "plugin_version" else ""
+    expected = contract.PARSER_ATTRIBUTES[attr.name]
     value = helper.get_attribute_value(attr)
     if attr.type != AttributeProto.STRING or value.decode() != expected:
         raise PluginAttributeError(
@@ -187,7 +142,7 @@ def _parse_parser_attribute(node: onnx.NodeProto, attr: AttributeProto) -> None:
         )
 
 
-def _parse_field(node: onnx.NodeProto, field: Field, attr: AttributeProto) -> Any:
+def _parse_field(node: onnx.NodeProto, field: contract.Field, attr: AttributeProto) -> Any:
     if attr.type != _ONNX_KIND[field.kind]:
         got = AttributeProto.AttributeType.Name(attr.type)
         want = AttributeProto.AttributeType.Name(_ONNX_KIND[field.kind])
@@ -213,10 +168,10 @@ def plugin_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     spec = PLUGINS[node.op_type]
     values: dict[str, Any] = {}
     for attr in node.attribute:
-        if attr.name in _PARSER_ATTRIBUTES:
+        if attr.name in contract.PARSER_ATTRIBUTES:
             _parse_parser_attribute(node, attr)
             continue
-        field = spec.field(attr.name)
+        field = spec.plugin.field(attr.name)
         if field is None:
             known = ", ".join(f.name for f in spec.fields)
             raise PluginAttributeError(
@@ -224,7 +179,7 @@ def plugin_attributes(node: onnx.NodeProto) -> dict[str, Any]:
                 f"the plugin reads only: {known}"
             )
         values[field.name] = _parse_field(node, field, attr)
-    missing = [f.name for f in spec.fields if f.default is _REQUIRED and f.name not in values]
+    missing = [f.name for f in spec.fields if f.default is contract.REQUIRED and f.name not in values]
     if missing:
         raise PluginAttributeError(
             f"{_node_label(node)}: missing required attribute(s) {missing}; TensorRT's creator rejects the node"
@@ -237,11 +192,11 @@ def plugin_attributes(node: onnx.NodeProto) -> dict[str, Any]:
         )
     for field in spec.fields:
         values.setdefault(field.name, field.default)
-        field.validate(node.op_type, values[field.name])
+        _validate(spec.plugin, field, values[field.name])
     return values
 
 
-def _encode(field: Field, value: Any) -> AttributeProto:
+def _encode(field: contract.Field, value: Any) -> AttributeProto:
     """Canonical lowered attribute: ints stay INT, floats and int lists become exact STRINGs."""
     if field.kind == "float":
         return helper.make_attribute(field.name, repr(value))
@@ -369,10 +324,10 @@ def _check_unsupported(model: onnx.ModelProto) -> None:
 
 def _lower_node(node: onnx.NodeProto, model: onnx.ModelProto) -> None:
     spec = PLUGINS[node.op_type]
-    if len(node.input) not in spec.num_inputs:
+    if len(node.input) not in spec.plugin.num_inputs:
         raise PluginAttributeError(
             f"{_node_label(node)} has {len(node.input)} inputs; the plugin takes "
-            f"{' or '.join(map(str, spec.num_inputs))}"
+            f"{' or '.join(map(str, spec.plugin.num_inputs))}"
         )
     if len(node.output) != len(spec.output_types):
         raise PluginAttributeError(

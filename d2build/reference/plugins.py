@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .. import plugins as contract
+
 __all__ = [
     "DEFAULT_PRE_NMS_TOPK",
     "efficient_nms",
@@ -38,12 +40,12 @@ _F32 = np.float32
 
 #: ``EfficientNMSParameters::numSelectedBoxes`` is 4096 in the header, but ``EfficientNMSPlugin::initialize()``
 #: sets it to 5000 on every GPU with >= 64K registers per block (all desktop/datacenter GPUs; 2000 on TX1/TX2).
-DEFAULT_PRE_NMS_TOPK = 5000
+DEFAULT_PRE_NMS_TOPK = contract.PRE_NMS_TOPK
 
 #: ``EfficientNMSFilterLauncher`` switches to the dense kernel below this (probability-space) threshold.
-_DENSE_KERNEL_THRESHOLD = _F32(0.007)
+_DENSE_KERNEL_THRESHOLD = _F32(contract.DENSE_MODE_BELOW)
 #: Score the dense kernel writes over below-threshold and background entries: ``-(1 << 15)``.
-_DENSE_FILL_SCORE = _F32(-(1 << 15))
+_DENSE_FILL_SCORE = _F32(contract.DENSE_FILL_SCORE)
 
 
 def _logit32(p: np.float32) -> np.float32:
@@ -327,7 +329,7 @@ def efficient_nms(
 # --------------------------------------------------------------------------------------------------
 
 #: ``MaskRCNNConfig::IMAGE_SHAPE`` (plugin/common/mrcnn_config.h); only used by ``legacy=1``.
-_LEGACY_IMAGE_SIZE = (1024, 1024)
+_LEGACY_IMAGE_SIZE = contract.ROI_ALIGN_LEGACY_IMAGE_SIZE
 _VALID_TRANSFORMS = (-1, 0, 1, 2)
 
 
