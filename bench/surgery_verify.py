@@ -46,7 +46,7 @@ def main() -> None:
     from d2build.processing import letterbox
     from d2build.reference import ReferenceSession
     from d2build.runner import execute, plan
-    from d2build.stages.base import Progress
+    from d2build.stages.base import Context
     from d2build.stages.surgery import SurgeryStage
     from d2build.stages.weights import load_state
 
@@ -62,7 +62,7 @@ def main() -> None:
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            SurgeryStage().run(surgery.material["config"], {"export": arts["export"]}, Path(tmp), Progress("surgery"))
+            SurgeryStage().run(surgery.material["config"], {"export": arts["export"]}, Path(tmp), Context("surgery"))
             seconds.append(time.perf_counter() - t0)
     export_nodes = len(onnx.load(str(arts["export"].path("model.onnx")), load_external_data=False).graph.node)
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))

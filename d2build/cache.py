@@ -76,10 +76,26 @@ class Cache:
 
     # ---------------------------------------------------------------- reading
 
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        """The per-key lock every builder (and `cache gc`) of this entry takes."""
+        return FileLock(str(self.stage_dir(stage) / f".{key}.lock"))
+
+    def gpu_lock(self, identity: str) -> FileLock:
+        """The lock GPU jobs (engine builds, benchmarks) of every process using this cache take per GPU."""
+        self._mkdir(self.root)
+        return FileLock(str(self.root / f".gpu-{identity}.lock"))
+
     def lookup(self, stage: str, key: str) -> Artifact | None:
         """The published entry if present and intact; None if absent or if any digest differs."""
         d = self.entry_dir(stage, key)
-        return self._hit(stage, key, d) if self._check(d) is None else None
+        return self._hit(stage, key, d) if self.check(stage, key) is None else None
+
+    def check(self, stage: str, key: str) -> str | None:
+        """None when the entry is published and every file matches its digest; else what is wrong."""
+        return self._check(self.entry_dir(stage, key))
 
     @staticmethod
     def _hit(stage: str, key: str, d: Path) -> Artifact:
@@ -125,9 +141,9 @@ class Cache:
         hit = self.lookup(stage, key)
         if hit is not None:
             return hit, "hit"
-        stage_dir = self.root / stage
+        stage_dir = self.stage_dir(stage)
         self._mkdir(stage_dir)
-        lock = FileLock(str(stage_dir / f".{key}.lock"))
+        lock = self.lock(stage, key)
         try:  # `lock.is_locked` only says whether *this* object holds it: try once to see who does
             held = lock.acquire(blocking=False)
         except Timeout:
@@ -243,6 +259,94 @@ class Cache:
         if limit != resource.RLIM_INFINITY and any(p.is_file() and p.stat().st_size >= limit for p in tmp.rglob("*")):
             return _cache_error(stage_dir, OSError(errno.EFBIG, os.strerror(errno.EFBIG)), "could not take the build")
         return None
+
+    # ---------------------------------------------------------------- listing and removing
+
+    def entries(self, stage: str | None = None, check: bool = False) -> list["Entry"]:
+        """Published entries (optionally of one stage); `check` re-hashes every file (slow)."""
+        out: list[Entry] = []
+        if not self.root.is_dir():
+            return out
+        for sd in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if stage and sd.name != stage:
+                continue
+            for d in sorted(p for p in sd.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                mf = d / MANIFEST
+                created, state, used = "-", "ok", None
+                try:
+                    used = mf.stat().st_mtime
+                    created = json.loads(mf.read_text()).get("created", "-")
+                except FileNotFoundError:
+                    state = "no manifest"
+                except (OSError, ValueError, AttributeError):
+                    state = "unreadable manifest"
+                if check and state == "ok":
+                    state = self._check(d) or "ok"
+                out.append(Entry(sd.name, d.name, d, dir_size(d), created,
+                                 used if used is not None else d.stat().st_mtime, state))
+        return out
+
+    def leftovers(self) -> list["Leftover"]:
+        """Temp folders of killed builds (`.tmp-<key>-*`) and of interrupted removals (`.trash-*`)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for sd in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for p in sorted(sd.iterdir()):
+                if p.is_dir() and p.name.startswith((".tmp-", ".trash-")):
+                    kind, _, rest = p.name[1:].partition("-")
+                    out.append(Leftover(sd.name, rest.split("-", 1)[0], p, kind))
+        return out
+
+    def remove(self, stage: str, key: str, paths: list[Path] | None = None) -> bool:
+        """Remove an entry (or given temp folders of its key) under the key's lock, renaming each aside
+        first so a concurrent reader sees it whole or not at all; False when the lock is held."""
+        stage_dir = self.stage_dir(stage)
+        lock = self.lock(stage, key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            for p in paths if paths is not None else [self.entry_dir(stage, key)]:
+                if not p.exists():
+                    continue
+                trash = stage_dir / f".trash-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(p, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            lock.release()
+        return True
+
+
+@dataclass(frozen=True)
+class Entry:
+    stage: str
+    key: str
+    dir: Path
+    size: int
+    created: str
+    last_used: float  # epoch seconds: the last build or hit (a hit refreshes the manifest's mtime)
+    state: str  # ok | no manifest | unreadable manifest | (checked) what fails the digest check
+
+
+@dataclass(frozen=True)
+class Leftover:
+    stage: str
+    key: str
+    dir: Path
+    kind: str  # tmp (a killed build) | trash (an interrupted removal)
+
+
+def dir_size(d: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}

@@ -8,15 +8,15 @@ about a second.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 USAGE = """\
-usage: d2build [run] [-m] [--until STAGE] [KEY=VALUE ...]
+usage: d2build [run] [-m] [-v] [--until STAGE] [KEY=VALUE ...]
                                            compose a recipe and run weights -> export -> surgery
                                            -> [calibration] -> precision -> verify -> build
-                                           (--until: stop after STAGE and what it needs)
+                                           (--until: stop after STAGE and what it needs, i.e.
+                                           run.until=STAGE; -v: keep third-party warnings on)
        d2build COMMAND ...                 a sub-command (listed below)
        python -m d2build ...               same as d2build
 
@@ -37,20 +37,19 @@ Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache
 """
 
 log = logging.getLogger("d2build")
-_failed_jobs: list[str] = []
-_until: str | None = None
-# --until reaches jobs that run in other processes (joblib, submitit launchers) through the environment
-UNTIL_ENV = "D2BUILD_UNTIL"
+_failed_jobs: list[str] = []  # jobs of this process that failed (jobs of other processes: the sweep summary)
 
 
 def _job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from d2build import console
     from d2build.commands._common import print_problems
     from d2build.compose import recipe_from_hydra
     from d2build.runner import execute
     from d2build.schema import RecipeError
 
+    console.configure(bool(cfg.get("run", {}).get("verbose", False)))
     try:
         recipe = recipe_from_hydra(cfg)
     except RecipeError as e:
@@ -58,7 +57,7 @@ def _job(cfg) -> None:
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    results = execute(recipe, run_dir, list(hc.overrides.task), until=_until or os.environ.get(UNTIL_ENV) or None)
+    results = execute(recipe, run_dir, list(hc.overrides.task))
     failed = [r.name for r in results if r.status == "failed"]
     for r in results:
         if r.status == "failed":
@@ -76,19 +75,13 @@ def run(argv: list[str]) -> int:
 
     register_plugins()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)
-    saved, saved_until = sys.argv, os.environ.get(UNTIL_ENV)
+    saved = sys.argv  # hydra.main reads its arguments from sys.argv only
     sys.argv = [saved[0] if saved else "d2build", *argv]
-    if _until:
-        os.environ[UNTIL_ENV] = _until
-    del sweep.LAST[:]
+    del sweep.LAST[:], _failed_jobs[:]
     try:
         app()
     finally:
         sys.argv = saved
-        if saved_until is None:
-            os.environ.pop(UNTIL_ENV, None)
-        else:
-            os.environ[UNTIL_ENV] = saved_until
     # jobs run by other processes (joblib, submitit) report failures through the sweep summary
     return 1 if _failed_jobs or any(s.failed for s in sweep.LAST) else 0
 
@@ -104,15 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         return commands.dispatch(argv[0], argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
+    from d2build import console
+
+    if "-v" in argv or "--verbose" in argv:  # -v is d2build's; Hydra's own is --verbose=LOGGER
+        argv = [a for a in argv if a not in ("-v", "--verbose")] + ["run.verbose=true"]
+    console.configure("run.verbose=true" in argv)
     if "--until" in argv:
-        global _until
         i = argv.index("--until")
         if i + 1 >= len(argv):
-            print("d2build: --until needs a stage name (weights, export, surgery, calibration, precision, verify, "
-                  "build)", file=sys.stderr)
+            from d2build.pipeline import STAGES
+
+            print(f"d2build: --until needs a stage name ({', '.join(STAGES)})", file=sys.stderr)
             return 2
-        _until = argv[i + 1]
-        del argv[i:i + 2]
+        argv = argv[:i] + argv[i + 2:] + [f"run.until={argv[i + 1]}"]
     return run(argv)
 
 

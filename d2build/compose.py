@@ -9,8 +9,10 @@ as the compose API used by `plan` and `validate`.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import os
+import re
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -21,7 +23,7 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
-from d2build.schema import Recipe, parse_recipe
+from d2build.schema import Problem, Recipe, RecipeError, parse_recipe
 
 RECIPE_GROUP = "recipe"
 _PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -157,15 +159,88 @@ def recipe_from_hydra(cfg: DictConfig) -> Recipe:
 
 
 def compose(overrides: list[str]) -> Recipe:
-    """Compose without running a job (plan, validate, tests); raises RecipeError or Hydra's errors."""
+    """The one composition every command but a run uses (a run's Hydra app composes the same tree):
+    Hydra's compose API with the recipe search path, `${hydra:...}` resolvable as in a run, then the
+    schema. Any problem -- Hydra's (an unknown group option, a bad defaults list), an interpolation
+    that does not resolve, the schema's -- is raised as a RecipeError naming the file and key."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register_plugins()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-        choice = cfg.hydra.runtime.choices.get(RECIPE_GROUP, "?")
-        tree = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(tree, dict)
-    tree.pop("hydra", None)
+    picked = _override_map(overrides).get(RECIPE_GROUP)
+    source = str(list_recipes().get(picked, "command line")) if picked else "command line"
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # so ${hydra:...} resolves as in a run
+            choice = cfg.hydra.runtime.choices.get(RECIPE_GROUP, "?")
+            source = str(list_recipes().get(choice, source))
+            tree: dict[str, Any] = {}
+            for k in cfg:
+                if k == "hydra":
+                    continue
+                try:
+                    node = cfg[k]
+                    tree[str(k)] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+                except OmegaConfBaseException as e:
+                    key = getattr(e, "full_key", None) or str(k)
+                    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+                    raise RecipeError([Problem(_display(source), key, f"cannot be resolved ({msg})",
+                                               "point the interpolation ${...} at a key that exists, or write "
+                                               "the value")]) from None
+    except HydraException as e:
+        raise RecipeError([hydra_problem(_display(source), e)]) from None
+    except OmegaConfBaseException as e:
+        raise RecipeError([Problem(_display(source), getattr(e, "full_key", None) or "(config)",
+                                   str(e).splitlines()[0], "fix the value")]) from None
     return recipe_from_tree(tree, choice, list(overrides))
+
+
+def _display(path: str) -> str:
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return rel if not rel.startswith("..") else path
+
+
+def _groups() -> list[str]:
+    return sorted([p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+                  + [RECIPE_GROUP])
+
+
+def _config_keys() -> list[str]:
+    from d2build.schema import conf_default
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix]
+        return [k for name, v in node.items() if name != "defaults"
+                for k in walk(v, f"{prefix}.{name}" if prefix else str(name))]
+
+    return walk({k: v for k, v in conf_default("").items() if k != "hydra"}, "")
+
+
+def hydra_problem(src: str, e: Exception) -> Problem:
+    """Hydra's composition error as one Problem: which group or option, and what exists."""
+    text = str(e)
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return Problem(src, group, f"there is no {group} option {option!r}",
+                       f"use one of: {', '.join(options)}" if options else f"check conf/{group}/")
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and ("To append to your config" in text or "is not in struct" in str(e.__cause__)):  # an unknown key
+        key = m.group(1)
+        near = difflib.get_close_matches(key, _config_keys(), n=1)
+        return Problem(src, key, "unknown key", (f"did you mean {near[0]}? " if near else "")
+                       + f"(a new key would be +{key}=..., but no stage reads it)")
+    if m:
+        group = m.group(1)
+        near = difflib.get_close_matches(group, _groups(), n=1)
+        fix = f"did you mean `override /{near[0]}`?" if near else f"groups: {', '.join(_groups())}"
+        return Problem(src, group, "no such group in the defaults list", fix)
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return Problem(src, "defaults", f"Hydra cannot compose it ({first})",
+                   "check the recipe's defaults list (`- override /GROUP: OPTION`)")

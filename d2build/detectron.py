@@ -234,3 +234,59 @@ def _rescale_outputs(model, layer, image_chw, target_std: float) -> None:
     with torch.no_grad():
         layer.weight.mul_(target_std / std)
         layer.bias.mul_(target_std / std)
+
+
+# ---------------------------------------------------------------- what the model is (names, sizes)
+
+def dataset_metadata(cfg) -> dict[str, Any]:
+    """Class and keypoint names and keypoint limbs Detectron2's dataset metadata knows for this config
+    (the test datasets first, then the training ones); empty where none is registered."""
+    from detectron2.data import MetadataCatalog
+
+    found: dict[str, Any] = {}
+    for ds in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]:
+        meta = MetadataCatalog.get(ds)
+        for key in ("thing_classes", "keypoint_names", "keypoint_connection_rules"):
+            value = meta.get(key, None)
+            if value and key not in found:
+                found[key] = list(value)
+    return found
+
+
+def model_info(model: dict[str, Any], cfg=None):
+    """The runtime's ModelInfo for a recipe's `model` section (as a dict): the recipe's names first,
+    then Detectron2's dataset metadata, then (keypoints only) COCO's person keypoints when the model
+    has 17. `cfg`: the Detectron2 config when the caller has it loaded already."""
+    from types import SimpleNamespace
+
+    from d2build.families import family
+    from d2build.families.keypoint_rcnn import COCO_KEYPOINT_NAMES, COCO_SKELETON
+    from d2build.runtime import ModelInfo
+
+    m = SimpleNamespace(**{"class_names": None, "keypoint_names": None, "keypoint_skeleton": None, **model})
+    cfg = cfg if cfg is not None else load_cfg(m.config)
+    fam = family(m.family)
+    meta = dataset_metadata(cfg)
+    names = m.class_names or meta.get("thing_classes")
+    num_classes = fam.num_classes(cfg)
+    if names is not None and len(names) != num_classes:
+        names = None  # a dataset registered under the config's name with other classes: not this model's
+    kp_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
+    if fam.with_keypoints:
+        k = int(cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS)
+        kp_names = tuple(m.keypoint_names or meta.get("keypoint_names") or
+                         (COCO_KEYPOINT_NAMES if k == 17 else [f"keypoint{i}" for i in range(k)]))
+        index = {n: i for i, n in enumerate(kp_names)}
+        if m.keypoint_skeleton:
+            skeleton = tuple((index[a], index[b]) for a, b in m.keypoint_skeleton)
+        elif meta.get("keypoint_connection_rules"):
+            skeleton = tuple((index[a], index[b]) for a, b, *_ in meta["keypoint_connection_rules"]
+                             if a in index and b in index)
+        elif k == 17:
+            skeleton = COCO_SKELETON
+    return ModelInfo(
+        family=m.family, input_hw=tuple(m.input), pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
+        num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
+        keypoint_skeleton=skeleton, input_format="BGR",
+        pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD))

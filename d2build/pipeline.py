@@ -9,6 +9,10 @@ if TYPE_CHECKING:
     from d2build.stages.base import Stage
 
 
+#: Every stage a recipe can run, in order (the schema checks `run.until` against it).
+STAGES = ("weights", "export", "surgery", "calibration", "precision", "verify", "build")
+
+
 def pipeline_for(recipe: "Recipe") -> list["Stage"]:
     """weights -> export -> surgery -> [calibration, int8 only] -> precision -> verify -> build.
 
@@ -25,5 +29,7 @@ def pipeline_for(recipe: "Recipe") -> list["Stage"]:
 
     mode = recipe.precision.mode
     calibration = [CalibrationStage()] if mode == "int8" else []
-    return [WeightsStage(), ExportStage(), SurgeryStage(), *calibration, PrecisionStage(mode), VerifyStage(),
-            BuildStage(recipe.build.device)]
+    stages = [WeightsStage(), ExportStage(), SurgeryStage(), *calibration, PrecisionStage(mode), VerifyStage(),
+              BuildStage(recipe.build.device)]
+    assert all(s.name in STAGES for s in stages)
+    return stages

@@ -14,7 +14,7 @@ from typing import Any
 from d2build.cache import Artifact, Cache, CacheError, make_key
 from d2build.pipeline import pipeline_for
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed
 
 log = logging.getLogger("d2build")
 
@@ -73,7 +73,9 @@ def format_plan(planned: list[PlannedStage]) -> str:
 
 
 def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | None = None) -> list[StageResult]:
-    """Run the DAG (or the part of it that `until` needs); write run.json; return per-stage results."""
+    """Run the DAG (or the part of it that `until`, default `run.until`, needs); write run.json; return
+    per-stage results. One console line per stage, and a last line saying what was built, reused, skipped."""
+    until = until or recipe.run.until
     cache = Cache(recipe.cache.dir)
     results: list[StageResult] = []
     artifacts: dict[str, Artifact] = {}
@@ -86,14 +88,42 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
         else:
             res = _run_one(p, cache, artifacts, run_dir)
         results.append(res)
-        line = f"{res.name:<11} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
-        if res.dir:
-            line += f"  {res.dir}"
-        if res.reason:
-            line += f"  ({res.reason})"
-        (log.error if res.status == "failed" else log.info)(line)
+        (log.error if res.status == "failed" else log.info)(stage_line(p.stage, res))
         _write_run_json(run_dir, recipe, overrides, results)
+    log.info("d2build: %s", outcome_line(results))
     return results
+
+
+def stage_line(stage: Stage, res: StageResult) -> str:
+    line = f"{res.name:<11} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
+    said = stage.describe(res.info, Path(res.dir)) if res.dir and res.status in ("built", "hit") else None
+    if said:
+        line += f"  {said}"
+    elif res.dir and res.status != "failed":
+        line += f"  {res.dir}"
+    if res.reason:
+        first = res.reason.splitlines()[0]
+        where = f"; evidence in {res.dir}" if res.status == "failed" and res.dir else ""
+        line += f"  ({first}{where})"
+    return line
+
+
+def outcome_line(results: list[StageResult]) -> str:
+    """What a run did, in one line: built, reused, skipped (and why), failed."""
+    def names(status: str) -> list[str]:
+        return [r.name for r in results if r.status == status]
+
+    parts = [f"built {', '.join(names('built')) or 'nothing'}", f"reused {', '.join(names('hit')) or 'nothing'}"]
+    skipped = [r for r in results if r.status == "skipped"]
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for r in skipped:
+            reasons.setdefault((r.reason or "").split(":")[0], []).append(r.name)
+        parts.append("skipped " + "; ".join(f"{', '.join(n)} ({why})" for why, n in reasons.items()))
+    failed = names("failed")
+    if failed:
+        parts.append(f"FAILED {', '.join(failed)}")
+    return "; ".join(parts)
 
 
 def _ancestors(planned: list[PlannedStage], until: str) -> set[str]:
@@ -117,11 +147,11 @@ def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_
         return StageResult(p.name, p.key, "skipped", 0.0, reason=p.skip)
     t0 = time.monotonic()
     inputs = {n: artifacts[n] for n in p.needs}
-    progress = Progress(p.name)
+    ctx = Context(p.name, cache)
 
     def build(out_dir: Path) -> dict[str, Any]:
         log.info("%s: building %s", p.name, p.key[:12])
-        return p.stage.run(p.material["config"], inputs, out_dir, progress)
+        return p.stage.run(p.material["config"], inputs, out_dir, ctx)
 
     def waiting() -> None:
         log.info("%s: another process is building %s; waiting for it", p.name, p.key[:12])

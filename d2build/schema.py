@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import re
 import types
@@ -29,7 +30,7 @@ FAMILIES_KNOWN = (*FAMILIES_SUPPORTED, *(f for f in ("retinanet", "cascade_rcnn"
                                        if f not in FAMILIES_SUPPORTED))
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-RUNTIME_BACKENDS = ("tensorrt", "reference")
+from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # noqa: E402 - numpy only
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
 
 
@@ -39,7 +40,10 @@ class ModelConfig:
     config: str
     weights: str
     input: tuple[int, int]
-    seed: int = 0
+    seed: int
+    class_names: tuple[str, ...] | None  # None: from Detectron2's dataset metadata
+    keypoint_names: tuple[str, ...] | None  # keypoint families; None: metadata, or COCO's 17
+    keypoint_skeleton: tuple[tuple[str, str], ...] | None  # limbs as pairs of keypoint names
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class SurgeryConfig:
 @dataclass(frozen=True)
 class PrecisionConfig:
     mode: str
-    keep_fp32: tuple[str, ...] = ()
+    keep_fp32: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -81,18 +85,18 @@ class BuildConfig:
     workspace_gib: float
     optimization_level: int
     required: bool
-    device: int = 0  # CUDA device index the engine is built for (and whose lock is taken)
+    device: int  # CUDA device index the engine is built for (and whose lock is taken)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
 
-    backend: str = "tensorrt"  # tensorrt (the built engine) | reference (the precision graph on CPU)
-    warmup: int = 10
-    iterations: int = 100
-    cuda_graph: bool = False
-    score_threshold: float = 0.5  # infer: detections drawn in pictures (all are written to JSON)
+    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph on CPU)
+    warmup: int
+    iterations: int
+    cuda_graph: bool
+    score_threshold: float  # infer: detections drawn in pictures (all are written to JSON)
 
 
 @dataclass(frozen=True)
@@ -104,13 +108,21 @@ class VerifyConfig:
     min_recovered: float
     min_mask_iou: float
     min_detections: int
-    keypoint_median_px: float = 1.0
-    keypoint_p95_px: float = 3.0
+    keypoint_median_px: float
+    keypoint_p95_px: float
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     dir: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """This run only; never part of a cache key."""
+
+    until: str | None  # stop after this stage and what it needs (`--until STAGE`)
+    verbose: bool  # `-v`: third-party warnings and notices stay on
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,8 @@ class Recipe:
     build: BuildConfig
     verify: VerifyConfig
     cache: CacheConfig
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: RuntimeConfig
+    run: RunConfig
     name: str = "?"  # recipe name (the `recipe` group choice)
     source: str = "?"  # the recipe file, for messages
 
@@ -446,14 +459,17 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     if rt.backend not in RUNTIME_BACKENDS:
         ck.add("runtime.backend", f"unknown backend {rt.backend!r}", f"use runtime.backend={'|'.join(RUNTIME_BACKENDS)}")
     if rt.warmup < 0:
-        ck.add("runtime.warmup", f"{rt.warmup} is negative", "use runtime.warmup >= 0 (default 10)")
+        ck.add("runtime.warmup", f"{rt.warmup} is negative",
+               f"use runtime.warmup >= 0 (default {conf_default('runtime.warmup')})")
     if rt.iterations < 1:
-        ck.add("runtime.iterations", f"{rt.iterations} measures nothing", "use runtime.iterations >= 1 (default 100)")
-    _in_unit(ck, "runtime.score_threshold", rt.score_threshold, 0.5, "the default is")
+        ck.add("runtime.iterations", f"{rt.iterations} measures nothing",
+               f"use runtime.iterations >= 1 (default {conf_default('runtime.iterations')})")
+    _in_unit(ck, "runtime.score_threshold", rt.score_threshold, conf_default("runtime.score_threshold"),
+             "the default is")
     v = r.verify
     _check_images(ck, "verify.images", v.images)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
-        _in_unit(ck, f"verify.{key}", getattr(v, key), getattr(_VERIFY_DEFAULTS, key), "the default is")
+        _in_unit(ck, f"verify.{key}", getattr(v, key), conf_default(f"verify.{key}"), "the default is")
     if v.count < 1:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")
     if v.min_detections < 1:
@@ -461,7 +477,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     for key in ("keypoint_median_px", "keypoint_p95_px"):
         if getattr(v, key) < 0:
             ck.add(f"verify.{key}", f"{getattr(v, key)} is negative", f"use a distance >= 0 px (default "
-                   f"{getattr(_VERIFY_DEFAULTS, key)})")
+                   f"{conf_default(f'verify.{key}')})")
     b = r.build
     if b.batch_size != 1:
         ck.add("build.batch_size", f"{b.batch_size}: only batch size 1 is supported so far", "use build.batch_size=1")
@@ -471,6 +487,15 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("build.optimization_level", f"{b.optimization_level} is outside 0..5", "TensorRT's default is 3")
     if b.device < 0:
         ck.add("build.device", f"{b.device} is negative", "use a CUDA device index, e.g. build.device=0")
+    from d2build.pipeline import STAGES
+
+    if r.run.until is not None and r.run.until not in STAGES:
+        near = difflib.get_close_matches(r.run.until, STAGES, n=1)
+        ck.add("run.until", f"no stage named {r.run.until!r}", (f"did you mean {near[0]}? " if near else "")
+               + f"stages: {', '.join(STAGES)}")
+    elif r.run.until == "calibration" and r.precision.mode != "int8":
+        ck.add("run.until", "calibration runs only at precision=int8", "add precision=int8 calibration=bundled, "
+               "or stop at another stage", set_by="run.until")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
 
@@ -483,7 +508,21 @@ def _check_images(ck: _Checker, key: str, images: str | None) -> None:
         ck.add(key, f"{images!r} is not `bundled` or an existing folder", f"set {key}=bundled or a folder of images")
 
 
-_VERIFY_DEFAULTS = VerifyConfig("bundled", 3, 0.98, 0.01, 0.99, 0.95, 1)
+def conf_default(key: str) -> Any:
+    """A default as conf/config.yaml writes it (for hints; never retyped here)."""
+    from d2build.compose import conf_dir
+
+    node: Any = _conf_tree(str(conf_dir() / "config.yaml"))
+    for part in key.split(".") if key else ():
+        node = node[part]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _conf_tree(path: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
 
 
 def parse_recipe(tree: dict[str, Any], *, name: str = "?", source: str = "?",

@@ -241,7 +241,7 @@ def _draw_background(rng: np.random.Generator, bg: dict, h: int, w: int) -> np.n
     top = coarse[iy][:, ix] * (1 - wx) + coarse[iy][:, ix + 1] * wx
     bot = coarse[iy + 1][:, ix] * (1 - wx) + coarse[iy + 1][:, ix + 1] * wx
     img = img + top * (1 - wy) + bot * wy
-    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img = np.ascontiguousarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
     # distractors: a few thin straight lines
     for _ in range(int(rng.integers(2, 7))):
         p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))

@@ -168,24 +168,14 @@ def _blend_masks(
         region[crop & ~interior] = color
 
 
-# COCO person keypoints (Detectron2's order): 0 nose, 1/2 eyes, 3/4 ears, 5/6 shoulders, 7/8 elbows,
-# 9/10 wrists, 11/12 hips, 13/14 knees, 15/16 ankles (left, right). Limbs as Detectron2 connects them.
-COCO_SKELETON: tuple[tuple[int, int], ...] = (
-    (3, 1), (4, 2), (1, 0), (0, 2), (5, 6), (5, 7), (6, 8), (7, 9), (8, 10),
-    (11, 12), (11, 13), (12, 14), (13, 15), (14, 16), (5, 11), (6, 12),
-)
 #: Keypoints scored at or below this are not drawn (Detectron2's Visualizer uses the same 0.05).
 KEYPOINT_THRESHOLD = 0.05
-_LIMB_COLORS = {"left": (255, 140, 0), "right": (0, 170, 255), "centre": (60, 220, 60)}
+_LIMB_PALETTE = ((255, 140, 0), (0, 170, 255), (60, 220, 60), (255, 220, 0), (170, 110, 255))
 
 
-def _limb_color(a: int, b: int) -> tuple[int, int, int]:
-    sides = {("left" if k % 2 else "right") if k else "centre" for k in (a, b)}
-    return _LIMB_COLORS[sides.pop()] if len(sides) == 1 else _LIMB_COLORS["centre"]
-
-
-def _draw_keypoints(draw: ImageDraw.ImageDraw, det: Detections, marked: set[int], line_w: int) -> None:
-    """Skeletons (COCO limbs when there are 17 keypoints) and keypoint dots, lowest score first.
+def _draw_keypoints(draw: ImageDraw.ImageDraw, det: Detections, marked: set[int], line_w: int,
+                    skeleton: Sequence[tuple[int, int]]) -> None:
+    """Skeletons (limbs as keypoint index pairs) and keypoint dots, lowest score first.
 
     Only keypoints scored above ``KEYPOINT_THRESHOLD`` are drawn; limbs of unmatched detections
     are drawn in ``HIGHLIGHT_COLOR``.
@@ -193,13 +183,13 @@ def _draw_keypoints(draw: ImageDraw.ImageDraw, det: Detections, marked: set[int]
     if det.keypoints is None or len(det) == 0:
         return
     kps = det.keypoints
-    limbs = COCO_SKELETON if kps.shape[1] == 17 else ()
+    limbs = [(a, b) for a, b in skeleton if a < kps.shape[1] and b < kps.shape[1]]
     radius = max(2, line_w)
     for k in np.argsort(det.scores, kind="stable"):
         visible = kps[k, :, 2] > KEYPOINT_THRESHOLD
-        for a, b in limbs:
+        for i, (a, b) in enumerate(limbs):
             if visible[a] and visible[b]:
-                color = HIGHLIGHT_COLOR if k in marked else _limb_color(a, b)
+                color = HIGHLIGHT_COLOR if k in marked else _LIMB_PALETTE[i % len(_LIMB_PALETTE)]
                 draw.line([tuple(kps[k, a, :2]), tuple(kps[k, b, :2])], fill=color, width=line_w)
         for x, y in kps[k, visible, :2]:
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(255, 255, 255),
@@ -214,12 +204,13 @@ def draw_detections(
     *,
     highlight: Iterable[int] | None = None,
     mask_alpha: float = 0.45,
+    skeleton: Sequence[tuple[int, int]] = (),
 ) -> Image.Image:
     """Render detections over their image.
 
     Boxes and "class score" labels in a per-class colour, masks as
     translucent overlays with solid outlines, keypoints (when ``det.keypoints``
-    is set) as dots joined by the COCO skeleton.  Detections whose index is in
+    is set) as dots joined by the limbs of ``skeleton`` (keypoint index pairs).  Detections whose index is in
     ``highlight`` are drawn in ``HIGHLIGHT_COLOR`` with a thicker, white-edged
     box and an "unmatched" label, so they stand out from any class colour.
 
@@ -242,7 +233,7 @@ def draw_detections(
     line_w, font_size = _sizes(h, w)
     font = _font(font_size)
     draw = ImageDraw.Draw(canvas)
-    _draw_keypoints(draw, det, marked, line_w)
+    _draw_keypoints(draw, det, marked, line_w, skeleton)
     # Highest score drawn last so its label is on top; highlighted ones above all.
     order = sorted(range(len(det)), key=lambda k: (k in marked, float(det.scores[k])))
     for k in order:
@@ -305,6 +296,7 @@ def side_by_side(
     titles: tuple[str, str] = ("Detectron2", "TensorRT-ready graph"),
     path: str | PathLike[str] | None = None,
     highlight: MatchResult | None = None,
+    skeleton: Sequence[tuple[int, int]] = (),
 ) -> Image.Image:
     """Two panels (``left`` = reference, ``right`` = graph) and a caption; saved as PNG at ``path``.
 
@@ -314,8 +306,9 @@ def side_by_side(
     """
     marked_left = highlight.unmatched_ref if highlight is not None else None
     marked_right = highlight.unmatched_got if highlight is not None else None
-    panel_l = draw_detections(image_bgr, left, class_names, title=titles[0], highlight=marked_left)
-    panel_r = draw_detections(image_bgr, right, class_names, title=titles[1], highlight=marked_right)
+    panel_l = draw_detections(image_bgr, left, class_names, title=titles[0], highlight=marked_left, skeleton=skeleton)
+    panel_r = draw_detections(image_bgr, right, class_names, title=titles[1], highlight=marked_right,
+                              skeleton=skeleton)
 
     gap = max(4, panel_l.width // 200)
     both = Image.new("RGB", (panel_l.width + gap + panel_r.width, max(panel_l.height, panel_r.height)), _BACKGROUND)

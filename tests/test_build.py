@@ -1,4 +1,4 @@
-"""The build stage and d2build/trt.py: everything decided before TensorRT is called.
+"""The build stage and d2build/backends/tensorrt.py: everything decided before TensorRT is called.
 
 No tensorrt module is faked: these tests use real `Environment` objects (as `trt.environment()`
 returns them) and real recipes, and check the builder settings, what enters the engine's cache
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from d2build import trt
+from d2build.backends import tensorrt as trt
+from d2build.cache import Cache
 from d2build.compose import compose
 from d2build.runner import format_plan, plan
 from d2build.stages.base import StageFailed
@@ -145,7 +146,9 @@ def test_calibration_key_ignores_final_nms_but_not_rpn_images_or_method():
 # ------------------------------------------------------------------ one GPU job at a time
 
 def test_gpu_lock_is_exclusive_per_device(tmp_path):
-    a, b, other = trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 0), trt.gpu_lock(tmp_path, 1)
+    cache = Cache(tmp_path)
+    a, b = cache.gpu_lock(trt.gpu_identity(0)), cache.gpu_lock(trt.gpu_identity(0))
+    other = cache.gpu_lock(trt.gpu_identity(1))
     assert a.lock_file == b.lock_file != other.lock_file
     name = Path(a.lock_file).name  # named by host and GPU, so a shared cache does not serialise nodes
     assert name == f".gpu-{trt.gpu_identity(0)}.lock"

@@ -22,7 +22,8 @@ from d2build.families import FAMILIES, family
 from d2build.families.keypoint_rcnn import keypoint_agreement
 from d2build.processing import Detections
 from d2build.schema import FAMILIES_SUPPORTED, RecipeError
-from d2build.visualize import COCO_SKELETON, draw_detections
+from d2build.families.keypoint_rcnn import COCO_SKELETON
+from d2build.visualize import draw_detections
 
 # (recipe, input size): keypoint/faster at 640- and 1024-class sizes, the big backbones small.
 E2E = [
@@ -216,7 +217,7 @@ def test_pictures_draw_the_coco_skeleton():
     det = _people()
     det.keypoints[2, :, 2] = 0.01  # below Detectron2's visualisation threshold: not drawn
     plain = np.asarray(draw_detections(img, Detections(det.boxes, det.scores, det.classes), None))
-    pic = np.asarray(draw_detections(img, det, None))
+    pic = np.asarray(draw_detections(img, det, None, skeleton=COCO_SKELETON))
     for i in range(2):
         for x, y, _ in det.keypoints[i]:
             assert tuple(pic[int(round(y)), int(round(x))]) == (255, 255, 255)  # keypoint dot

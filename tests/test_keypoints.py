@@ -1,4 +1,4 @@
-"""processing.decode_keypoints against Detectron2's heatmaps_to_keypoints, and that it is one vectorised pass.
+"""The keypoint family's decode_keypoints against Detectron2's heatmaps_to_keypoints, and that it is one vectorised pass.
 
 Detectron2 is the reference: for each ROI it bicubically resizes the [K, 56, 56] logits to the box's
 ceil'ed size, takes the argmax and scores it against the 56x56 map. decode_keypoints must give the
@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2build.processing import Letterbox, decode_keypoints, decode_outputs
+from d2build.families import family
+from d2build.families.keypoint_rcnn import decode_keypoints
+from d2build.processing import Letterbox
 
 K, S = 17, 56
 
@@ -116,7 +118,7 @@ def test_decode_is_one_vectorised_pass():
     _assert_same(_d2_decode(maps, boxes), decode_keypoints(maps, boxes))
 
 
-def test_decode_outputs_decodes_heatmaps_and_maps_keypoints_to_original():
+def test_family_decode_decodes_heatmaps_and_maps_keypoints_to_original():
     rng = np.random.default_rng(11)
     m = 100
     lb = Letterbox(original_hw=(400, 600), input_hw=(640, 640), scale=640 / 600, resized_hw=(427, 640))
@@ -132,7 +134,7 @@ def test_decode_outputs_decodes_heatmaps_and_maps_keypoints_to_original():
         "detection_classes": np.zeros((1, m), np.int32),
         "detection_heatmaps": maps[None],
     }
-    det = decode_outputs(outputs, lb)
+    det = family("keypoint_rcnn").decode(outputs, lb)
     assert len(det) == 56 and det.keypoints.shape == (56, K, 3) and det.masks is None
     kept = np.r_[0:5, 6:57]
     np.testing.assert_array_equal(det.scores, outputs["detection_scores"][0, kept])

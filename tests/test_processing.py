@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from skimage import data
 
+from d2build.families import family
 from d2build.processing import (
     Detections,
     Letterbox,
     boxes_to_input,
     boxes_to_original,
-    decode_outputs,
     detections_from_instances,
     letterbox,
     load_image_bgr,
@@ -281,8 +281,11 @@ def test_paste_100_masks_on_1344_matches_detectron2():
     assert _iou_per_mask(out[some], _d2_paste(masks[some], boxes[some], hw)).mean() >= 0.999
 
 
+MASK_RCNN = family("mask_rcnn")
+
+
 # --------------------------------------------------------------------------- #
-# decode_outputs / detections_from_instances
+# Family.decode / detections_from_instances
 # --------------------------------------------------------------------------- #
 
 
@@ -309,12 +312,12 @@ def _fake_outputs(rng: np.random.Generator, lb: Letterbox, counts: list[int], ma
     }
 
 
-def test_decode_outputs_keeps_valid_rows_and_maps_to_original():
+def test_decode_keeps_valid_rows_and_maps_to_original():
     _, lb = letterbox(_bgr(data.coffee()), (800, 800), PIXEL_MEAN)
     out = _fake_outputs(np.random.default_rng(6), lb, [4, 7])
 
     for b, n in enumerate([4, 7]):
-        det = decode_outputs(out, lb, image_index=b)
+        det = MASK_RCNN.decode(out, lb, image_index=b)
         assert len(det) == n
         assert det.boxes.dtype == np.float32 and det.scores.dtype == np.float32
         assert det.classes.dtype == np.int64
@@ -329,10 +332,10 @@ def test_decode_outputs_keeps_valid_rows_and_maps_to_original():
         assert det.masks.any(axis=(1, 2)).all()
 
     no_masks = {k: v for k, v in out.items() if k != "detection_masks"}
-    assert decode_outputs(no_masks, lb).masks is None
+    assert family("faster_rcnn").decode(no_masks, lb).masks is None
 
     empty = dict(out, num_detections=np.zeros((2, 1), np.int32))
-    det = decode_outputs(empty, lb, image_index=1)
+    det = MASK_RCNN.decode(empty, lb, image_index=1)
     assert len(det) == 0 and det.masks.shape == (0, 400, 600)
 
 
@@ -351,7 +354,7 @@ def test_detections_from_instances_agrees_with_decode_and_detector_postprocess()
         pred_masks=torch.from_numpy(out["detection_masks"][0, :n, None].copy()),
     )
     ref = detections_from_instances(inst, lb)
-    got = decode_outputs(out, lb)
+    got = MASK_RCNN.decode(out, lb)
     np.testing.assert_array_equal(ref.boxes, got.boxes)
     np.testing.assert_array_equal(ref.scores, got.scores)
     np.testing.assert_array_equal(ref.classes, got.classes)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, d2build
-from d2build.runtime import percentiles
+from d2build.commands._runtime import percentiles
 
 SMALL = ["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[640,640]"]
 REFERENCE = [*SMALL, "runtime.backend=reference"]
@@ -94,12 +94,11 @@ def make_coco_from_detectron2(weights_dir: Path, images: Path, names: list[str])
     from d2build import detectron, photos
     from d2build.families import family
     from d2build.processing import detections_from_instances, letterbox
-    from d2build.stages.verify import class_names
 
     d2cfg = detectron.load_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
     model = detectron.build_model(d2cfg, torch.load(weights_dir / "model.pth", map_location="cpu",
                                                     weights_only=True))
-    classes = class_names(d2cfg)
+    classes = detectron.dataset_metadata(d2cfg)["thing_classes"]
     categories = [{"id": 1000 + 3 * i, "name": n} for i, n in enumerate(classes)]  # ids unlike indices
     images_json, annotations = [], []
     for image_id, name in enumerate(names, 1):

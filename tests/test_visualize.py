@@ -100,8 +100,6 @@ def test_side_by_side_png_with_highlight(tmp_path):
 
 
 def test_side_by_side_large_image_fast(tmp_path):
-    import time
-
     rng = np.random.default_rng(0)
     img = np.ascontiguousarray(np.asarray(Image.fromarray(data.astronaut()).resize((1344, 1344)))[:, :, ::-1])
     n = 100

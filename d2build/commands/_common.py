@@ -13,8 +13,6 @@ def print_problems(err) -> None:
 
 def compose_or_report(overrides: list[str]):
     """A checked Recipe, or None after printing why not (one line per problem)."""
-    from hydra.errors import HydraException
-
     from d2build.compose import compose
     from d2build.schema import RecipeError
 
@@ -22,6 +20,4 @@ def compose_or_report(overrides: list[str]):
         return compose(overrides)
     except RecipeError as e:
         print_problems(e)
-    except HydraException as e:
-        print(f"d2build: {e}", file=sys.stderr)
     return None

@@ -14,12 +14,13 @@ log = logging.getLogger("d2build")
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"d2build {prog}", description=description,
                                 epilog="KEY=VALUE overrides pick the recipe and its settings as for a run "
-                                       "(recipe=..., model.*, precision=..., runtime.backend=tensorrt|reference, "
-                                       "runtime.*); the model's graph or engine comes from the cache and what "
-                                       "is missing is built.")
+                                       "(recipe=..., model.*, precision=..., runtime.backend=tensorrt|reference|"
+                                       "onnxruntime, runtime.*); the model's graph or engine comes from the cache "
+                                       "and what is missing is built.")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--engine", help="a TensorRT engine (runtime.backend=tensorrt) instead of the recipe's")
-    model.add_argument("--graph", help="a precision graph .onnx (runtime.backend=reference) instead of the recipe's")
+    model.add_argument("--graph", help="a precision graph .onnx (runtime.backend=reference or onnxruntime) "
+                                       "instead of the recipe's")
     p.add_argument("--out", help=f"output folder (default outputs/{prog}/<date>/<time>)")
     return p
 
@@ -57,9 +58,70 @@ def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str]):
     return None if model is None else (args, recipe, out, model)
 
 
-def open_model_or_report(recipe, args, out: Path):
-    from d2build.runtime import ModelUnavailable, open_model
+class ModelUnavailable(RuntimeError):
+    """A model that cannot be opened here; the message says why and what to do."""
 
+
+def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> dict[str, Path]:
+    """The recipe's precision graph (and engine for tensorrt), built through the runner if missing."""
+    from d2build.runner import execute
+
+    until = "build" if backend == "tensorrt" else "precision"
+    results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until)}
+    failed = [r for r in results.values() if r.status == "failed"]
+    if failed:
+        raise ModelUnavailable(f"stage {failed[0].name} failed: {failed[0].reason}")
+    out = {"precision": Path(results["precision"].dir) / "model.onnx"}
+    if backend == "tensorrt":
+        b = results["build"]
+        if b.status == "skipped" or not b.dir:
+            raise ModelUnavailable(f"no TensorRT engine: the build was skipped ({b.reason}). On this machine, "
+                                   "runtime.backend=reference runs the same graph on the CPU")
+        out["engine"] = Path(b.dir) / "engine.plan"
+    return out
+
+
+def open_model(recipe, *, engine: str | None = None, graph: str | None = None, run_dir: Path,
+               overrides: list[str], threads: int | None = None):
+    """The recipe's model (cached graph or engine; what is missing is built) or an explicit file,
+    opened with `runtime.backend`."""
+    from d2build import backends, detectron
+    from d2build.runtime import Model
+
+    backend = recipe.runtime.backend
+    if engine and graph:
+        raise ModelUnavailable("give --engine or --graph, not both")
+    if engine and backend != "tensorrt":
+        raise ModelUnavailable("--engine needs runtime.backend=tensorrt (an engine runs only in TensorRT)")
+    if graph and backend == "tensorrt":
+        raise ModelUnavailable("--graph needs runtime.backend=reference or onnxruntime (TensorRT runs built "
+                               "engines: build one with `d2build` and pass --engine, or let the recipe build it)")
+    if backend == "tensorrt":  # before building anything: without TensorRT no engine can run here
+        from d2build.backends import tensorrt
+
+        reason = tensorrt.skip_reason(tensorrt.environment(recipe.build.device))
+        if reason:
+            raise ModelUnavailable(f"{reason}. On this machine, runtime.backend=reference (or onnxruntime for "
+                                   "surgery.ops=standard) runs the same graph on the CPU")
+    info = detectron.model_info(recipe.to_dict()["model"])
+    if engine or graph:
+        path = Path(engine or graph).expanduser()
+        if not path.is_file():
+            raise ModelUnavailable(f"{path}: no such file")
+        source = "explicit path"
+    else:
+        arts = artifacts_for(recipe, backend, run_dir, overrides)
+        path = arts["engine" if backend == "tensorrt" else "precision"]
+        source = f"recipe {recipe.name}"
+    try:
+        runner = (backends.open_engine(path, recipe.build.device) if backend == "tensorrt"
+                  else backends.open_graph(path, backend, threads=threads))
+    except backends.RunnerError as e:
+        raise ModelUnavailable(str(e)) from None
+    return Model(runner, info, source, path)
+
+
+def open_model_or_report(recipe, args, out: Path):
     try:
         model = open_model(recipe, engine=args.engine, graph=args.graph, run_dir=out, overrides=args.overrides)
     except ModelUnavailable as e:
@@ -69,3 +131,12 @@ def open_model_or_report(recipe, args, out: Path):
     log.info("model: %s backend, %s (%s), input %dx%d%s", model.backend, model.path, model.source,
              *model.input_hw, emulated)
     return model
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(ms, dtype=np.float64)
+    return {"mean": float(a.mean()), "min": float(a.min()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()), "fps": float(1000.0 / a.mean())}

@@ -21,27 +21,25 @@ def main(argv: list[str]) -> int:
     if ready is None:
         return 2
     args, recipe, out, model = ready
-    from pathlib import Path
-
     from d2build import photos
-    from d2build.processing import letterbox
-    from d2build.runtime import percentiles
+    from d2build.cache import Cache
+    from d2build.commands._runtime import percentiles
 
     rt = recipe.runtime
     photo = photos.load(args.image)
-    chw, _ = letterbox(photo.bgr, model.input_hw, model.pad)
+    batch, _ = model.prepare([photo.bgr] * model.info.batch)
     runner = model.runner
     lock = nullcontext()
     if model.backend == "tensorrt":  # one GPU job at a time, as for builds
-        from d2build import trt
+        from d2build.backends.tensorrt import gpu_identity
 
-        lock = trt.gpu_lock(Path(recipe.cache.dir).expanduser().resolve(), recipe.build.device)
+        lock = Cache(recipe.cache.dir).gpu_lock(gpu_identity(recipe.build.device))
     with lock:
-        runner.prepare({"input_tensor": chw[None]})
+        runner.prepare({runner.input_name: batch})
         graph = False
         if rt.cuda_graph:
             if model.backend == "tensorrt":
-                runner.engine.capture()
+                runner.capture()
                 graph = True
             else:
                 log.info("runtime.cuda_graph applies to runtime.backend=tensorrt only; ignored")
@@ -70,8 +68,9 @@ def main(argv: list[str]) -> int:
     for what, s in (("model", doc["model_ms"]), ("end to end", doc["end_to_end_ms"])):
         log.info("%-10s ms: mean %.2f  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  min %.2f  max %.2f  |  %.1f FPS",
                  what, s["mean"], s["p50"], s["p90"], s["p95"], s["p99"], s["min"], s["max"], s["fps"])
-    if model.backend == "reference":
-        log.info("(reference backend: ONNX Runtime on this CPU%s; engine timings need runtime.backend=tensorrt)",
+    if model.backend != "tensorrt":
+        log.info("(%s backend: ONNX Runtime%s%s; engine timings need runtime.backend=tensorrt)", model.backend,
+                 " on this CPU" if model.backend == "reference" else f" ({runner.providers[0]})",
                  ", float16 emulated in float32 arithmetic" if runner.emulated else "")
     log.info("wrote %s", out / "bench.json")
     return 0

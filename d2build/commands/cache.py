@@ -22,31 +22,18 @@ at all. A job that has already looked up an entry reads it without a lock: combi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import shlex
 import shutil
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
+
+from d2build.cache import dir_size
 
 SUMMARY = "list (ls), size (du) or garbage-collect (gc --older-than 7d | --keep-referenced) the artifact cache"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-@dataclass
-class Entry:
-    stage: str
-    key: str
-    dir: Path
-    size: int
-    created: str
-    last_used: float  # epoch seconds
-    state: str  # ok | no manifest | unreadable manifest | (with --check) the digest problem
 
 
 def human(n: float) -> str:
@@ -72,57 +59,22 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def dir_size(d: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(d):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def default_cache_dir() -> str:
-    from omegaconf import OmegaConf
+    from d2build.schema import conf_default
 
-    from d2build.compose import conf_dir
-
-    return str(OmegaConf.load(conf_dir() / "config.yaml").cache.dir)
+    return str(conf_default("cache.dir"))
 
 
-def entries(root: Path, stage: str | None = None, check: bool = False) -> list[Entry]:
-    from d2build.cache import MANIFEST, Cache
+def entries(root: Path, stage: str | None = None, check: bool = False):
+    from d2build.cache import Cache
 
-    out = []
-    if not root.is_dir():
-        return out
-    cache = Cache(root)
-    for sd in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if stage and sd.name != stage:
-            continue
-        for d in sorted(p for p in sd.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            mf = d / MANIFEST
-            created, state, used = "-", "ok", None
-            try:
-                used = mf.stat().st_mtime
-                created = json.loads(mf.read_text()).get("created", "-")
-            except FileNotFoundError:
-                state = "no manifest"
-            except (OSError, ValueError, AttributeError):
-                state = "unreadable manifest"
-            if check and state == "ok":
-                state = cache._check(d) or "ok"
-            out.append(Entry(sd.name, d.name, d, dir_size(d), created,
-                             used if used is not None else d.stat().st_mtime, state))
-    return out
+    return Cache(root).entries(stage, check)
 
 
-def leftovers(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for sd in root.iterdir() if sd.is_dir() and not sd.name.startswith(".")
-                  for p in sd.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-")))
+def leftovers(root: Path):
+    from d2build.cache import Cache
+
+    return Cache(root).leftovers()
 
 
 # ---------------------------------------------------------------- ls, du
@@ -137,7 +89,7 @@ def cmd_ls(root: Path, args) -> int:
               f"  {e.state}")
     lo = leftovers(root)
     for p in lo:
-        print(f"{p.parent.name:<10} {p.name[:40]:<40} {human(dir_size(p)):>10}  (leftover of a killed build or removal)")
+        print(f"{p.stage:<10} {p.dir.name[:40]:<40} {human(dir_size(p.dir)):>10}  (leftover of a killed build or removal)")
     print(f"{len(es)} entries, {human(sum(e.size for e in es))}" + (f"; {len(lo)} leftover folder(s)" if lo else ""))
     bad = [e for e in es if e.state != "ok"]
     return 1 if args.check and bad else 0
@@ -146,13 +98,13 @@ def cmd_ls(root: Path, args) -> int:
 def cmd_du(root: Path, args) -> int:
     es = entries(root)
     lo = leftovers(root)
-    stages = sorted({e.stage for e in es} | {p.parent.name for p in lo})
+    stages = sorted({e.stage for e in es} | {p.stage for p in lo})
     print(f"cache {root}")
     print(f"{'stage':<10} {'entries':>8} {'size':>11} {'leftovers':>11}")
     total = 0
     for s in stages:
         size = sum(e.size for e in es if e.stage == s)
-        left = sum(dir_size(p) for p in lo if p.parent.name == s)
+        left = sum(dir_size(p.dir) for p in lo if p.stage == s)
         total += size + left
         print(f"{s:<10} {sum(1 for e in es if e.stage == s):>8} {human(size):>11} {human(left):>11}")
     print(f"{'total':<10} {len(es):>8} {human(total):>11}")
@@ -182,27 +134,6 @@ def referenced_keys(override_sets: list[list[str]]) -> tuple[set[tuple[str, str]
     return keep, problems
 
 
-def _remove_locked(stage_dir: Path, key: str, paths: list[Path]) -> str:
-    """Remove `paths` (an entry and/or its temp folders) under the key's lock: 'removed' or 'in use'."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(stage_dir / f".{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return "in use"
-    try:
-        for p in paths:
-            if not p.exists():
-                continue
-            trash = stage_dir / f".trash-{key}-{uuid.uuid4().hex[:8]}"
-            os.rename(p, trash)  # atomic: a reader sees the whole entry or none
-            shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        lock.release()
-    return "removed"
-
-
 def cmd_gc(root: Path, args) -> int:
     if args.older_than is None and not args.keep_referenced:
         print("d2build cache gc: say what to collect: --older-than AGE (e.g. 7d) and/or --keep-referenced",
@@ -221,6 +152,9 @@ def cmd_gc(root: Path, args) -> int:
                   "--overrides", file=sys.stderr)
             return 2
         print(f"gc: {len(keep)} (stage, key) pairs referenced by current recipes")
+    from d2build.cache import Cache
+
+    cache = Cache(root)
     now = time.time()
     verb = "would remove" if args.dry_run else "removed"
     removed = freed = busy = kept = 0
@@ -236,30 +170,25 @@ def cmd_gc(root: Path, args) -> int:
                 kept += 1
                 continue
             reasons.append("not referenced")
-        stage_dir = e.dir.parent
-        status = "removed" if args.dry_run else _remove_locked(stage_dir, e.key, [e.dir])
-        if status == "in use":
+        if not args.dry_run and not cache.remove(e.stage, e.key):
             busy += 1
             print(f"kept         {e.stage:<8} {e.key[:12]}  {human(e.size):>10}  (its lock is held: a build is running)")
             continue
         removed += 1
         freed += e.size
         print(f"{verb:<12} {e.stage:<8} {e.key[:12]}  {human(e.size):>10}  ({', '.join(reasons)})")
-    for p in leftovers(root):
-        kind, _, rest = p.name[1:].partition("-")
-        key = rest.split("-", 1)[0]
-        size = dir_size(p)
-        if kind == "tmp":
-            status = "removed" if args.dry_run else _remove_locked(p.parent, key, [p])
-            if status == "in use":
+    for p in cache.leftovers():
+        size = dir_size(p.dir)
+        if p.kind == "tmp":
+            if not args.dry_run and not cache.remove(p.stage, p.key, [p.dir]):
                 busy += 1
-                print(f"kept         {p.parent.name:<8} {p.name[:40]}  (a build of this key is running)")
+                print(f"kept         {p.stage:<8} {p.dir.name[:40]}  (a build of this key is running)")
                 continue
         elif not args.dry_run:
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p.dir, ignore_errors=True)
         removed += 1
         freed += size
-        print(f"{verb:<12} {p.parent.name:<8} {p.name[:40]}  {human(size):>10}  (leftover of a killed build)")
+        print(f"{verb:<12} {p.stage:<8} {p.dir.name[:40]}  {human(size):>10}  (leftover of a killed build)")
     print(f"gc: {verb} {removed}, freeing {human(freed)}; kept {kept}" + (f", {busy} in use" if busy else "")
           + (" (dry run: nothing removed)" if args.dry_run else ""))
     return 0

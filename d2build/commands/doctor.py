@@ -19,7 +19,7 @@ def _version(*dists: str) -> str | None:
 
 def lines(device: int = 0) -> list[tuple[str, str]]:
     """(what, status) pairs; never raises: a probe that fails says so on its line."""
-    from d2build import trt
+    from d2build.backends import tensorrt as trt
 
     out: list[tuple[str, str]] = []
     env = trt.environment(device, probe_gpu=True)
@@ -51,7 +51,7 @@ def _plugins(env) -> str:
     if env.tensorrt is None:
         return "unknown (needs TensorRT): " + " and ".join(PLUGINS) + " come from libnvinfer_plugin"
     try:
-        from d2build import trt
+        from d2build.backends import tensorrt as trt
 
         t = trt.load()
         logger = t.Logger(t.Logger.ERROR)

@@ -30,10 +30,12 @@ def main(argv: list[str]) -> int:
     if model is None:
         return 2
     try:
-        category_of = category_map(gt, model.class_names)
+        category_of, note = category_map(gt, model.info)
     except ValueError as e:
         print(f"d2build: {args.annotations}: {e}", file=sys.stderr)
         return 2
+    if note:
+        log.warning("%s: %s", args.annotations, note)
     from d2build.commands.infer import encode_masks
     from d2build.processing import load_image_bgr
 
@@ -67,20 +69,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def category_map(gt, class_names: list[str] | None) -> dict[int, int]:
-    """Model class index -> annotation category id: by name, else by position when the counts agree."""
+def category_map(gt, info) -> tuple[dict[int, int], str | None]:
+    """Model class index -> annotation category id, and a note when the mapping is by position.
+
+    By name when every model class name is a category name; by position (categories sorted by id)
+    when the names are unknown or differ but the counts agree; otherwise an error saying which."""
     cats = sorted(gt.loadCats(gt.getCatIds()), key=lambda c: c["id"])
-    if class_names is None:
-        raise ValueError("class names unknown")
     by_name = {c["name"]: c["id"] for c in cats}
-    if all(n in by_name for n in class_names if n):
-        return {i: by_name[n] for i, n in enumerate(class_names)}
-    if len(cats) == len(class_names):
-        log.warning("category names differ from the model's class names; mapping by position (sorted ids)")
-        return {i: c["id"] for i, c in enumerate(cats)}
-    missing = [n for n in class_names if n not in by_name][:5]
-    raise ValueError(f"its {len(cats)} categories match neither the model's {len(class_names)} class names "
-                     f"(missing e.g. {missing}) nor their count")
+    names = info.class_names
+    if names and all(n in by_name for n in names):
+        return {i: by_name[n] for i, n in enumerate(names)}, None
+    if len(cats) == info.num_classes:
+        why = "the model's class names are unknown" if not names else "its category names differ from the model's"
+        return ({i: c["id"] for i, c in enumerate(cats)},
+                f"{why}; mapping model class k to the k-th category by id ({', '.join(c['name'] for c in cats[:5])}"
+                f"{', ...' if len(cats) > 5 else ''}). Set model.class_names to map by name")
+    if names:
+        missing = [n for n in names if n not in by_name][:5]
+        raise ValueError(f"its {len(cats)} categories match neither the model's {len(names)} class names "
+                         f"(missing e.g. {missing}) nor their count; set model.class_names to the json's names")
+    raise ValueError(f"its {len(cats)} categories do not match the model's {info.num_classes} classes and the "
+                     "model's class names are unknown; set model.class_names")
 
 
 def has_segmentation(gt) -> bool:

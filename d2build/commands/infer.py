@@ -31,10 +31,10 @@ def main(argv: list[str]) -> int:
         det, lb, seconds = model.detect(photo.bgr)
         shown = det.subset(det.scores >= thr)
         stem = photo.name.rsplit(".", 1)[0]
-        draw_detections(photo.bgr, shown, model.class_names,
+        draw_detections(photo.bgr, shown, model.info.class_names, skeleton=model.info.keypoint_skeleton,
                         title=f"{photo.name}: {len(shown)} of {len(det)} detections with score >= {thr} "
                               f"({model.backend})").save(out / "pictures" / f"{stem}.png")
-        results.append(detections_json(photo.name, det, lb.original_hw, model.class_names, seconds))
+        results.append(detections_json(photo.name, det, lb.original_hw, model.info, seconds))
         log.info("[%d/%d] %s: %d detections (%d >= %.2f), %.2f s", i, len(refs), photo.name, len(det), len(shown),
                  thr, seconds)
     doc = {"model": str(model.path), "backend": model.backend, "input": list(model.input_hw),
@@ -44,16 +44,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def detections_json(name: str, det, hw, class_names, seconds: float) -> dict:
-    """One image's detections in original pixels; masks as COCO run-length encodings."""
+def detections_json(name: str, det, hw, info, seconds: float) -> dict:
+    """One image's detections in original pixels: class names, masks as COCO run-length encodings,
+    keypoints as (x, y, score, name)."""
     rles = encode_masks(det.masks) if det.masks is not None else [None] * len(det)
     items = []
     for k in range(len(det)):
         c = int(det.classes[k])
         item = {"box": [round(float(v), 2) for v in det.boxes[k]], "score": round(float(det.scores[k]), 5),
-                "class_id": c, "class": class_names[c] if class_names and c < len(class_names) else str(c)}
+                "class_id": c, "class": info.class_name(c)}
         if rles[k] is not None:
             item["mask"] = rles[k]
+        if det.keypoints is not None:
+            names = info.keypoint_names or [f"keypoint{j}" for j in range(det.keypoints.shape[1])]
+            item["keypoints"] = [{"x": round(float(x), 2), "y": round(float(y), 2), "score": round(float(s), 5),
+                                  "name": names[j]} for j, (x, y, s) in enumerate(det.keypoints[k])]
         items.append(item)
     return {"image": name, "height": int(hw[0]), "width": int(hw[1]), "seconds": round(seconds, 4),
             "detections": items}

@@ -151,42 +151,12 @@ def _key_at_line(text: str, line: int) -> str:
 
 
 def _compose_and_plan(name: str, src: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from d2build.compose import RECIPE_GROUP, conf_dir, recipe_from_tree, register_plugins
+    from d2build.compose import RECIPE_GROUP, compose
     from d2build.runner import plan
     from d2build.schema import Problem, RecipeError
 
-    register_plugins()
-    overrides = [f"{RECIPE_GROUP}={name}"]
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)  # so ${hydra:...} resolves as in a run
-            tree = {}
-            for k in cfg:
-                if k == "hydra":
-                    continue
-                try:
-                    node = cfg[k]
-                    tree[k] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-                except OmegaConfBaseException as e:
-                    key = getattr(e, "full_key", None) or str(k)
-                    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
-                    return None, None, [Problem(src, key, f"cannot be resolved ({msg.splitlines()[0]})",
-                                                "point the interpolation ${...} at a key that exists, or write the value")]
-    except HydraException as e:
-        return None, None, [_hydra_problem(src, e)]
-    except OmegaConfBaseException as e:
-        return None, None, [Problem(src, getattr(e, "full_key", None) or "(config)", str(e).splitlines()[0],
-                                    "fix the value")]
-    try:
-        recipe = recipe_from_tree(tree, name, [])
+        recipe = compose([f"{RECIPE_GROUP}={name}"])
     except RecipeError as e:
         return None, None, e.problems
     try:
@@ -196,34 +166,6 @@ def _compose_and_plan(name: str, src: str):
                                     "if the message names a recipe value, fix it; otherwise d2build itself is "
                                     "broken here (bash scripts/setup.sh, or report it)")]
     return recipe, planned, []
-
-
-def _groups() -> list[str]:
-    from d2build.compose import RECIPE_GROUP, conf_dir
-
-    return sorted([p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
-                  + [RECIPE_GROUP])
-
-
-def _hydra_problem(src: str, e: Exception):
-    from d2build.schema import Problem
-
-    text = str(e)
-    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
-    if m:
-        group, option = m.groups()
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        return Problem(src, group, f"there is no {group} option {option!r}",
-                       f"use one of: {', '.join(options)}" if options else f"check conf/{group}/")
-    m = re.search(r"Could not override '([^']+)'", text)
-    if m:
-        group = m.group(1)
-        near = difflib.get_close_matches(group, _groups(), n=1)
-        fix = f"did you mean `override /{near[0]}`?" if near else f"groups: {', '.join(_groups())}"
-        return Problem(src, group, "no such group in the defaults list", fix)
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return Problem(src, "defaults", f"Hydra cannot compose it ({first})",
-                   "check the recipe's defaults list (`- override /GROUP: OPTION`)")
 
 
 # ---------------------------------------------------------------- command

@@ -16,3 +16,4 @@ class FasterRCNN(MaskRCNN):
     name = "faster_rcnn"
     with_masks = False
     export_outputs = EXPORT_OUTPUTS
+    head_outputs = ()

@@ -14,20 +14,22 @@ from typing import Any
 
 import numpy as np
 
+from d2build.families.base import Family
+from d2build.processing import Detections, Letterbox, boxes_to_original, paste_masks
+
 EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "pred_masks", "scores", "image_size")
-GRAPH_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes", "detection_masks")
 
 
-class MaskRCNN:
+class MaskRCNN(Family):
     """Detectron2's GeneralizedRCNN with FPN and a mask head; Faster and Keypoint R-CNN subclass it."""
 
     name = "mask_rcnn"
     with_masks = True
     with_keypoints = False
-    export_outputs = EXPORT_OUTPUTS  # the traced Instances fields, sorted by name, then image_size
+    export_outputs = EXPORT_OUTPUTS
+    head_outputs = ("detection_masks",)
 
-    @staticmethod
-    def eager_overrides(surgery: dict[str, Any]) -> dict[str, Any]:
+    def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
         """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
         return {
             "MODEL.ROI_HEADS.NMS_THRESH_TEST": surgery["nms"]["iou_threshold"],
@@ -38,8 +40,7 @@ class MaskRCNN:
             "MODEL.RPN.NMS_THRESH": surgery["rpn"]["iou_threshold"],
         }
 
-    @staticmethod
-    def eager(model, image_chw: np.ndarray):
+    def eager(self, model, image_chw: np.ndarray):
         """Detectron2's own answer on one letterboxed BGR [3,H,W] image: Instances in input pixels."""
         import torch
 
@@ -76,17 +77,16 @@ class MaskRCNN:
         outputs = traced[-1] if isinstance(traced[-1], (tuple, list)) else (traced[-1],)
         return {name: t.detach().numpy() for name, t in zip(self.export_outputs, outputs, strict=True)}
 
-    @staticmethod
-    def export_detections(outputs: dict[str, np.ndarray], lb) -> Any:
+    def export_detections(self, outputs, lb: Letterbox) -> Detections:
         """The export's outputs (input pixels) as Detections in original pixels, masks unpasted."""
-        from d2build.processing import Detections, boxes_to_original
-
         return Detections(boxes_to_original(outputs["pred_boxes"], lb), outputs["scores"], outputs["pred_classes"])
 
-    @staticmethod
-    def verify_extra(ref, got, match, verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """Family-specific verify metrics and failures beyond boxes and masks (none for Mask R-CNN)."""
-        return {}, []
+    def decode_heads(self, outputs, image_index, rows, boxes_input, boxes, lb, mask_threshold) -> dict[str, Any]:
+        """Masks of the kept detections pasted into the original image (Detectron2's paste_masks_in_image)."""
+        if not self.with_masks:
+            return {}
+        raw = np.asarray(outputs["detection_masks"], dtype=np.float32)[image_index, rows]
+        return {"masks": paste_masks(raw, boxes, lb.original_hw, threshold=mask_threshold)}
 
     def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int]):
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec

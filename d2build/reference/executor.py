@@ -44,6 +44,7 @@ import onnxruntime as ort
 from onnx import AttributeProto, helper, numpy_helper
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+from .. import console
 from .. import plugins as contract
 from .plugins import efficient_nms, pyramid_roi_align
 
@@ -379,6 +380,8 @@ class ReferenceSession:
         self.plugin_count = len(plugin_nodes(source))
         lowered = lower_plugin_nodes(source)
         options = ort.SessionOptions()
+        if not console.verbose():
+            options.log_severity_level = 3  # graph-optimizer notices
         options.register_custom_ops_library(get_library_path())
         # The plugin ops compute with torch threads inside an ORT kernel; spinning ORT workers would
         # compete with them for the same cores.

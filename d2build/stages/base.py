@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
-from d2build.cache import Artifact
+from d2build.cache import Artifact, Cache
 from d2build.schema import Recipe
 
 log = logging.getLogger("d2build")
@@ -31,11 +31,13 @@ class StageFailed(RuntimeError):
         self.files = files or {}
 
 
-class Progress:
-    """Progress lines for long stages: `step("tracing")`, or `count(i, n, what)` in loops."""
+class Context:
+    """What a running stage gets besides its config and inputs: progress lines (`step("tracing")`,
+    `count(i, n, what)` in loops) and the cache it is built into (for the cache's own locks)."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, cache: Cache | None = None):
         self.stage = stage
+        self.cache = cache
         self.t0 = time.monotonic()
 
     def step(self, what: str) -> None:
@@ -59,8 +61,12 @@ class Stage:
         return None
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         raise NotImplementedError
+
+    def describe(self, info: dict[str, Any], folder: Path) -> str | None:
+        """One line for the console about a built or reused entry (its verdict, say); None: its folder."""
+        return None
 
     def key_material(self, recipe: Recipe, upstream_keys: dict[str, str]) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""build: a TensorRT engine from the precision graph (d2build/trt.py talks to TensorRT).
+"""build: a TensorRT engine from the precision graph (d2build/backends/tensorrt.py talks to TensorRT).
 
 The network is strongly typed, so the engine computes in exactly the precision the graph says
 (fp32, fp16 casts, int8 Q/DQ): the builder gets no precision flags. The key holds the precision
@@ -19,14 +19,14 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed
 
 
 @lru_cache(maxsize=None)
 def _environment(device: int):
-    from d2build import trt
+    from d2build.backends import tensorrt
 
-    return trt.environment(device)
+    return tensorrt.environment(device)
 
 
 class BuildStage(Stage):
@@ -43,7 +43,7 @@ class BuildStage(Stage):
         return self._env if self._env is not None else _environment(self.device)
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        from d2build.trt import BuilderSettings
+        from d2build.backends.tensorrt import BuilderSettings
 
         env = self.environment()
         return {
@@ -60,23 +60,22 @@ class BuildStage(Stage):
     def skip_reason(self, recipe: Recipe) -> str | None:
         if recipe.build.required:
             return None  # run() fails with the reason instead
-        from d2build.trt import skip_reason
+        from d2build.backends.tensorrt import skip_reason
 
         return skip_reason(self.environment())
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
-        from d2build import trt
+            ctx: Context) -> dict[str, Any]:
+        from d2build.backends import tensorrt as trt
 
         env = self.environment()
         reason = trt.skip_reason(env)
         if reason:
             raise StageFailed(f"build.required=true, but {reason}")
         settings = trt.BuilderSettings(**cfg["settings"], device=self.device)
-        cache_root = out_dir.parent.parent  # <cache root>/build/.tmp-<key>-...
-        lock = trt.gpu_lock(cache_root, settings.device)
-        progress.step(f"waiting for GPU {settings.device} ({lock.lock_file})")
+        lock = ctx.cache.gpu_lock(trt.gpu_identity(settings.device))
+        ctx.step(f"waiting for GPU {settings.device} ({lock.lock_file})")
         with lock:
-            facts = trt.build_engine(inputs["precision"].path("model.onnx"), settings, out_dir, progress.step)
+            facts = trt.build_engine(inputs["precision"].path("model.onnx"), settings, out_dir, ctx.step)
         return {**facts, "gpu": env.gpu, "compute_capability": env.compute_capability,
                 "precision": inputs["precision"].info.get("mode")}

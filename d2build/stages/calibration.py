@@ -20,7 +20,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage
+from d2build.stages.base import Context, Stage
 
 # The final NMS of the graph calibration runs (Detectron2's test-time defaults).
 CALIBRATION_NMS = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100}
@@ -51,18 +51,18 @@ class CalibrationStage(Stage):
         }
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         import onnx
 
         from d2build import detectron, photos
         from d2build.families import family
         from d2build.processing import letterbox
         from d2build.quantize import RangeCollector, targets
-        from d2build.reference import ReferenceSession
+        from d2build import backends
 
         d2cfg = detectron.load_cfg(cfg["config"])
         hw = tuple(cfg["input"])
-        progress.step("surgery for the calibration graph (recipe RPN, default final NMS)")
+        ctx.step("surgery for the calibration graph (recipe RPN, default final NMS)")
         export = onnx.load(str(inputs["export"].path("model.onnx")))
         graph, _ = family(cfg["family"]).surgery(export, d2cfg, {"nms": cfg["nms"], "rpn": cfg["rpn"]}, hw)
         found = targets(graph)
@@ -71,20 +71,20 @@ class CalibrationStage(Stage):
         for t in found:
             consumers.setdefault(t.activation, []).append(t.node)
         probe = with_outputs(graph, tensors)
-        session = ReferenceSession(probe)
+        runner = backends.open_graph(probe)
         collector = RangeCollector()
         refs = photos.list_images(cfg["source"], cfg["count"])
         seconds = []
         for i, ref in enumerate(refs, 1):
             photo = photos.load(ref)
-            progress.count(i, len(refs), f"'{photo.name}': {len(tensors)} activation ranges")
+            ctx.count(i, len(refs), f"'{photo.name}': {len(tensors)} activation ranges")
             chw, _ = letterbox(photo.bgr, hw, d2cfg.MODEL.PIXEL_MEAN)
             t0 = time.perf_counter()
-            outs = session.run({"input_tensor": chw[None]}, tensors)
+            outs = runner.run({runner.input_name: chw[None]}, tensors)
             for name in tensors:
                 collector.add(name, outs[name])
             seconds.append(time.perf_counter() - t0)
-        progress.step(f"{cfg['method']} ranges from {len(refs)} image(s)")
+        ctx.step(f"{cfg['method']} ranges from {len(refs)} image(s)")
         ranges = {}
         for name in tensors:
             ranges[name] = {"amax": collector.amax(name, cfg["method"]), "absmax": collector.absmax[name],

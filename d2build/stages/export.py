@@ -13,7 +13,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed
 
 # One photograph, the one traced, keeps a cold export cheap: its reference values come from the trace
 # itself, so the check costs one ONNX Runtime run (~5 s at 1344 on 2 cores) instead of that plus a
@@ -33,7 +33,7 @@ class ExportStage(Stage):
         return {"family": m.family, "config": m.config, "input": list(m.input)}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         import onnx
 
         from d2build import detectron, photos
@@ -48,11 +48,11 @@ class ExportStage(Stage):
         hw = tuple(cfg["input"])
         pad = d2cfg.MODEL.PIXEL_MEAN
         chw, lb = letterbox(photos.bundled(CHECK_PHOTO).bgr, hw, pad)
-        progress.step(f"tracing at {hw[0]}x{hw[1]}")
+        ctx.step(f"tracing at {hw[0]}x{hw[1]}")
         path = out_dir / "model.onnx"
         traced = fam.export(model, chw, path)
         proto = onnx.load(str(path), load_external_data=False)
-        progress.count(1, 1, f"checking the export against Detectron2 on '{CHECK_PHOTO}'")
+        ctx.count(1, 1, f"checking the export against Detectron2 on '{CHECK_PHOTO}'")
         return {
             "input": list(hw),
             "nodes": len(proto.graph.node),

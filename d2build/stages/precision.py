@@ -20,7 +20,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage
+from d2build.stages.base import Context, Stage
 
 
 class PrecisionStage(Stage):
@@ -38,7 +38,7 @@ class PrecisionStage(Stage):
         return {"mode": p.mode, "keep_fp32": [] if p.mode == "fp32" else list(p.keep_fp32)}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         src = inputs["surgery"].path("model.onnx")
         dst = out_dir / "model.onnx"
         if cfg["mode"] == "fp32":
@@ -53,10 +53,10 @@ class PrecisionStage(Stage):
         if cfg["mode"] == "fp16":
             from d2build.autocast import to_fp16
 
-            progress.step(f"casting {len(model.graph.node)} nodes to float16, keeping FP32 islands")
+            ctx.step(f"casting {len(model.graph.node)} nodes to float16, keeping FP32 islands")
             result = to_fp16(model, cfg["keep_fp32"])
             onnx.save(result.model, str(dst))
-            progress.step(f"{result.facts['fp16_nodes']} fp16 nodes, {result.facts['fp32_nodes']} FP32, "
+            ctx.step(f"{result.facts['fp16_nodes']} fp16 nodes, {result.facts['fp32_nodes']} FP32, "
                           f"{result.casts} casts; checked with onnx.checker (full shape inference)")
             return {"mode": "fp16", "casts": result.casts, "nodes": len(result.model.graph.node), **result.facts}
         import json
@@ -65,10 +65,10 @@ class PrecisionStage(Stage):
 
         ranges = json.loads(inputs["calibration"].path("ranges.json").read_text())
         amax = {name: r["amax"] for name, r in ranges["tensors"].items()}
-        progress.step(f"inserting Q/DQ ({ranges['method']} ranges from {len(ranges['images'])} image(s))")
+        ctx.step(f"inserting Q/DQ ({ranges['method']} ranges from {len(ranges['images'])} image(s))")
         quantized, facts = insert_qdq(model, amax, cfg["keep_fp32"])
         onnx.save(quantized, str(dst))
-        progress.step(f"{facts['quantized_nodes']} Conv/Gemm quantized: {facts['QuantizeLinear']} Q, "
+        ctx.step(f"{facts['quantized_nodes']} Conv/Gemm quantized: {facts['QuantizeLinear']} Q, "
                       f"{facts['DequantizeLinear']} DQ; checked with onnx.checker (full shape inference)")
         return {"mode": "int8", "calibration": {"method": ranges["method"], "images": ranges["images"]},
                 "nodes": len(quantized.graph.node), **facts}

@@ -11,7 +11,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage
+from d2build.stages.base import Context, Stage
 
 
 class SurgeryStage(Stage):
@@ -26,7 +26,7 @@ class SurgeryStage(Stage):
                 "surgery": recipe.to_dict()["surgery"]}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         import onnx
 
         from d2build import detectron
@@ -35,10 +35,10 @@ class SurgeryStage(Stage):
 
         d2cfg = detectron.load_cfg(cfg["config"])
         export = onnx.load(str(inputs["export"].path("model.onnx")))
-        progress.step(f"rewriting {len(export.graph.node)} export nodes")
+        ctx.step(f"rewriting {len(export.graph.node)} export nodes")
         model, facts = family(cfg["family"]).surgery(export, d2cfg, cfg["surgery"], tuple(cfg["input"]))
         onnx.save(model, str(out_dir / "model.onnx"))
-        progress.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
+        ctx.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
         return {
             "nodes": len(model.graph.node),
             "ops": op_histogram(model),

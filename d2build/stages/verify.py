@@ -17,12 +17,12 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed
 
 
 class VerifyStage(Stage):
     name = "verify"
-    VERSION = 3  # 3: family metrics (keypoint distances) in report.md
+    VERSION = 4  # 4: class/keypoint names in the key (pictures show them); graph run through d2build.backends
     needs = ("weights", "precision")  # the precision graph (fp32 = surgery's graph, fp16, int8)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
@@ -34,6 +34,7 @@ class VerifyStage(Stage):
             "family": recipe.model.family,
             "config": recipe.model.config,
             "input": list(recipe.model.input),
+            "names": {k: d["model"][k] for k in NAME_KEYS},  # the pictures show them
             "surgery": d["surgery"],
             "precision": recipe.precision.mode,
             "verify": d["verify"],
@@ -41,26 +42,27 @@ class VerifyStage(Stage):
         }
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
-        from d2build import detectron, photos
+            ctx: Context) -> dict[str, Any]:
+        from d2build import backends, detectron, photos
         from d2build.families import family
-        from d2build.reference import ReferenceSession
+        from d2build.runtime import Model
         from d2build.stages.weights import load_state
 
         fam = family(cfg["family"])
         v = cfg["verify"]
         d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(cfg["surgery"]))
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        session, emulated = precision_session(inputs["precision"], ReferenceSession)
-        names = class_names(d2cfg)
+        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
+                                     **cfg["names"]}, d2cfg)
+        graph = Model(backends.open_graph(inputs["precision"].path("model.onnx")), info)
+        emulated = graph.runner.emulated
         refs = photos.list_images(v["images"], v["count"])
         (out_dir / "pictures").mkdir()
         rows, failures = [], []
         for i, ref in enumerate(refs, 1):
             photo = photos.load(ref)
-            progress.count(i, len(refs), f"'{photo.name}': Detectron2 eager vs TensorRT-ready graph")
-            row, problem = compare_one(fam, model, session, photo, tuple(cfg["input"]),
-                                       d2cfg.MODEL.PIXEL_MEAN, v, names, out_dir / "pictures")
+            ctx.count(i, len(refs), f"'{photo.name}': Detectron2 eager vs TensorRT-ready graph")
+            row, problem = compare_one(fam, model, graph, photo, v, out_dir / "pictures")
             rows.append(row)
             if problem:
                 failures.append(problem)
@@ -68,32 +70,28 @@ class VerifyStage(Stage):
         precision = precision_facts(cfg.get("precision", "fp32"), inputs["precision"].info, emulated)
         (out_dir / "metrics.json").write_text(json.dumps({"images": rows, "summary": summary,
                                                           "precision": precision}, indent=2))
-        report = render_report(cfg, rows, summary, failures) + render_precision(precision)
+        report = render_report(cfg, rows, summary, failures, graph.backend) + render_precision(precision)
         (out_dir / "report.md").write_text(report)
         if failures:
-            raise StageFailed("verify failed:\n" + "\n".join(failures), files={"report.md": report})
+            bad = [r for r in rows if r["failed"]]
+            head = (f"FAILED on {len(bad)} of {len(rows)} images: "
+                    + "; ".join(f"{r['image']} {r['matched']}/{r['detectron2']} matched" for r in bad))
+            raise StageFailed(head + "\n" + "\n".join(failures), files={"report.md": report})
         return {"summary": summary, "images": [{k: r[k] for k in SUMMARY_KEYS} for r in rows],
                 "precision": {k: v for k, v in precision.items() if k != "emulated_nodes"}}
 
+    def describe(self, info: dict[str, Any], folder: Path) -> str:
+        s, images = info["summary"], info["images"]
+        matched = sum(r["matched"] for r in images)
+        total = sum(r["detectron2"] for r in images)
+        masks = f", mean mask IoU {s['mean_mask_iou']:.4f}" if s.get("mean_mask_iou") is not None else ""
+        return (f"passed: {matched}/{total} matched on {len(images)} images, mean box IoU {s['mean_box_iou']:.4f}"
+                f"{masks}; report {folder / 'report.md'}")
 
+
+NAME_KEYS = ("class_names", "keypoint_names", "keypoint_skeleton")
 SUMMARY_KEYS = ("image", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
                 "mean_mask_iou", "max_score_diff", "mean_score_shift", "eager_s", "graph_s")
-
-
-def precision_session(artifact, session_cls):
-    """A reference session over the precision graph; float16 nodes ONNX Runtime's CPU provider has
-    no kernel for run as float16 storage with float32 arithmetic (d2build/reference/emulate.py)."""
-    import onnx
-
-    from d2build.reference.emulate import emulate_unsupported_fp16
-
-    model = onnx.load(str(artifact.path("model.onnx")))
-    emulated: list[dict[str, str]] = []
-    if artifact.info.get("mode") == "fp16":
-        ops = {n.name: n.op_type for n in model.graph.node}
-        model, names = emulate_unsupported_fp16(model)
-        emulated = [{"node": n, "op": ops[n]} for n in names]
-    return session_cls(model), emulated
 
 
 def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, str]]) -> dict[str, Any]:
@@ -113,39 +111,28 @@ def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, st
     return out
 
 
-def class_names(d2cfg) -> list[str] | None:
-    from detectron2.data import MetadataCatalog
-
-    datasets = list(d2cfg.DATASETS.TEST) or list(d2cfg.DATASETS.TRAIN)
-    for ds in datasets:
-        names = MetadataCatalog.get(ds).get("thing_classes", None)
-        if names:
-            return list(names)
-    return None
-
-
-def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
-                pictures: Path) -> tuple[dict[str, Any], str | None]:
+def compare_one(fam, model, graph, photo, v: dict[str, Any], pictures: Path) -> tuple[dict[str, Any], str | None]:
+    """Detectron2 eager and the graph (a runtime Model) on one photograph, letterboxed alike."""
     from d2build.compare import describe_mismatches, match_detections
-    from d2build.processing import decode_outputs, detections_from_instances, letterbox
+    from d2build.processing import detections_from_instances
     from d2build.visualize import side_by_side
 
-    chw, lb = letterbox(photo.bgr, hw, pad)
+    x, (lb,) = graph.prepare([photo.bgr])
     t0 = time.perf_counter()
-    inst = fam.eager(model, chw)
+    inst = fam.eager(model, x[0])
     t1 = time.perf_counter()
-    outputs = session.run({"input_tensor": chw[None]})
-    t2 = time.perf_counter()
+    got, _, graph_s = graph.detect(photo.bgr)
     ref = detections_from_instances(inst, lb)
-    got = decode_outputs(outputs, lb)
     m = match_detections(ref, got, iou_min=v["iou_threshold"], score_tol=v["score_tolerance"])
     stem = Path(photo.name).stem
-    side_by_side(photo.bgr, ref, got, names, path=pictures / f"{stem}.png", highlight=m)
+    info = graph.info
+    side_by_side(photo.bgr, ref, got, info.class_names, path=pictures / f"{stem}.png", highlight=m,
+                 skeleton=info.keypoint_skeleton)
     row = {
         "image": photo.name, "detectron2": len(ref), "graph": len(got), "matched": len(m.pairs),
         "recovered": m.recovered, "mean_box_iou": m.mean_box_iou, "mean_mask_iou": m.mean_mask_iou,
         "max_score_diff": m.max_score_diff, "mean_score_shift": m.mean_score_shift,
-        "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(t2 - t1, 3),
+        "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(graph_s, 3),
         "picture": f"pictures/{stem}.png", "match": m.to_dict(),
     }
     extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
@@ -157,9 +144,10 @@ def compare_one(fam, model, session, photo, hw, pad, v: dict[str, Any], names,
                         f"(< verify.min_recovered={v['min_recovered']})")
     if m.mean_mask_iou is not None and m.mean_mask_iou < v["min_mask_iou"]:
         problems.append(f"mean mask IoU {m.mean_mask_iou:.3f} (< verify.min_mask_iou={v['min_mask_iou']})")
+    row["failed"] = bool(problems)
     if not problems:
         return row, None
-    detail = "\n".join("    " + line for line in describe_mismatches(m, ref, got, names))
+    detail = "\n".join("    " + line for line in describe_mismatches(m, ref, got, info.class_names))
     return row, f"  {photo.name}: " + "; ".join(problems) + ("\n" + detail if detail else "")
 
 
@@ -211,22 +199,25 @@ def render_precision(p: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-BASE_ROW_KEYS = (*SUMMARY_KEYS, "mean_abs_score_diff", "picture", "match")
+BASE_ROW_KEYS = (*SUMMARY_KEYS, "mean_abs_score_diff", "picture", "match", "failed")
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+BACKEND_WORDS = {"reference": "plugins run by d2build's CPU reference implementations in ONNX Runtime",
+                 "onnxruntime": "standard ONNX ops only, run by ONNX Runtime's own kernels"}
+
+
 def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any],
-                  failures: list[str]) -> str:
+                  failures: list[str], backend: str = "reference") -> str:
     v = cfg["verify"]
     h, w = cfg["input"]
     lines = [
         f"# verify: {cfg['family']} at {h}x{w}, {cfg.get('precision', 'fp32')}",
         "",
-        f"TensorRT-ready {cfg.get('precision', 'fp32')} graph (plugins run by d2build's CPU reference "
-        f"implementations in ONNX Runtime) vs "
+        f"TensorRT-ready {cfg.get('precision', 'fp32')} graph ({BACKEND_WORDS.get(backend, backend)}) vs "
         f"Detectron2 eager on the same letterboxed input. A match needs the same class, box IoU >= "
         f"{v['iou_threshold']} and |score difference| <= {v['score_tolerance']}; each image must recover >= "
         f"{v['min_recovered']:.0%} of Detectron2's detections with mean mask IoU >= {v['min_mask_iou']}.",

@@ -12,7 +12,7 @@ from typing import Any
 
 from d2build.cache import Artifact, file_digest
 from d2build.schema import Recipe
-from d2build.stages.base import Progress, Stage
+from d2build.stages.base import Context, Stage
 
 
 class WeightsStage(Stage):
@@ -33,7 +33,7 @@ class WeightsStage(Stage):
         return cfg
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            progress: Progress) -> dict[str, Any]:
+            ctx: Context) -> dict[str, Any]:
         import numpy as np
         import torch
 
@@ -41,12 +41,12 @@ class WeightsStage(Stage):
 
         d2cfg = detectron.load_cfg(cfg["config"])
         if cfg["weights"] == "random":
-            progress.step(f"random weights (seed {cfg['seed']}), BN statistics from '{cfg['bn_photo']}'")
+            ctx.step(f"random weights (seed {cfg['seed']}), BN statistics from '{cfg['bn_photo']}'")
             photo = photos.bundled(cfg["bn_photo"])
             chw = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
             model = detectron.random_model(d2cfg, cfg["seed"], chw)
         else:
-            progress.step(f"loading {cfg['weights']}")
+            ctx.step(f"loading {cfg['weights']}")
             model = detectron.build_model(d2cfg)
             detectron.load_checkpoint(model, cfg["weights"])
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""The one module that talks to TensorRT. Nothing imports `tensorrt` except through `load()`.
+"""Backend `tensorrt`, and the one module that talks to TensorRT. Nothing imports `tensorrt` except through `load()`.
 
 Written to the Python API that TensorRT 10.x and 11.x share: `Builder`, `create_network` (with the
 STRONGLY_TYPED flag where the enum still has it; 11.x networks are always strongly typed),
@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from d2build.backends.base import Runner
 
 INSTALL_HINT = ("pip install 'd2build[trt]' on a machine that can reach NVIDIA's package index "
                 "(pypi.nvidia.com), or run d2build in NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
@@ -206,15 +208,18 @@ def _torch_dtype(trt, dtype):
     return table[dtype]
 
 
-class EngineRunner:
-    """A deserialized engine with torch CUDA tensors bound to every I/O tensor (static shapes).
+class EngineRunner(Runner):
+    """Backend `tensorrt`: a deserialized engine with torch CUDA tensors bound to every I/O tensor.
 
     `run(feeds)` copies inputs in, executes on its own stream and returns numpy outputs;
-    `execute()` runs on what is already on the device (for timing); `capture()` records one
-    execution as a CUDA graph that `execute()` then replays.
+    `prepare()` copies inputs once and `execute()` runs on what is already on the device (for
+    timing); `capture()` records one execution as a CUDA graph that `execute()` then replays.
     """
 
+    backend = "tensorrt"
+
     def __init__(self, engine_path: Path, device: int = 0):
+        super().__init__()
         import torch
 
         trt = load()
@@ -241,10 +246,13 @@ class EngineRunner:
             self.context.set_tensor_address(name, t.data_ptr())
             (self.inputs if item["mode"] == "input" else self.outputs)[name] = t
         self.graph = None
+        self.input_shape = tuple(self.inputs[self.input_name].shape)
+        self.output_names = list(self.outputs)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.inputs["input_tensor"].shape)
+    def prepare(self, feeds: dict[str, Any]) -> None:
+        for name, value in feeds.items():
+            self.inputs[name].copy_(self.torch.as_tensor(value))
+        self.torch.cuda.synchronize(self.device)
 
     def execute(self) -> None:
         if self.graph is not None:
@@ -266,12 +274,13 @@ class EngineRunner:
     def synchronize(self) -> None:
         self.stream.synchronize()
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def run(self, feeds: dict[str, Any], outputs: Any = None) -> dict[str, Any]:
+        names = list(self.outputs if outputs is None else outputs)
         with self.torch.cuda.stream(self.stream):
             for name, value in feeds.items():
                 self.inputs[name].copy_(self.torch.as_tensor(value), non_blocking=False)
             self.execute()
-            out = {name: t.cpu().numpy() for name, t in self.outputs.items()}
+            out = {name: self.outputs[name].cpu().numpy() for name in names}
         self.stream.synchronize()
         return out
 
@@ -295,13 +304,3 @@ def gpu_identity(device: int) -> str:
         pass
     host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
     return f"{host}-{ident}"
-
-
-def gpu_lock(cache_root: Path, device: int):
-    """A file lock that keeps GPU stages (builds, benchmarks) of every d2build process using this
-    cache off the same GPU at once: `<cache root>/.gpu-<host>-<GPU UUID>.lock`. Named by host and
-    GPU, so nodes sharing a cache folder only wait for jobs on their own GPU."""
-    from filelock import FileLock
-
-    cache_root.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(cache_root / f".gpu-{gpu_identity(device)}.lock"))
