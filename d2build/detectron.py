@@ -114,7 +114,11 @@ def load_checkpoint(model, weights: str) -> None:
             ckpt["matching_heuristics"] = True
         ckpt["model"] = {k: np.asarray(v) for k, v in ckpt["model"].items()}
     else:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch's message advises loading unsafely: say it our way
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{name}: not a plain state dict d2build can load ({first[:200]}); refused") from None
         ckpt = ckpt if "model" in ckpt else {"model": ckpt}
     checkpointer = DetectionCheckpointer(model)
     incompatible = checkpointer._load_model(ckpt)  # d2's own name conversion (c2 -> d2) and shape checks

@@ -29,6 +29,7 @@ FAMILIES_SUPPORTED = tuple(FAMILIES)
 FAMILIES_KNOWN = (*FAMILIES_SUPPORTED, *(f for f in ("retinanet", "cascade_rcnn", "panoptic_fpn", "fcos")
                                        if f not in FAMILIES_SUPPORTED))
 PRECISIONS = ("fp32", "fp16", "int8")
+SURGERY_OPS = ("plugins", "standard")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # noqa: E402 - numpy only
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
@@ -62,6 +63,7 @@ class RpnConfig:
 
 @dataclass(frozen=True)
 class SurgeryConfig:
+    ops: str  # plugins (EfficientNMS_TRT, PyramidROIAlign_TRT) | standard (NonMaxSuppression, RoiAlign)
     nms: NmsConfig
     rpn: RpnConfig
 
@@ -333,6 +335,13 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
                    "pass model.weights=random, a local .pkl/.pth path, or a model-zoo URL")
         elif p.suffix not in (".pkl", ".pth", ".pt"):
             ck.add("model.weights", f"{w!r} has an unknown suffix {p.suffix!r}", "use a .pkl (model zoo) or .pth checkpoint")
+        else:
+            from d2build.inputs import checkpoint_problem
+
+            problem = checkpoint_problem(p)
+            if problem:
+                ck.add("model.weights", f"{w} {problem}", "pass the model_final.pth Detectron2's trainer wrote (or a "
+                       "torch.save of a state dict, or a model-zoo .pkl), or model.weights=random")
     for i, side in enumerate(m.input):
         key = f"model.input[{i}]"
         if not 256 <= side <= 2048:
@@ -353,6 +362,8 @@ def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
 
     Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
     tree = yaml.load(path.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} holds a YAML {type(tree).__name__}, not a mapping of config keys")
     base = tree.pop("_BASE_", None)
     if base is None or depth > 10:
         return tree
@@ -375,10 +386,18 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
     try:
         tree = _read_d2_yaml(path)
     except OSError as e:
-        ck.add("model.config", f"{m.config!r} cannot be read ({e})", "pass a readable Detectron2 .yaml config")
+        ck.add("model.config", f"{e.filename or m.config} cannot be read ({e.strerror or e})",
+               "pass a readable Detectron2 .yaml config (and the _BASE_ files it names)")
         return
     except yaml.YAMLError as e:
-        ck.add("model.config", f"{m.config!r} is not valid YAML ({e})", "pass a Detectron2 .yaml config")
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        ck.add("model.config", f"{m.config} is not valid YAML{at} ({getattr(e, 'problem', None) or e})",
+               "pass a Detectron2 .yaml config (the config.yaml Detectron2's trainer wrote)")
+        return
+    except (UnicodeDecodeError, ValueError) as e:
+        ck.add("model.config", f"{m.config} is not a Detectron2 config ({e})",
+               "pass a Detectron2 .yaml config (the config.yaml Detectron2's trainer wrote)")
         return
 
     def get(key: str, default: Any) -> Any:
@@ -421,12 +440,28 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
     _in_unit(ck, "surgery.nms.iou_threshold", s.nms.iou_threshold, 0.5)
     _in_unit(ck, "surgery.nms.score_threshold", s.nms.score_threshold, 0.05)
     _in_unit(ck, "surgery.rpn.iou_threshold", s.rpn.iou_threshold, 0.7)
+    if s.ops not in SURGERY_OPS:
+        ck.add("surgery.ops", f"unknown graph flavour {s.ops!r}", f"use surgery.ops={'|'.join(SURGERY_OPS)} (plugins: "
+               "EfficientNMS_TRT/PyramidROIAlign_TRT; standard: ONNX NonMaxSuppression/RoiAlign)")
+        return
+    if not 1 <= s.nms.max_detections <= 1000:
+        ck.add("surgery.nms.max_detections", f"{s.nms.max_detections} is outside 1..1000", "Detectron2 uses 100")
+    if s.ops == "standard":
+        from d2build.standard_ops import TOPK_MAX
+
+        for key, v in (("surgery.rpn.pre_nms_topk", s.rpn.pre_nms_topk), ("surgery.rpn.post_nms_topk",
+                                                                             s.rpn.post_nms_topk)):
+            if not 1 <= v <= TOPK_MAX:
+                ck.add(key, f"{v} is outside 1..{TOPK_MAX}, the largest K TensorRT's TopK layer takes",
+                       "Detectron2 uses 1000")
+        if s.rpn.post_nms_topk > RPN_LEVELS * s.rpn.pre_nms_topk:
+            ck.add("surgery.rpn.post_nms_topk", f"{s.rpn.post_nms_topk} is more than the {RPN_LEVELS} levels x "
+                   f"pre_nms_topk={s.rpn.pre_nms_topk} candidates", "lower it, or raise surgery.rpn.pre_nms_topk")
+        return
     if s.nms.score_threshold < plugins.DENSE_MODE_BELOW:
         ck.add("surgery.nms.score_threshold", f"{s.nms.score_threshold} is below {plugins.DENSE_MODE_BELOW}, where "
                "EfficientNMS_TRT switches to a dense mode that pads its output with sub-threshold boxes",
-               f"use a threshold >= {plugins.DENSE_MODE_BELOW} (Detectron2 uses 0.05)")
-    if not 1 <= s.nms.max_detections <= 1000:
-        ck.add("surgery.nms.max_detections", f"{s.nms.max_detections} is outside 1..1000", "Detectron2 uses 100")
+               f"use a threshold >= {plugins.DENSE_MODE_BELOW} (Detectron2 uses 0.05), or surgery.ops=standard")
     limit = plugins.PRE_NMS_TOPK // RPN_LEVELS
     if not 1 <= s.rpn.pre_nms_topk <= limit:
         ck.add("surgery.rpn.pre_nms_topk", f"{s.rpn.pre_nms_topk} is outside 1..{limit}: {RPN_LEVELS} levels "
@@ -447,7 +482,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     if r.precision.mode == "int8" and not c.images:
         ck.add("calibration.images", "precision=int8 needs calibration images and none are set",
                "add calibration=bundled, or calibration.images=/path/to/folder", set_by="precision.mode")
-    _check_images(ck, "calibration.images", c.images)
+    _check_images(ck, "calibration.images", c.images, c.count)
     if c.images == "bundled" and c.count > len(BUNDLED):
         ck.add("calibration.count", f"{c.count} is more than the {len(BUNDLED)} bundled photographs",
                f"use calibration.count<={len(BUNDLED)} or calibration.images=/path/to/folder")
@@ -467,7 +502,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     _in_unit(ck, "runtime.score_threshold", rt.score_threshold, conf_default("runtime.score_threshold"),
              "the default is")
     v = r.verify
-    _check_images(ck, "verify.images", v.images)
+    _check_images(ck, "verify.images", v.images, v.count)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
         _in_unit(ck, f"verify.{key}", getattr(v, key), conf_default(f"verify.{key}"), "the default is")
     if v.count < 1:
@@ -500,12 +535,18 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
 
 
-def _check_images(ck: _Checker, key: str, images: str | None) -> None:
+def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> None:
     if images in (None, "bundled"):
         return
     p = Path(images).expanduser()
     if not p.is_dir():
         ck.add(key, f"{images!r} is not `bundled` or an existing folder", f"set {key}=bundled or a folder of images")
+        return
+    from d2build.inputs import images_problems
+
+    for file, problem in images_problems(str(p), count):
+        ck.add(key, f"{file} {problem}", f"remove or replace it ({key} reads the folder's first {count} images "
+               "in name order: .jpg, .jpeg, .png, .bmp, .webp)")
 
 
 def conf_default(key: str) -> Any:

@@ -152,7 +152,8 @@ def build_engine(onnx_path: Path, settings: BuilderSettings, out_dir: Path,
     logger = trt.Logger(trt.Logger.WARNING)
     if not trt.init_libnvinfer_plugins(logger, ""):
         raise BuildError("init_libnvinfer_plugins failed: the TensorRT plugin library (libnvinfer_plugin) "
-                         "is missing or does not load; EfficientNMS_TRT and PyramidROIAlign_TRT live there")
+                         "is missing or does not load; the plugins of surgery.ops=plugins graphs live there, and so "
+                         "does ROIAlign_TRT, which the ONNX parser uses for RoiAlign in surgery.ops=standard graphs")
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)

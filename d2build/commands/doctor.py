@@ -25,7 +25,7 @@ def lines(device: int = 0) -> list[tuple[str, str]]:
     env = trt.environment(device, probe_gpu=True)
     out.append(("TensorRT", f"{env.tensorrt} (strongly typed networks; builds engines)" if env.tensorrt
                 else f"missing: {env.tensorrt_error}"))
-    out.append(("plugins", _plugins(env)))
+    out.extend(_plugin_lines(env))
     out.append(("torch", _torch()))
     out.append(("CUDA", f"available through torch (CUDA {env.torch_cuda})" if env.cuda
                 else f"not available: {env.gpu_error or 'no CUDA device'}"))
@@ -45,7 +45,8 @@ def lines(device: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def _plugins(env) -> str:
+def _creators(env) -> set[tuple[str, str]] | str:
+    """(name, version) of every plugin creator TensorRT's registry holds, or why it cannot be asked."""
     from d2build.plugins import PLUGINS
 
     if env.tensorrt is None:
@@ -59,15 +60,30 @@ def _plugins(env) -> str:
             return "libnvinfer_plugin did not initialise"
         registry = t.get_plugin_registry()
         creators = getattr(registry, "all_creators", None) or registry.plugin_creator_list  # 10.x+ / older
-        names = {c.name for c in creators}
-        from d2build.plugins import PLUGINS
-
-        need = tuple(PLUGINS)
-        have = [n for n in need if n in names]
-        missing = [n for n in need if n not in names]
-        return f"found {', '.join(have) or 'none'}" + (f"; MISSING {', '.join(missing)}" if missing else "")
+        return {(c.name, str(getattr(c, "plugin_version", ""))) for c in creators}
     except Exception as e:  # noqa: BLE001 - doctor reports, never raises
         return f"could not be queried: {type(e).__name__}: {e}"
+
+
+def _plugin_lines(env) -> list[tuple[str, str]]:
+    """The plugin creators d2build's graphs need, and which graph flavours this TensorRT can build."""
+    from d2build.plugins import PLUGINS
+    from d2build.standard_ops import PARSER_PLUGINS
+
+    creators = _creators(env)
+    if isinstance(creators, str):
+        return [("plugins", creators), ("flavours", "unknown without TensorRT: surgery.ops=plugins needs "
+                 + " and ".join(PLUGINS) + "; surgery.ops=standard needs the ONNX parser's RoiAlign (the ROIAlign_TRT "
+                 "plugin TensorRT ships; d2build targets TensorRT 10.x/11.x)")]
+    names = {n for n, _ in creators}
+    missing = [n for n in PLUGINS if n not in names]
+    roi, version = PARSER_PLUGINS["RoiAlign"]
+    standard_ok = roi in names  # v2 (IPluginV3) since 10.1, v1 before: either imports RoiAlign
+    flavours = [f for f, ok in (("plugins", not missing), ("standard", standard_ok)) if ok]
+    return [("plugins", f"found {', '.join(n for n in PLUGINS if n in names) or 'none'}"
+             + (f"; MISSING {', '.join(missing)}" if missing else "")),
+            ("flavours", f"can build surgery.ops={'|'.join(flavours)}" if flavours else "can build neither flavour"
+             + ("" if standard_ok else f" (standard needs {roi} v{version} for RoiAlign)"))]
 
 
 def _torch() -> str:

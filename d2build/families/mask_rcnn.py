@@ -88,11 +88,15 @@ class MaskRCNN(Family):
         raw = np.asarray(outputs["detection_masks"], dtype=np.float32)[image_index, rows]
         return {"masks": paste_masks(raw, boxes, lb.original_hw, threshold=mask_threshold)}
 
-    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int]):
+    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1):
+        """The TensorRT-ready graph: plugin nodes (`surgery.ops=plugins`) or standard ONNX ops (`standard`)."""
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
+        from d2build.families.rcnn_standard import StandardSurgeon
 
-        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints)
-        return RCNNSurgeon(export_model, spec).run()
+        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints,
+                         batch=batch)
+        surgeon = StandardSurgeon if surgery.get("ops", "plugins") == "standard" else RCNNSurgeon
+        return surgeon(export_model, spec).run()
 
 
 def _in_model_format(model, image_bgr):

@@ -85,10 +85,11 @@ class HeadSpec:
     canonical_box_size: int = 224
     keypoint_pooler: tuple[int, int] | None = None  # resolution, sampling ratio; None: no keypoint stage
     num_keypoints: int = 0
+    batch: int = 1  # images per inference (the graph input's first dimension)
 
 
 def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
-              with_keypoints: bool = False) -> HeadSpec:
+              with_keypoints: bool = False, batch: int = 1) -> HeadSpec:
     """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
 
     `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
@@ -150,6 +151,7 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
         max_detections=int(surgery["nms"]["max_detections"]),
         keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
         num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
+        batch=batch,
     )
 
 
@@ -180,7 +182,7 @@ class RCNNSurgeon:
     def input_and_preprocessing(self) -> gs.Variable:
         s, b = self.spec, self.b
         h, w = s.input_hw
-        inp = gs.Variable("input_tensor", np.float32, [1, 3, h, w])
+        inp = gs.Variable("input_tensor", np.float32, [s.batch, 3, h, w])
         stem = find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
         weight = np.array(stem.inputs[1].values, dtype=np.float32)
         mean = np.array(s.pixel_mean, dtype=np.float32)
@@ -257,7 +259,8 @@ class RCNNSurgeon:
         self._nms_outputs(num, rois, probs, levels_out, s.rpn_post_nms_topk)
         return probs, rois
 
-    def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node, n: int) -> gs.Variable:
+    def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node, n: int,
+                         reshape: bool = True) -> gs.Variable:
         """One conv per level: rows [score for level 0..L-1 (own level = logit, else -BIG), dx, dy, dw, dh].
 
         Channel order is (row, anchor), so a Reshape to [L+4, A*H*W] lists anchors in (a, y, x) order.
@@ -272,6 +275,8 @@ class RCNNSurgeon:
             weights[(levels + c) * a:(levels + c + 1) * a] = wd[c::4]
             bias[(levels + c) * a:(levels + c + 1) * a] = bd[c::4]
         conv = self.b.op("Conv", [obj.inputs[0], weights, bias], dict(obj.attrs), name=f"rpn_head_level{lvl}")
+        if not reshape:
+            return conv
         return self.b.op("Reshape", [conv, np.array([levels + 4, n], np.int64)], name=f"rpn_rows_level{lvl}")
 
     @staticmethod

@@ -42,6 +42,7 @@ class CalibrationStage(Stage):
             "family": m.family,
             "config": m.config,
             "input": list(m.input),
+            "ops": recipe.surgery.ops,
             "rpn": recipe.to_dict()["surgery"]["rpn"],
             "nms": CALIBRATION_NMS,
             "method": c.method,
@@ -64,7 +65,8 @@ class CalibrationStage(Stage):
         hw = tuple(cfg["input"])
         ctx.step("surgery for the calibration graph (recipe RPN, default final NMS)")
         export = onnx.load(str(inputs["export"].path("model.onnx")))
-        graph, _ = family(cfg["family"]).surgery(export, d2cfg, {"nms": cfg["nms"], "rpn": cfg["rpn"]}, hw)
+        surgery = {"ops": cfg["ops"], "nms": cfg["nms"], "rpn": cfg["rpn"]}
+        graph, _ = family(cfg["family"]).surgery(export, d2cfg, surgery, hw)
         found = targets(graph)
         tensors = list(dict.fromkeys(t.activation for t in found))
         consumers: dict[str, list[str]] = {}

@@ -1,7 +1,8 @@
-"""surgery: the export becomes the TensorRT-ready graph (static shapes, plugin nodes).
+"""surgery: the export becomes the TensorRT-ready graph (static outputs; plugin nodes or standard ops).
 
-The family module does the rewrite; this stage records what came out: node count, op histogram,
-every plugin's attributes, input/output shapes and the anchor counts that were checked.
+The family module does the rewrite (`surgery.ops`: plugins | standard); this stage records what came
+out: node count, op histogram, every plugin's attributes, input/output shapes and the anchor counts
+that were checked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from d2build.stages.base import Context, Stage
 
 class SurgeryStage(Stage):
     name = "surgery"
-    VERSION = 2
+    VERSION = 3  # 3: surgery.ops (plugins | standard)
     needs = ("export",)
     tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "sal-detectron2")
 
@@ -40,6 +41,7 @@ class SurgeryStage(Stage):
         onnx.save(model, str(out_dir / "model.onnx"))
         ctx.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
         return {
+            "flavour": cfg["surgery"].get("ops", "plugins"),
             "nodes": len(model.graph.node),
             "ops": op_histogram(model),
             "plugins": plugin_attributes(model),

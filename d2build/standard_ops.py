@@ -1,0 +1,92 @@
+"""What TensorRT's ONNX parser imports natively, for the standard-op graph flavour (`surgery.ops=standard`).
+
+Read from onnx-tensorrt's docs/operators.md (the TensorRT 10.15 edition, opset 9-24), its importers
+(onnxOpImporters.cpp / onnxOpCheckers.cpp) and NvInfer.h (TensorRT 11.1); TensorRT 11.0 added
+parser ops but removed none of these. `check(model)` fails a graph with the first node TensorRT could
+not import, naming the node, the op and the rule.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+#: The ops d2build's standard graphs (and their fp16/int8 forms) may contain; all are "supported" in
+#: onnx-tensorrt's operator table for TensorRT 10.x (and still in 11.x).
+SUPPORTED = frozenset({
+    "Add", "And", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "DequantizeLinear",
+    "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm", "Greater",
+    "GreaterOrEqual", "Identity", "Less", "LessOrEqual", "MatMul", "Max", "MaxPool", "Min", "Mul",
+    "NonMaxSuppression", "NonZero", "Not", "QuantizeLinear", "Range", "ReduceMax", "ReduceMin", "ReduceSum",
+    "Relu", "Reshape", "Resize", "RoiAlign", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split",
+    "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+})
+#: Standard ops TensorRT's parser implements through a plugin of libnvinfer_plugin (not deprecated ones):
+#: RoiAlign -> ROIAlign_TRT version 2 (IPluginV3; version 1 until 10.0). The build still loads the library.
+PARSER_PLUGINS = {"RoiAlign": ("ROIAlign_TRT", "2")}
+#: TopK's K: "values larger than 3840 will result in a runtime error" (NvInfer.h, ITopKLayer).
+TOPK_MAX = 3840
+#: INMSLayer ranks at most this many boxes per batch item, across classes (2000 on SM 5.3/6.2).
+NMS_TOPK = 5000
+
+
+class UnsupportedOp(ValueError):
+    """A node TensorRT's ONNX parser would reject or import with other semantics."""
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _const_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return [int(v) for v in onnx.numpy_helper.to_array(init).reshape(-1)]
+    return None
+
+
+def problems(model: onnx.ModelProto) -> list[str]:
+    """One line per node TensorRT 10/11 could not import as d2build needs it."""
+    out = []
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in list(model.graph.value_info) + list(model.graph.input)}
+    for n in model.graph.node:
+        label = f"node {n.name!r} ({n.op_type})"
+        if n.domain not in ("", "ai.onnx"):
+            out.append(f"{label} is in domain {n.domain!r}: a plugin, not a standard op")
+            continue
+        if n.op_type not in SUPPORTED:
+            out.append(f"{label}: op {n.op_type} is not in d2build's list of ops TensorRT 10/11's ONNX parser imports")
+            continue
+        a = _attrs(n)
+        if n.op_type == "TopK":
+            k = _const_ints(model, n.input[1])
+            if k is None or k[0] > TOPK_MAX:
+                out.append(f"{label}: K={k} must be a constant <= {TOPK_MAX} for TensorRT's TopK layer")
+            if a.get("sorted", 1) != 1:
+                out.append(f"{label}: TensorRT requires sorted=1")
+        elif n.op_type == "ScatterND" and "reduction" in a:
+            out.append(f"{label}: TensorRT's importer rejects the reduction attribute (even 'none'); omit it")
+        elif n.op_type == "RoiAlign":
+            if a.get("coordinate_transformation_mode", b"half_pixel") not in (b"half_pixel", "half_pixel"):
+                out.append(f"{label}: coordinate_transformation_mode must be half_pixel (Detectron2's ROIAlignV2)")
+            if "sampling_ratio" not in a:
+                out.append(f"{label}: set sampling_ratio explicitly (TensorRT's importer defaults it to 1, ONNX to 0)")
+        elif n.op_type == "NonMaxSuppression":
+            shape = shapes.get(n.input[0])
+            if shape is not None and len(shape.dim) != 3:
+                out.append(f"{label}: boxes must be 3-D [batch, boxes, 4] for TensorRT's INMSLayer")
+            dim = shape.dim[1] if shape is not None and len(shape.dim) == 3 else None
+            if dim is not None and dim.HasField("dim_value") and dim.dim_value > NMS_TOPK:
+                out.append(f"{label}: {dim.dim_value} boxes per batch item, but TensorRT's INMSLayer ranks only "
+                           f"the top {NMS_TOPK}: put a TopK before it")
+            if len(n.input) < 5 or not n.input[4]:
+                out.append(f"{label}: give score_threshold (TensorRT defaults it to 0 and drops scores <= 0; "
+                           "ONNX Runtime keeps everything)")
+    return out
+
+
+def check(model: onnx.ModelProto) -> None:
+    found = problems(model)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UnsupportedOp(f"the standard-op graph cannot be imported by TensorRT: {found[0]}{more}")
