@@ -57,7 +57,11 @@ def _job(cfg) -> None:
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    results = execute(recipe, run_dir, list(hc.overrides.task))
+    try:
+        results = execute(recipe, run_dir, list(hc.overrides.task))
+    except RecipeError as e:  # what a stage's preflight found before anything ran
+        print_problems(e)
+        raise SystemExit(2) from None
     failed = [r.name for r in results if r.status == "failed"]
     for r in results:
         if r.status == "failed":

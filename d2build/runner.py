@@ -13,7 +13,7 @@ from typing import Any
 
 from d2build.cache import Artifact, Cache, CacheError, make_key
 from d2build.pipeline import pipeline_for
-from d2build.schema import Recipe
+from d2build.schema import Recipe, RecipeError
 from d2build.stages.base import Context, Stage, StageFailed
 
 log = logging.getLogger("d2build")
@@ -46,9 +46,20 @@ class StageResult:
 
 
 def ordered_stages(recipe: Recipe) -> list[Stage]:
-    stages = {s.name: s for s in pipeline_for(recipe)}
-    graph = {name: set(s.needs) for name, s in stages.items()}
-    return [stages[n] for n in graphlib.TopologicalSorter(graph).static_order()]
+    """The pipeline's stages in dependency order, ties broken by the pipeline's own order."""
+    listed = pipeline_for(recipe)
+    sorter = graphlib.TopologicalSorter({s.name: set(s.needs) for s in listed})
+    sorter.prepare()
+    rank = {s.name: i for i, s in enumerate(listed)}
+    by_name = {s.name: s for s in listed}
+    out: list[Stage] = []
+    ready: list[str] = []
+    while sorter.is_active():
+        ready = sorted({*ready, *sorter.get_ready()}, key=rank.__getitem__)
+        name = ready.pop(0)
+        out.append(by_name[name])
+        sorter.done(name)
+    return out
 
 
 def plan(recipe: Recipe, cache: Cache | None = None) -> list[PlannedStage]:
@@ -82,6 +93,9 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
     log.info("d2build: recipe %s (%s), cache %s", recipe.name, recipe.source, cache.root)
     planned = plan(recipe, cache)
     wanted = _ancestors(planned, until) if until else {p.name for p in planned}
+    problems = [prob for p in planned if p.name in wanted for prob in p.stage.preflight(recipe)]
+    if problems:
+        raise RecipeError(problems)
     for p in planned:
         if p.name not in wanted:
             res = StageResult(p.name, p.key, "skipped", 0.0, reason=f"--until {until}")

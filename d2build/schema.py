@@ -115,6 +115,18 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """COCO evaluation as a stage of the DAG (candidates + eval), when `annotations` is set."""
+
+    annotations: str | None  # COCO instances json (with keypoints for keypoint families)
+    images: str | None  # folder holding the json's file_name images
+    count: int  # the first N images of the json (by id); 0: all
+    keypoint_oks_sigmas: tuple[float, ...] | None  # per keypoint; None: the config's, or COCO's for 17
+    score_floor: float  # candidates keep every score above this (NMS variants need thresholds >= it)
+    max_candidates: int  # per image
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     dir: str
 
@@ -135,6 +147,7 @@ class Recipe:
     calibration: CalibrationConfig
     build: BuildConfig
     verify: VerifyConfig
+    eval: EvalConfig
     cache: CacheConfig
     runtime: RuntimeConfig
     run: RunConfig
@@ -305,7 +318,9 @@ def _in_unit(ck: _Checker, key: str, v: float, default: float, who: str = "Detec
         ck.add(key, f"{v} is outside [0, 1]", f"set a value between 0 and 1 ({who} {default})")
 
 
-def _check_model(m: ModelConfig, ck: _Checker) -> None:
+def _check_model(m: ModelConfig, ck: _Checker):
+    """Model keys; returns a getter of the Detectron2 config's keys (None when it cannot be read)."""
+    get = None
     if m.family not in FAMILIES_KNOWN:
         ck.add("model.family", f"unknown family {m.family!r}", f"use one of: {', '.join(FAMILIES_SUPPORTED)}")
     elif m.family not in FAMILIES_SUPPORTED:
@@ -326,7 +341,7 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
             ck.add("model.config", f"{m.config!r} is neither a local file nor a model-zoo config {where}",
                    "check the spelling, e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
         else:
-            _check_structure(m, local if local.is_file() else zoo / m.config, ck)  # type: ignore[operator]
+            get = _check_structure(m, local if local.is_file() else zoo / m.config, ck)  # type: ignore[operator]
     w = m.weights
     if w != "random" and not re.match(r"^https?://", w):
         p = Path(w).expanduser()
@@ -351,6 +366,7 @@ def _check_model(m: ModelConfig, ck: _Checker) -> None:
             ck.add(key, f"{side} is not divisible by 32 (the FPN's largest stride)", f"use {lo} or {hi}")
     if m.seed < 0:
         ck.add("model.seed", f"{m.seed} is negative", "use a seed >= 0")
+    return get
 
 
 def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
@@ -379,8 +395,9 @@ def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     return merged
 
 
-def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
-    """The Detectron2 config describes a model surgery handles, with the heads of model.family."""
+def _check_structure(m: ModelConfig, path: Path, ck: _Checker):
+    """The Detectron2 config describes a model surgery handles, with the heads of model.family; returns a
+    getter of its keys (`get("MODEL.ROI_HEADS.NUM_CLASSES", 80)`), or None when it cannot be read."""
     import yaml
 
     try:
@@ -388,17 +405,17 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
     except OSError as e:
         ck.add("model.config", f"{e.filename or m.config} cannot be read ({e.strerror or e})",
                "pass a readable Detectron2 .yaml config (and the _BASE_ files it names)")
-        return
+        return None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         ck.add("model.config", f"{m.config} is not valid YAML{at} ({getattr(e, 'problem', None) or e})",
                "pass a Detectron2 .yaml config (the config.yaml Detectron2's trainer wrote)")
-        return
+        return None
     except (UnicodeDecodeError, ValueError) as e:
         ck.add("model.config", f"{m.config} is not a Detectron2 config ({e})",
                "pass a Detectron2 .yaml config (the config.yaml Detectron2's trainer wrote)")
-        return
+        return None
 
     def get(key: str, default: Any) -> Any:
         node: Any = tree
@@ -417,9 +434,9 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
                    f"{_SUPPORTED_MODELS}", "use an FPN config such as COCO-InstanceSegmentation/"
                    "mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml or "
                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
-            return
+            return None
     if m.family not in FAMILIES_SUPPORTED:
-        return
+        return None
     from d2build.families import family
 
     heads = {name: {"MODEL.MASK_ON": family(name).with_masks, "MODEL.KEYPOINT_ON": family(name).with_keypoints}
@@ -434,6 +451,97 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker) -> None:
         ck.add(key, f"model.config {m.config!r} has {', '.join(f'{k}={v}' for k, v in has.items())}, "
                f"which model.family={m.family} does not build (heads per family: {needs})",
                f"use model.family={fits[0]}" if fits else "pick a config of one of these families")
+        return None
+    return get
+
+
+def _check_names(r: Recipe, get, ck: _Checker) -> None:
+    """Class and keypoint names against the Detectron2 config's NUM_CLASSES / NUM_KEYPOINTS."""
+    m = r.model
+    num_classes = int(get("MODEL.ROI_HEADS.NUM_CLASSES", 80))
+    if m.class_names is not None and len(m.class_names) != num_classes:
+        ck.add("model.class_names", f"{len(m.class_names)} names for the {num_classes} classes of {m.config} "
+               "(MODEL.ROI_HEADS.NUM_CLASSES)", f"give exactly {num_classes} names, in the model's class order")
+    if m.class_names is not None and len(set(m.class_names)) != len(m.class_names):
+        ck.add("model.class_names", "has duplicate names", "give each class its own name")
+    from d2build.families import family
+
+    with_keypoints = m.family in FAMILIES_SUPPORTED and family(m.family).with_keypoints
+    for key in ("keypoint_names", "keypoint_skeleton"):
+        if getattr(m, key) is not None and not with_keypoints:
+            ck.add(f"model.{key}", f"model.family={m.family} has no keypoints", f"remove model.{key}")
+    if not with_keypoints:
+        return
+    k = int(get("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 17))
+    if m.keypoint_names is not None and len(m.keypoint_names) != k:
+        ck.add("model.keypoint_names", f"{len(m.keypoint_names)} names for the {k} keypoints of {m.config} "
+               "(MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS)", f"give exactly {k} names, in the model's keypoint order")
+    if m.keypoint_skeleton:
+        names = set(m.keypoint_names or ())
+        bad = sorted({n for limb in m.keypoint_skeleton for n in limb if n not in names})
+        if bad:
+            ck.add("model.keypoint_skeleton", f"names {bad} are not in model.keypoint_names", "set "
+                   "model.keypoint_names and name limbs by them, e.g. [[apex, left_eave], ...]",
+                   set_by="model.keypoint_skeleton")
+
+
+def _check_eval(r: Recipe, get, ck: _Checker) -> None:
+    """eval.*: the annotation file and its images, the candidate floor, keypoint sigmas."""
+    e = r.eval
+    if e.count < 0:
+        ck.add("eval.count", f"{e.count} is negative", "use 0 (every image of the json) or a positive count")
+    if not 0 < e.score_floor < 1:
+        ck.add("eval.score_floor", f"{e.score_floor} is outside (0, 1)", "use e.g. 0.01")
+    elif r.surgery.ops == "plugins" and e.score_floor < plugins.DENSE_MODE_BELOW:
+        ck.add("eval.score_floor", f"{e.score_floor} is below {plugins.DENSE_MODE_BELOW}, where EfficientNMS_TRT "
+               "pads its output with sub-threshold boxes", f"use >= {plugins.DENSE_MODE_BELOW}")
+    if not 1 <= e.max_candidates <= 1000:
+        ck.add("eval.max_candidates", f"{e.max_candidates} is outside 1..1000", "use e.g. 1000")
+    if e.annotations is None:
+        if e.images is not None:
+            ck.add("eval.annotations", "eval.images is set but eval.annotations is not",
+                   "set eval.annotations=/path/to/instances.json (COCO format)", set_by="eval.images")
+        return
+    if e.images is None:
+        ck.add("eval.images", "eval.annotations is set but eval.images is not",
+               "set eval.images to the folder holding the json's file_name images", set_by="eval.annotations")
+        return
+    path, folder = Path(e.annotations).expanduser(), Path(e.images).expanduser()
+    if not path.is_file():
+        ck.add("eval.annotations", f"{e.annotations} is not a file", "pass a COCO instances .json")
+        return
+    if not folder.is_dir():
+        ck.add("eval.images", f"{e.images} is not a folder", "pass the folder holding the json's images")
+        return
+    from d2build.inputs import coco_problem
+
+    problem = coco_problem(path, folder)
+    if problem:
+        key = "eval.images" if "missing under" in problem else "eval.annotations"
+        ck.add(key, f"{e.annotations} {problem}", "fix the json, or point eval.images at the folder that holds "
+               "its file_name images")
+        return
+    if r.surgery.nms.score_threshold < e.score_floor:
+        ck.add("surgery.nms.score_threshold", f"{r.surgery.nms.score_threshold} is below eval.score_floor="
+               f"{e.score_floor}: the eval candidates keep only scores above the floor",
+               "lower eval.score_floor, or raise the threshold")
+    if get is not None and m_has_keypoints(r) and not e.keypoint_oks_sigmas:
+        k = int(get("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 17))
+        if k != 17 and not get("TEST.KEYPOINT_OKS_SIGMAS", []):
+            ck.add("eval.keypoint_oks_sigmas", f"the model has {k} keypoints, not COCO's 17, and neither the recipe "
+                   "nor the config (TEST.KEYPOINT_OKS_SIGMAS) gives their OKS sigmas",
+                   f"set eval.keypoint_oks_sigmas to {k} values (COCO uses 0.025-0.107; 0.05 is typical)")
+    if e.keypoint_oks_sigmas and get is not None and m_has_keypoints(r):
+        k = int(get("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 17))
+        if len(e.keypoint_oks_sigmas) != k:
+            ck.add("eval.keypoint_oks_sigmas", f"{len(e.keypoint_oks_sigmas)} sigmas for {k} keypoints",
+                   f"give exactly {k}")
+
+
+def m_has_keypoints(r: Recipe) -> bool:
+    from d2build.families import family
+
+    return r.model.family in FAMILIES_SUPPORTED and family(r.model.family).with_keypoints
 
 
 def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
@@ -531,6 +639,9 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     elif r.run.until == "calibration" and r.precision.mode != "int8":
         ck.add("run.until", "calibration runs only at precision=int8", "add precision=int8 calibration=bundled, "
                "or stop at another stage", set_by="run.until")
+    elif r.run.until in ("candidates", "eval") and not r.eval.annotations:
+        ck.add("run.until", f"{r.run.until} runs only with eval.annotations and eval.images",
+               "set them, or stop at another stage", set_by="run.until")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
 
@@ -574,8 +685,11 @@ def parse_recipe(tree: dict[str, Any], *, name: str = "?", source: str = "?",
     recipe = _build(Recipe, tree, "", ck)
     if recipe is not None:
         recipe = dataclasses.replace(recipe, name=name, source=source)
-        _check_model(recipe.model, ck)
+        get = _check_model(recipe.model, ck)
+        if get is not None:
+            _check_names(recipe, get, ck)
         _check_surgery(recipe.surgery, ck)
+        _check_eval(recipe, get, ck)
         _check_rest(recipe, ck)
     if ck.problems:
         raise RecipeError(ck.problems)

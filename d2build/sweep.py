@@ -38,6 +38,16 @@ METRICS = {
     "max_score_diff": "max |score difference|",
     "detections": "graph detections (all images)",
 }
+# eval metrics (when the jobs ran the eval stage): what a user sweeps NMS thresholds for
+EVAL_METRICS = {
+    "box_AP": "box AP",
+    "box_AP50": "box AP50",
+    "box_AR100": "box AR100",
+    "mask_AP": "mask AP",
+    "keypoint_AP": "keypoint AP",
+    "dets_per_image": "detections per image",
+    "box_AP_vs_detectron2": "box AP - Detectron2's",
+}
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 _STATUS_ORDER = ["built", "hit", "skipped", "failed", "-", "no run.json"]
@@ -164,8 +174,18 @@ def collect(sweep_dir: Path) -> Summary:
 
 
 def _metrics(stages: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: None for k in METRICS}
+    out: dict[str, Any] = {k: None for k in (*METRICS, *EVAL_METRICS)}
     out.update(images=None, graph_nodes=None, engine=None)
+    ev = ((stages.get("eval") or {}).get("info") or {})
+    graph = (ev.get("metrics") or {}).get("graph") or {}
+    for iou_type, prefix in (("bbox", "box"), ("segm", "mask"), ("keypoints", "keypoint")):
+        m = graph.get(iou_type) or {}
+        for stat in ("AP", "AP50", "AR100"):
+            if f"{prefix}_{stat}" in EVAL_METRICS and stat in m:
+                out[f"{prefix}_{stat}"] = round(100 * m[stat], 3)
+    if ev:
+        out["dets_per_image"] = round(ev["detections_per_image"]["graph"], 2)
+        out["box_AP_vs_detectron2"] = round(100 * ev["delta_ap"]["bbox"], 3)
     verify = (stages.get("verify") or {}).get("info") or {}
     summ = verify.get("summary") or {}
     for k in ("min_recovered", "mean_box_iou", "mean_mask_iou", "max_score_diff"):
@@ -193,7 +213,8 @@ def columns(summary: Summary) -> list[str]:
     cols = ["job", *summary.swept, "ok"]
     for s in summary.stages:
         cols += [f"{s}_status", f"{s}_s"]
-    cols += [*METRICS, "images", "graph_nodes", "engine", "overrides", "run_dir"]
+    evals = [k for k in EVAL_METRICS if any(r.get(k) is not None for r in summary.rows)]
+    cols += [*METRICS, *evals, "images", "graph_nodes", "engine", "overrides", "run_dir"]
     return cols
 
 
@@ -217,6 +238,8 @@ def _fmt(v: Any, col: str) -> str:
             return f"{v:.1f}"
         if col == "max_score_diff":
             return f"{v:.2e}"
+        if col in EVAL_METRICS:
+            return f"{v:.2f}"
         return f"{v:.4f}"
     return str(v).replace("|", "\\|")
 
@@ -239,7 +262,9 @@ def to_markdown(summary: Summary) -> str:
     lines += ["", f"Per stage: `STAGE_status` (`built`, `hit`, `skipped`, `failed`) and `STAGE_s` seconds (for a "
               "hit: looking it up, or waiting while another job built it). Metrics from verify: "
               "min share of Detectron2's detections recovered, mean box and mask IoU of matched pairs, max "
-              "score difference, detections of the graph over all verify images. Plot: "
+              "score difference, detections of the graph over all verify images. From eval (when the jobs "
+              "ran it): the graph's COCO AP/AP50/AR100 in points on the eval images, detections per image, "
+              "and the graph's box AP minus Detectron2's at the same settings. Plot: "
               f"[{PNG_NAME}]({PNG_NAME}); CSV with full overrides and run folders: [{CSV_NAME}]({CSV_NAME})."]
     return "\n".join(lines) + "\n"
 
@@ -277,8 +302,10 @@ def plot(summary: Summary, path: Path) -> None:
         label = ", ".join(f"{k}={r[k]}" for k in others) or "jobs"
         series.setdefault(label, []).append(r)
 
-    fig, axes = plt.subplots(len(METRICS), 1, figsize=(7.5, 2.0 * len(METRICS) + 0.8), sharex=True)
-    for ax, (metric, label) in zip(axes, METRICS.items()):
+    evals = {k: v for k, v in EVAL_METRICS.items() if any(_number(r.get(k)) is not None for r in rows)}
+    shown = evals if evals else METRICS  # with eval: AP and recall per variant; else verify's agreement
+    fig, axes = plt.subplots(len(shown), 1, figsize=(7.5, 2.0 * len(shown) + 0.8), sharex=True)
+    for ax, (metric, label) in zip(axes, shown.items()):
         any_point = False
         for name, rs in series.items():
             pts = sorted((xs[r["job"]], _number(r.get(metric))) for r in rs if _number(r.get(metric)) is not None)
@@ -296,7 +323,8 @@ def plot(summary: Summary, path: Path) -> None:
     axes[-1].set_xlabel(xlabel)
     if ticks is not None:
         axes[-1].set_xticks(range(len(ticks)), ticks)
-    fig.suptitle(f"{summary.sweep_dir.name}: {xlabel} vs verify metrics ({len(rows)} jobs)", fontsize=10)
+    what = "eval metrics" if evals else "verify metrics"
+    fig.suptitle(f"{summary.sweep_dir.name}: {xlabel} vs {what} ({len(rows)} jobs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -383,3 +383,20 @@ def write_coco(dataset: str, split: str, count: int, folder: str | Path, images:
     path = folder / f"{dataset}_{split}.json"
     path.write_text(json.dumps(coco_dict(dataset, split, count)))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m d2build.synthetic DATASET SPLIT COUNT FOLDER`: write a split's images and COCO json."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 4 or args[0] not in DATASETS or args[1] not in SPLITS or not args[2].isdigit():
+        print(f"usage: python -m d2build.synthetic {{{','.join(DATASETS)}}} {{{','.join(SPLITS)}}} COUNT FOLDER",
+              file=sys.stderr)
+        return 2
+    print(write_coco(args[0], args[1], int(args[2]), args[3]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,7 +10,8 @@ Backends, one module each (Polygraphy's layout: a loader and a runner per backen
   ONNX Runtime with d2build's reference implementations of the plugins as custom ops;
 * `onnxruntime`: a graph of standard ONNX ops only, run by a plain `onnxruntime.InferenceSession`
   (its own NonMaxSuppression and RoiAlign kernels); CUDA or another provider where installed;
-* `tensorrt`: an engine (the only module that imports tensorrt).
+* `tensorrt`: an engine (the only module that imports tensorrt);
+* `detectron2`: not a runner but the eager model the graph came from (`EagerModel`), for `d2build eval`.
 
 `auto` picks `reference` for a graph with plugin nodes and `onnxruntime` for one without. Whether
 float16 nodes are emulated is decided from the graph itself (`graphs.executable`), the same way for
@@ -25,7 +26,8 @@ from typing import Any
 from d2build.backends.base import Runner, RunnerError
 
 GRAPH_BACKENDS = ("reference", "onnxruntime")
-BACKENDS = ("tensorrt", *GRAPH_BACKENDS)
+#: what `runtime.backend` may name: an engine, a graph backend, or Detectron2 eager (backends/detectron2.py)
+BACKENDS = ("tensorrt", *GRAPH_BACKENDS, "detectron2")
 
 __all__ = ["BACKENDS", "GRAPH_BACKENDS", "Runner", "RunnerError", "open_engine", "open_graph"]
 

@@ -66,11 +66,18 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
     """The recipe's precision graph (and engine for tensorrt), built through the runner if missing."""
     from d2build.runner import execute
 
-    until = "build" if backend == "tensorrt" else "precision"
-    results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until)}
+    from d2build.schema import RecipeError
+
+    until = {"tensorrt": "build", "detectron2": "weights"}.get(backend, "precision")
+    try:
+        results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until)}
+    except RecipeError as e:
+        raise ModelUnavailable(str(e)) from None
     failed = [r for r in results.values() if r.status == "failed"]
     if failed:
         raise ModelUnavailable(f"stage {failed[0].name} failed: {failed[0].reason}")
+    if backend == "detectron2":
+        return {"weights": Path(results["weights"].dir) / "model.pth"}
     out = {"precision": Path(results["precision"].dir) / "model.onnx"}
     if backend == "tensorrt":
         b = results["build"]
@@ -82,13 +89,19 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
 
 
 def open_model(recipe, *, engine: str | None = None, graph: str | None = None, run_dir: Path,
-               overrides: list[str], threads: int | None = None):
+               overrides: list[str], threads: int | None = None, backend: str | None = None,
+               resize: str = "letterbox"):
     """The recipe's model (cached graph or engine; what is missing is built) or an explicit file,
-    opened with `runtime.backend`."""
+    opened with `backend` (default `runtime.backend`); `detectron2` is the eager model it came from."""
     from d2build import backends, detectron
     from d2build.runtime import Model
 
-    backend = recipe.runtime.backend
+    backend = backend or recipe.runtime.backend
+    if backend == "detectron2":
+        if engine or graph:
+            raise ModelUnavailable("runtime.backend=detectron2 runs the recipe's Detectron2 model; --engine and "
+                                   "--graph name built models (use runtime.backend=tensorrt|reference|onnxruntime)")
+        return eager_model(recipe, run_dir, overrides, resize)
     if engine and graph:
         raise ModelUnavailable("give --engine or --graph, not both")
     if engine and backend != "tensorrt":
@@ -121,13 +134,30 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
     return Model(runner, info, source, path)
 
 
+def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "letterbox"):
+    """Detectron2 eager with the recipe's weights (cached) and thresholds: backends.detectron2.EagerModel."""
+    import torch
+
+    from d2build import detectron
+    from d2build.backends.detectron2 import EagerModel
+    from d2build.families import family
+
+    weights = artifacts_for(recipe, "detectron2", run_dir, overrides)["weights"]
+    fam = family(recipe.model.family)
+    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+    model = detectron.build_model(cfg, torch.load(weights, map_location="cpu", weights_only=True))
+    info = detectron.model_info(recipe.to_dict()["model"], cfg)
+    return EagerModel(model, fam, info, cfg, resize)
+
+
 def open_model_or_report(recipe, args, out: Path):
     try:
         model = open_model(recipe, engine=args.engine, graph=args.graph, run_dir=out, overrides=args.overrides)
     except ModelUnavailable as e:
         print(f"d2build: {e}", file=sys.stderr)
         return None
-    emulated = f", {len(model.runner.emulated)} fp16 nodes emulated in fp32 arithmetic" if model.runner.emulated else ""
+    runner = getattr(model, "runner", None)
+    emulated = f", {len(runner.emulated)} fp16 nodes emulated in fp32 arithmetic" if runner and runner.emulated else ""
     log.info("model: %s backend, %s (%s), input %dx%d%s", model.backend, model.path, model.source,
              *model.input_hw, emulated)
     return model

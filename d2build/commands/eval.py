@@ -1,4 +1,13 @@
-"""d2build eval --annotations FILE --images DIR [--engine|--graph PATH] KEY=VALUE ...: COCO box/mask AP."""
+"""d2build eval [--annotations FILE --images DIR] [--count N] [--engine|--graph PATH] KEY=VALUE ...: COCO AP.
+
+Runs the chosen model (runtime.backend: tensorrt | reference | onnxruntime | detectron2) on every
+annotated image and scores it with pycocotools -- box AP, mask AP where both sides have masks,
+keypoint (OKS) AP where both have keypoints -- beside the AP of the Detectron2 model it came from on
+the same letterboxed input (`--detectron2-resize shortest_edge`: with Detectron2's own test-time
+resize instead), and the difference. The annotation file and folder come from the arguments or from
+`eval.annotations` / `eval.images`. (For NMS sweeps, the eval *stage* is cheaper: see
+docs/ARCHITECTURE.md#evaluation.)
+"""
 
 from __future__ import annotations
 
@@ -9,101 +18,100 @@ from pathlib import Path
 
 from d2build.commands import _runtime
 
-SUMMARY = "COCO box (and mask) AP of a built model on your annotations (pycocotools)"
+SUMMARY = "COCO box/mask/keypoint AP of a built model on your annotations, beside Detectron2's own (pycocotools)"
 log = logging.getLogger("d2build")
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def main(argv: list[str]) -> int:
-    p = _runtime.parser("eval", "COCO-style evaluation of the recipe's model (or an explicit engine/graph).")
-    p.add_argument("--annotations", required=True, help="COCO-format instances .json")
-    p.add_argument("--images", required=True, help="folder holding the annotation file's file_name images")
+    p = _runtime.parser("eval", "COCO-style evaluation of the recipe's model (or an explicit engine/graph), "
+                                "beside the Detectron2 model it came from.")
+    p.add_argument("--annotations", help="COCO-format instances .json (default: eval.annotations)")
+    p.add_argument("--images", help="folder holding the json's file_name images (default: eval.images)")
+    p.add_argument("--count", type=int, help="only the json's first N images by id (default: eval.count; 0 = all)")
+    p.add_argument("--detectron2-resize", choices=("letterbox", "shortest_edge"), default="letterbox",
+                   help="how the Detectron2 reference sees each image: the graph's letterbox (default) or "
+                        "Detectron2's own ResizeShortestEdge")
     args = _runtime.parse(p, argv)
     setup = _runtime.setup("eval", args)
     if setup is None:
         return 2
     recipe, out = setup
-    from pycocotools.coco import COCO
+    from d2build import evaluation
+    from d2build.inputs import coco_problem
 
-    gt = COCO(str(args.annotations))
+    annotations = args.annotations or recipe.eval.annotations
+    images = args.images or recipe.eval.images
+    if not annotations or not images:
+        print("d2build eval: give --annotations FILE and --images DIR (or eval.annotations= and eval.images=)",
+              file=sys.stderr)
+        return 2
+    problem = coco_problem(Path(annotations), Path(images))
+    if problem:
+        print(f"d2build eval: {annotations} {problem}", file=sys.stderr)
+        return 2
+    gt = evaluation.load_coco(annotations)
+    models = {}
     model = _runtime.open_model_or_report(recipe, args, out)
     if model is None:
         return 2
+    models[model.backend] = model
+    if model.backend != "detectron2" or args.detectron2_resize != "letterbox":
+        models["detectron2" if model.backend != "detectron2" else "detectron2_native"] = _runtime.eager_model(
+            recipe, out, args.overrides, args.detectron2_resize)
+    info = model.info
     try:
-        category_of, note = category_map(gt, model.info)
+        category_of, note = evaluation.category_map(gt, info)
+        sigmas = None
+        if info.keypoint_names and evaluation.has(gt, "keypoints"):
+            from d2build import detectron
+
+            configured = tuple(detectron.load_cfg(recipe.model.config).TEST.KEYPOINT_OKS_SIGMAS)
+            sigmas = evaluation.keypoint_sigmas(info, recipe.eval.keypoint_oks_sigmas, configured)
     except ValueError as e:
-        print(f"d2build: {args.annotations}: {e}", file=sys.stderr)
+        print(f"d2build eval: {annotations}: {e}", file=sys.stderr)
         return 2
     if note:
-        log.warning("%s: %s", args.annotations, note)
-    from d2build.commands.infer import encode_masks
+        log.warning("%s: %s", annotations, note)
+    count = args.count if args.count is not None else recipe.eval.count
+    ids = sorted(gt.getImgIds())[: count or None]
     from d2build.processing import load_image_bgr
 
-    results, with_masks = [], False
-    ids = sorted(gt.getImgIds())
+    results: dict[str, list[dict]] = {k: [] for k in models}
+    with_masks: dict[str, bool] = {k: False for k in models}
+    seconds: dict[str, float] = {k: 0.0 for k in models}
     for i, image_id in enumerate(ids, 1):
-        info = gt.loadImgs(image_id)[0]
-        path = Path(args.images) / info["file_name"]
-        det, lb, seconds = model.detect(load_image_bgr(path))
-        rles = encode_masks(det.masks) if det.masks is not None else None
-        with_masks = with_masks or rles is not None
-        for k in range(len(det)):
-            x1, y1, x2, y2 = (float(v) for v in det.boxes[k])
-            r = {"image_id": image_id, "category_id": category_of[int(det.classes[k])],
-                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(det.scores[k])}
-            if rles is not None:
-                r["segmentation"] = rles[k]
-            results.append(r)
-        log.info("[%d/%d] %s: %d detections, %.2f s", i, len(ids), info["file_name"], len(det), seconds)
-    (out / "detections_coco.json").write_text(json.dumps(results))
-    metrics = {}
-    for iou_type in ("bbox", "segm") if with_masks and has_segmentation(gt) else ("bbox",):
-        metrics[iou_type] = evaluate(gt, results, iou_type)
-    doc = {"backend": model.backend, "model": str(model.path), "annotations": str(args.annotations),
-           "images": len(ids), "detections": len(results), "metrics": metrics}
+        file = gt.loadImgs(image_id)[0]["file_name"]
+        bgr = load_image_bgr(Path(images) / file)
+        line = []
+        for side, m in models.items():
+            det, _, s = m.detect(bgr)
+            seconds[side] += s
+            rles = evaluation.encode_masks(det.masks) if det.masks is not None else None
+            with_masks[side] |= rles is not None
+            results[side] += evaluation.to_results(image_id, det.boxes, det.scores, det.classes, category_of, rles,
+                                                   det.keypoints)
+            line.append(f"{side} {len(det)}")
+        log.info("[%d/%d] %s: %s detections", i, len(ids), file, ", ".join(line))
+    (out / "detections_coco.json").write_text(json.dumps(results[model.backend]))
+    metrics: dict[str, dict] = {}
+    for side in models:
+        types = ["bbox"] + (["segm"] if with_masks[side] and evaluation.has(gt, "segm") else []) + (
+            ["keypoints"] if sigmas is not None else [])
+        metrics[side] = {t: evaluation.evaluate(gt, results[side], t, sigmas, ids) for t in types}
+    ref = next((k for k in models if k != model.backend), None)
+    doc = {"backend": model.backend, "model": str(model.path), "annotations": str(annotations), "images": len(ids),
+           "detections": len(results[model.backend]), "metrics": metrics[model.backend], "by_backend": metrics,
+           "seconds_per_image": {k: v / max(1, len(ids)) for k, v in seconds.items()},
+           "category_mapping_note": note}
+    if ref is not None:
+        doc["reference"] = ref
+        doc["delta"] = {t: {k: v - metrics[ref][t][k] for k, v in m.items()}
+                        for t, m in metrics[model.backend].items() if t in metrics[ref]}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
-    for iou_type, m in metrics.items():
-        log.info("%s AP %.4f  AP50 %.4f  AP75 %.4f  (APs %.4f  APm %.4f  APl %.4f)", iou_type, m["AP"], m["AP50"],
-                 m["AP75"], m["APs"], m["APm"], m["APl"])
+    for t, m in metrics[model.backend].items():
+        beside = ""
+        if ref is not None and t in metrics[ref]:
+            beside = f"   ({ref} {metrics[ref][t]['AP'] * 100:.2f}, difference {(m['AP'] - metrics[ref][t]['AP']) * 100:+.2f})"
+        log.info("%-9s AP %.2f  AP50 %.2f  AP75 %.2f%s", t, m["AP"] * 100, m["AP50"] * 100, m["AP75"] * 100, beside)
     log.info("wrote %s", out / "eval.json")
     return 0
-
-
-def category_map(gt, info) -> tuple[dict[int, int], str | None]:
-    """Model class index -> annotation category id, and a note when the mapping is by position.
-
-    By name when every model class name is a category name; by position (categories sorted by id)
-    when the names are unknown or differ but the counts agree; otherwise an error saying which."""
-    cats = sorted(gt.loadCats(gt.getCatIds()), key=lambda c: c["id"])
-    by_name = {c["name"]: c["id"] for c in cats}
-    names = info.class_names
-    if names and all(n in by_name for n in names):
-        return {i: by_name[n] for i, n in enumerate(names)}, None
-    if len(cats) == info.num_classes:
-        why = "the model's class names are unknown" if not names else "its category names differ from the model's"
-        return ({i: c["id"] for i, c in enumerate(cats)},
-                f"{why}; mapping model class k to the k-th category by id ({', '.join(c['name'] for c in cats[:5])}"
-                f"{', ...' if len(cats) > 5 else ''}). Set model.class_names to map by name")
-    if names:
-        missing = [n for n in names if n not in by_name][:5]
-        raise ValueError(f"its {len(cats)} categories match neither the model's {len(names)} class names "
-                         f"(missing e.g. {missing}) nor their count; set model.class_names to the json's names")
-    raise ValueError(f"its {len(cats)} categories do not match the model's {info.num_classes} classes and the "
-                     "model's class names are unknown; set model.class_names")
-
-
-def has_segmentation(gt) -> bool:
-    return any("segmentation" in a for a in gt.dataset.get("annotations", []))
-
-
-def evaluate(gt, results: list[dict], iou_type: str) -> dict[str, float]:
-    from pycocotools.cocoeval import COCOeval
-
-    if not results:
-        return {k: 0.0 for k in STAT_NAMES}
-    dt = gt.loadRes(results)
-    ev = COCOeval(gt, dt, iou_type)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}

@@ -64,6 +64,11 @@ class Stage:
             ctx: Context) -> dict[str, Any]:
         raise NotImplementedError
 
+    def preflight(self, recipe: Recipe) -> list[Any]:
+        """Problems (schema.Problem) this stage can see in the recipe's inputs before anything runs, where
+        the schema cannot (they need Detectron2, say); [] when none."""
+        return []
+
     def describe(self, info: dict[str, Any], folder: Path) -> str | None:
         """One line for the console about a built or reused entry (its verdict, say); None: its folder."""
         return None
@@ -76,6 +81,36 @@ class Stage:
             "upstream": {n: upstream_keys[n] for n in self.needs},
             "tools": {t: tool_version(t) for t in self.tools},
         }
+
+
+def config_ref(config: str) -> dict[str, Any]:
+    """How a stage's key names the Detectron2 config: a model-zoo name as it is (its content is fixed by
+    the sal-detectron2 version), a local .yaml also by the sha256 of it and its _BASE_ chain, so editing
+    a user's config rebuilds what depends on it."""
+    import hashlib
+
+    path = Path(config).expanduser()
+    if not path.is_file():
+        return {"config": config}
+    h = hashlib.sha256()
+    for p in _config_chain(path):
+        h.update(p.read_bytes())
+    return {"config": config, "config_sha256": h.hexdigest()}
+
+
+def _config_chain(path: Path, depth: int = 0) -> list[Path]:
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # Detectron2 dumps may hold !!python tags: never construct them
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    tree = yaml.load(path.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+    base = tree.get("_BASE_") if isinstance(tree, dict) else None
+    if not base or depth > 10:
+        return [path]
+    base_path = (path.parent / Path(base).expanduser()).resolve()
+    return [path, *(_config_chain(base_path, depth + 1) if base_path.is_file() else [])]
 
 
 def tool_version(dist: str) -> str:

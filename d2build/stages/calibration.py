@@ -20,7 +20,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Context, Stage
+from d2build.stages.base import Context, Stage, config_ref
 
 # The final NMS of the graph calibration runs (Detectron2's test-time defaults).
 CALIBRATION_NMS = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100}
@@ -40,7 +40,7 @@ class CalibrationStage(Stage):
         return {
             "surgery_version": SurgeryStage.VERSION,  # the calibration graph is surgery's, rebuilt here
             "family": m.family,
-            "config": m.config,
+            **config_ref(m.config),
             "input": list(m.input),
             "ops": recipe.surgery.ops,
             "rpn": recipe.to_dict()["surgery"]["rpn"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Context, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed, config_ref
 
 # One photograph, the one traced, keeps a cold export cheap: its reference values come from the trace
 # itself, so the check costs one ONNX Runtime run (~5 s at 1344 on 2 cores) instead of that plus a
@@ -30,7 +30,7 @@ class ExportStage(Stage):
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
         m = recipe.model
-        return {"family": m.family, "config": m.config, "input": list(m.input)}
+        return {"family": m.family, **config_ref(m.config), "input": list(m.input)}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
             ctx: Context) -> dict[str, Any]:

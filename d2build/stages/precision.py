@@ -47,28 +47,38 @@ class PrecisionStage(Stage):
             except OSError:
                 shutil.copyfile(src, dst)
             return {"mode": "fp32", "fp32": "every node (surgery's graph unchanged)"}
+        import json
+
         import onnx
 
         model = onnx.load(str(src))
-        if cfg["mode"] == "fp16":
-            from d2build.autocast import to_fp16
+        ranges = json.loads(inputs["calibration"].path("ranges.json").read_text()) if cfg["mode"] == "int8" else None
+        out, facts = transform(model, cfg["mode"], cfg["keep_fp32"], ranges, ctx.step)
+        onnx.save(out, str(dst))
+        return facts
 
-            ctx.step(f"casting {len(model.graph.node)} nodes to float16, keeping FP32 islands")
-            result = to_fp16(model, cfg["keep_fp32"])
-            onnx.save(result.model, str(dst))
-            ctx.step(f"{result.facts['fp16_nodes']} fp16 nodes, {result.facts['fp32_nodes']} FP32, "
-                          f"{result.casts} casts; checked with onnx.checker (full shape inference)")
-            return {"mode": "fp16", "casts": result.casts, "nodes": len(result.model.graph.node), **result.facts}
-        import json
 
-        from d2build.quantize import insert_qdq
+def transform(model, mode: str, keep_fp32, ranges: dict[str, Any] | None, say=lambda _: None):
+    """The graph in `mode` (fp32 as is; fp16 with FP32 islands; int8 with Q/DQ from calibration `ranges`)
+    and facts for the manifest. Also used by stages that rebuild a graph of their own (candidates)."""
+    if mode == "fp32":
+        return model, {"mode": "fp32", "fp32": "every node (surgery's graph unchanged)"}
+    if mode == "fp16":
+        from d2build.autocast import to_fp16
 
-        ranges = json.loads(inputs["calibration"].path("ranges.json").read_text())
-        amax = {name: r["amax"] for name, r in ranges["tensors"].items()}
-        ctx.step(f"inserting Q/DQ ({ranges['method']} ranges from {len(ranges['images'])} image(s))")
-        quantized, facts = insert_qdq(model, amax, cfg["keep_fp32"])
-        onnx.save(quantized, str(dst))
-        ctx.step(f"{facts['quantized_nodes']} Conv/Gemm quantized: {facts['QuantizeLinear']} Q, "
-                      f"{facts['DequantizeLinear']} DQ; checked with onnx.checker (full shape inference)")
-        return {"mode": "int8", "calibration": {"method": ranges["method"], "images": ranges["images"]},
-                "nodes": len(quantized.graph.node), **facts}
+        say(f"casting {len(model.graph.node)} nodes to float16, keeping FP32 islands")
+        result = to_fp16(model, keep_fp32)
+        say(f"{result.facts['fp16_nodes']} fp16 nodes, {result.facts['fp32_nodes']} FP32, {result.casts} casts; "
+            "checked with onnx.checker (full shape inference)")
+        return result.model, {"mode": "fp16", "casts": result.casts, "nodes": len(result.model.graph.node),
+                              **result.facts}
+    from d2build.quantize import insert_qdq
+
+    assert ranges is not None
+    amax = {name: r["amax"] for name, r in ranges["tensors"].items()}
+    say(f"inserting Q/DQ ({ranges['method']} ranges from {len(ranges['images'])} image(s))")
+    quantized, facts = insert_qdq(model, amax, keep_fp32)
+    say(f"{facts['quantized_nodes']} Conv/Gemm quantized: {facts['QuantizeLinear']} Q, "
+        f"{facts['DequantizeLinear']} DQ; checked with onnx.checker (full shape inference)")
+    return quantized, {"mode": "int8", "calibration": {"method": ranges["method"], "images": ranges["images"]},
+                       "nodes": len(quantized.graph.node), **facts}

@@ -12,7 +12,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Context, Stage
+from d2build.stages.base import Context, Stage, config_ref
 
 
 class SurgeryStage(Stage):
@@ -23,7 +23,7 @@ class SurgeryStage(Stage):
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
         m = recipe.model
-        return {"family": m.family, "config": m.config, "input": list(m.input),
+        return {"family": m.family, **config_ref(m.config), "input": list(m.input),
                 "surgery": recipe.to_dict()["surgery"]}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,

@@ -17,7 +17,7 @@ from typing import Any
 
 from d2build.cache import Artifact
 from d2build.schema import Recipe
-from d2build.stages.base import Context, Stage, StageFailed
+from d2build.stages.base import Context, Stage, StageFailed, config_ref
 
 
 class VerifyStage(Stage):
@@ -32,7 +32,7 @@ class VerifyStage(Stage):
         d = recipe.to_dict()
         return {
             "family": recipe.model.family,
-            "config": recipe.model.config,
+            **config_ref(recipe.model.config),
             "input": list(recipe.model.input),
             "names": {k: d["model"][k] for k in NAME_KEYS},  # the pictures show them
             "surgery": d["surgery"],

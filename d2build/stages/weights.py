@@ -12,7 +12,7 @@ from typing import Any
 
 from d2build.cache import Artifact, file_digest
 from d2build.schema import Recipe
-from d2build.stages.base import Context, Stage
+from d2build.stages.base import Context, Stage, config_ref
 
 
 class WeightsStage(Stage):
@@ -24,7 +24,7 @@ class WeightsStage(Stage):
         from d2build.detectron import BN_PHOTO, PREDICTOR_SPREAD, RESIDUAL_BRANCH_SCALE
 
         m = recipe.model
-        cfg: dict[str, Any] = {"config": m.config, "weights": m.weights}
+        cfg: dict[str, Any] = {**config_ref(m.config), "weights": m.weights}
         if m.weights == "random":
             cfg.update(seed=m.seed, bn_photo=BN_PHOTO, residual_branch_scale=RESIDUAL_BRANCH_SCALE,
                        predictor_spread=PREDICTOR_SPREAD)

@@ -1,0 +1,64 @@
+"""Backend `detectron2`: the model the graph came from, run eagerly -- the reference `d2build eval` sets
+every graph and engine beside.
+
+Not a graph runner: it detects images directly, with the same interface as `runtime.Model.detect`.
+Two ways to feed it: `letterbox` (default) is the input the graph gets, so a difference in AP is the
+graph's; `shortest_edge` is Detectron2's own test-time resize (ResizeShortestEdge with the config's
+MIN_SIZE_TEST / MAX_SIZE_TEST, Detectron2's own post-processing), the accuracy the model has where
+it was trained.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+RESIZES = ("letterbox", "shortest_edge")
+
+
+class EagerModel:
+    backend = "detectron2"
+
+    def __init__(self, model: Any, family: Any, info: Any, cfg: Any, resize: str = "letterbox"):
+        if resize not in RESIZES:
+            raise ValueError(f"unknown resize {resize!r}; use one of {RESIZES}")
+        self.model, self.family, self.info, self.cfg, self.resize = model, family, info, cfg, resize
+        self.input_hw = info.input_hw
+        self.source = f"Detectron2 eager ({resize})"
+        self.path = None
+
+    def detect(self, bgr: np.ndarray):
+        """(Detections in original pixels, Letterbox or None, seconds)."""
+        from d2build.processing import detections_from_instances, letterbox
+
+        if self.resize == "letterbox":
+            chw, lb = letterbox(bgr, self.info.input_hw, self.info.pixel_mean)
+            t0 = time.perf_counter()
+            inst = self.family.eager(self.model, chw)
+            return detections_from_instances(inst, lb), lb, time.perf_counter() - t0
+        return self._native(bgr)
+
+    def _native(self, bgr: np.ndarray):
+        """DefaultPredictor's path: ResizeShortestEdge, model([...]) with height/width, Detectron2's postprocess."""
+        import torch
+        from detectron2.data import transforms as T
+
+        from d2build.processing import Detections
+
+        c = self.cfg.INPUT
+        aug = T.ResizeShortestEdge([c.MIN_SIZE_TEST, c.MIN_SIZE_TEST], c.MAX_SIZE_TEST)
+        h, w = bgr.shape[:2]
+        image = aug.get_transform(bgr).apply_image(bgr)
+        if self.model.input_format == "RGB":
+            image = image[:, :, ::-1]
+        x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            inst = self.model([{"image": x, "height": h, "width": w}])[0]["instances"]
+        seconds = time.perf_counter() - t0
+        masks = inst.pred_masks.numpy().astype(bool) if inst.has("pred_masks") else None
+        keypoints = inst.pred_keypoints.numpy() if inst.has("pred_keypoints") else None
+        return Detections(inst.pred_boxes.tensor.numpy(), inst.scores.numpy(), inst.pred_classes.numpy(), masks,
+                          keypoints), None, seconds

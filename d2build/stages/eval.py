@@ -1,0 +1,114 @@
+"""eval: COCO AP of the graph and of Detectron2 on the user's annotated images, at the recipe's NMS settings.
+
+In the DAG when `eval.annotations` is set. Applies each side's own final NMS (the graph's flavour:
+EfficientNMS_TRT or ONNX NonMaxSuppression; Detectron2's batched_nms) with `surgery.nms.*` to the
+candidates stage's per-image candidates and scores the result with pycocotools: box AP, mask AP
+where the model and the annotations have masks, keypoint (OKS) AP where they have keypoints. The
+graph's AP is always shown beside the AP of the Detectron2 model it came from, with the difference.
+Cheap (no model runs), so each variant of an NMS sweep gets its own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from d2build.cache import Artifact
+from d2build.schema import Recipe
+from d2build.stages.base import Context, Stage, config_ref
+
+SIDES = ("graph", "detectron2")
+
+
+class EvalStage(Stage):
+    name = "eval"
+    VERSION = 1
+    needs = ("candidates",)
+    tools = ("pycocotools", "onnxruntime", "torchvision", "numpy")
+
+    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        d = recipe.to_dict()
+        return {"family": recipe.model.family, **config_ref(recipe.model.config), "ops": recipe.surgery.ops,
+                "nms": d["surgery"]["nms"], "keypoint_oks_sigmas": d["eval"]["keypoint_oks_sigmas"],
+                "names": {k: d["model"][k] for k in ("class_names", "keypoint_names", "keypoint_skeleton")},
+                "input": list(recipe.model.input)}
+
+    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        from d2build import detectron, evaluation
+
+        cand = inputs["candidates"]
+        annotations = cand.manifest["material"]["config"]["annotations"]
+        gt = evaluation.load_coco(annotations)
+        d2cfg = detectron.load_cfg(cfg["config"])
+        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
+                                     **cfg["names"]}, d2cfg)
+        category_of, note = evaluation.category_map(gt, info)
+        if note:
+            ctx.step(note)
+        nms = cfg["nms"]
+        semantics = {"graph": cfg["ops"], "detectron2": "detectron2"}
+        iou_types = ["bbox"]
+        sigmas = None
+        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        per_image: dict[str, float] = {}
+        for side in SIDES:
+            candidates = evaluation.load_candidates(cand.path(f"{side}.json"))
+            results: list[dict] = []
+            for image_id, c in candidates.items():
+                keep = evaluation.final_nms(c, semantics[side], nms["score_threshold"], nms["iou_threshold"],
+                                            nms["max_detections"])
+                results += c.results(keep, image_id, category_of)
+            first = next(iter(candidates.values()), None)
+            if side == "graph":
+                if first is not None and first.rles is not None and evaluation.has(gt, "segm"):
+                    iou_types.append("segm")
+                if info.keypoint_names and evaluation.has(gt, "keypoints"):
+                    iou_types.append("keypoints")
+                    sigmas = evaluation.keypoint_sigmas(info, cfg["keypoint_oks_sigmas"],
+                                                        tuple(d2cfg.TEST.KEYPOINT_OKS_SIGMAS))
+                (out_dir / "detections_coco.json").write_text(json.dumps(results))
+            ids = sorted(candidates)
+            metrics[side] = {t: evaluation.evaluate(gt, results, t, sigmas, ids) for t in iou_types}
+            per_image[side] = len(results) / max(1, len(ids))
+            ctx.step(f"{side}: " + ", ".join(f"{t} AP {m['AP'] * 100:.2f}" for t, m in metrics[side].items()))
+        delta = {t: {k: metrics["graph"][t][k] - metrics["detectron2"][t][k] for k in metrics["graph"][t]}
+                 for t in iou_types}
+        doc = {"annotations": annotations, "images": len(ids), "nms": nms, "category_mapping_note": note,
+               "metrics": metrics, "delta": delta, "detections_per_image": per_image,
+               "truncated_images": {s: cand.info.get(s, {}).get("truncated_images", 0) for s in SIDES}}
+        (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
+        (out_dir / "report.md").write_text(render(doc, cfg))
+        return {"images": len(ids), "nms": nms, "ap": {t: {s: metrics[s][t]["AP"] for s in SIDES} for t in iou_types},
+                "metrics": metrics, "delta_ap": {t: delta[t]["AP"] for t in iou_types},
+                "detections_per_image": per_image}
+
+    def describe(self, info: dict[str, Any], folder: Path) -> str:
+        parts = [f"{t} AP {v['graph'] * 100:.2f} (Detectron2 {v['detectron2'] * 100:.2f}, "
+                 f"delta {(v['graph'] - v['detectron2']) * 100:+.2f})" for t, v in info["ap"].items()]
+        return f"{'; '.join(parts)} on {info['images']} images; report {folder / 'report.md'}"
+
+
+NAMES = {"bbox": "box", "segm": "mask", "keypoints": "keypoint (OKS)"}
+
+
+def render(doc: dict[str, Any], cfg: dict[str, Any]) -> str:
+    nms = doc["nms"]
+    lines = [f"# eval: {cfg['family']} ({cfg['ops']} graph) on {doc['images']} images", "",
+             f"Annotations: `{doc['annotations']}`. Final NMS: score > {nms['score_threshold']}, IoU "
+             f"{nms['iou_threshold']}, at most {nms['max_detections']} per image; each side with its own NMS "
+             "(the graph's flavour, Detectron2's batched_nms) on the same letterboxed input.", ""]
+    if doc.get("category_mapping_note"):
+        lines += [f"Note: {doc['category_mapping_note']}.", ""]
+    lines += ["| metric | graph | Detectron2 | graph - Detectron2 |", "|---|---:|---:|---:|"]
+    for t, m in doc["metrics"]["graph"].items():
+        for k, v in m.items():
+            ref = doc["metrics"]["detectron2"][t][k]
+            lines.append(f"| {NAMES[t]} {k} | {v * 100:.2f} | {ref * 100:.2f} | {(v - ref) * 100:+.2f} |")
+    dpi = doc["detections_per_image"]
+    lines += ["", f"Detections per image: graph {dpi['graph']:.1f}, Detectron2 {dpi['detectron2']:.1f}. AP and AR "
+              "in points (pycocotools' values x 100)."]
+    if any(doc["truncated_images"].values()):
+        lines += ["", f"Warning: the candidate cap was reached on {doc['truncated_images']} image(s); raise "
+                  "eval.max_candidates for exact low-threshold variants."]
+    return "\n".join(lines) + "\n"
