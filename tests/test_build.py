@@ -116,16 +116,17 @@ def test_build_skips_unless_required_then_fails_with_the_reason(tmp_path):
 # ------------------------------------------------------------------ the DAG
 
 def test_pipeline_has_calibration_only_at_int8_and_build_after_verify():
-    for precision, stages in (("fp32", ["weights", "export", "surgery", "precision", "verify", "build"]),
-                              ("fp16", ["weights", "export", "surgery", "precision", "verify", "build"])):
+    for precision, stages in (("fp32", ["weights", "export", "surgery", "precision", "verify", "build", "check"]),
+                              ("fp16", ["weights", "export", "surgery", "precision", "verify", "build", "check"])):
         assert [p.name for p in plan(recipe(f"precision={precision}"))] == stages
     planned = plan(recipe("precision=int8", "calibration=bundled"))
     names = [p.name for p in planned]
-    assert names == ["weights", "export", "surgery", "calibration", "precision", "verify", "build"]
+    assert names == ["weights", "export", "surgery", "calibration", "precision", "verify", "build", "check"]
     needs = {p.name: p.needs for p in planned}
     assert needs["calibration"] == ("export",)  # not surgery: NMS thresholds do not reach it
     assert needs["precision"] == ("surgery", "calibration")
     assert needs["build"] == ("precision", "verify")
+    assert needs["check"] == ("weights", "precision", "build")
     text = format_plan(planned)
     assert "calibration" in text.splitlines()[4] and "TensorRT is not installed" in text.splitlines()[-1]
 
@@ -176,7 +177,7 @@ def test_doctor_reports_one_line_each_and_exits_0():
     assert heads == ["TensorRT", "plugins", "flavours", "torch", "CUDA", "GPU", "Detectron2", "onnxruntime",
                      "build"]
     assert "missing" in lines[0] and "d2build[trt]" in lines[0]
-    assert "0.7.2" in lines[5] and "extensions" in lines[6]
+    assert "0.7.2" in lines[6] and "extensions" in lines[7]
 
 
 @pytest.mark.parametrize("override, key, text", [

@@ -7,7 +7,9 @@ STRONGLY_TYPED flag where the enum still has it; 11.x networks are always strong
 `deserialize_cuda_engine`, the named-tensor I/O API and `execute_async_v3`. Precision is never a
 builder flag: it is in the graph (casts for fp16, Q/DQ for int8), which is what a strongly typed
 network builds. The legacy plugin library (EfficientNMS_TRT, PyramidROIAlign_TRT) is registered
-with `init_libnvinfer_plugins` before parsing. Device buffers are torch CUDA tensors.
+with `init_libnvinfer_plugins` before parsing. Builds use torch for the GPU probe they key on;
+running an engine (`EngineRunner`) needs no torch: device memory, copies and streams come from
+libcudart through ctypes (d2build/backends/cuda.py).
 
 Everything decided before TensorRT is called (settings from the config, what enters the cache key,
 whether and why a build is skipped) is plain Python here and unit-tested without TensorRT.
@@ -23,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from d2build.backends.base import Runner
+import numpy as np
+
+from d2build.backends.base import Runner, RunnerError
 
 INSTALL_HINT = ("pip install 'd2build[trt]' on a machine that can reach NVIDIA's package index "
                 "(pypi.nvidia.com), or run d2build in NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
@@ -68,8 +72,8 @@ def _gpu(device: int) -> tuple[bool, str | None, str | None, str | None, str | N
     """(cuda, torch CUDA version, name, compute capability, error) through torch."""
     try:
         import torch
-    except ImportError as e:
-        return False, None, None, None, f"torch does not import: {e}"
+    except ImportError as e:  # a deployment without torch: ask libcudart itself
+        return _gpu_cudart(device, f"torch does not import: {e}")
     cuda_version = torch.version.cuda
     if not torch.cuda.is_available():
         why = "torch sees no CUDA device" + ("" if cuda_version else " (a CPU-only torch build)")
@@ -79,6 +83,16 @@ def _gpu(device: int) -> tuple[bool, str | None, str | None, str | None, str | N
                                                 f"{torch.cuda.device_count()} CUDA device(s)")
     major, minor = torch.cuda.get_device_capability(device)
     return True, cuda_version, torch.cuda.get_device_name(device), f"{major}.{minor}", None
+
+
+def _gpu_cudart(device: int, why_not_torch: str) -> tuple[bool, str | None, str | None, str | None, str | None]:
+    """(cuda, None, name, compute capability, error) through d2build.backends.cuda (no torch)."""
+    from d2build.backends import cuda
+
+    d = cuda.describe(device)
+    if d.get("compute_capability"):
+        return True, None, d["name"], d["compute_capability"], None
+    return bool(d.get("devices")), None, None, None, f"{why_not_torch}; {d.get('error', 'no CUDA device')}"
 
 
 def environment(device: int = 0, *, probe_gpu: bool | None = None) -> Environment:
@@ -197,93 +211,194 @@ def engine_io(trt, engine) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- running
 
 
-def _torch_dtype(trt, dtype):
-    import torch
-
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int8: torch.int8, trt.bool: torch.bool}
-    if hasattr(trt, "int64"):
-        table[trt.int64] = torch.int64
+def numpy_dtype(trt, dtype) -> np.dtype:
+    """The numpy dtype of a TensorRT I/O tensor type (what the host buffers hold)."""
+    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8,
+             trt.bool: np.bool_}
+    for name, np_type in (("int64", np.int64), ("uint8", np.uint8)):
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = np_type
     if dtype not in table:
-        raise BuildError(f"engine I/O type {dtype} is not supported by d2build's runner")
-    return table[dtype]
+        raise RunnerError(f"engine I/O type {dtype} has no numpy equivalent d2build's runner supports "
+                          f"({', '.join(sorted(str(k) for k in table))})")
+    return np.dtype(table[dtype])
+
+
+@dataclass
+class _Binding:
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    shape: tuple[int, ...]  # the engine's; -1 where dynamic
+    capacity: tuple[int, ...]  # what the device buffer was sized for (profile max where dynamic)
+    buffer: Any  # cuda.DeviceBuffer
 
 
 class EngineRunner(Runner):
-    """Backend `tensorrt`: a deserialized engine with torch CUDA tensors bound to every I/O tensor.
+    """Backend `tensorrt`: a deserialized engine, its I/O in device buffers from d2build.backends.cuda.
 
-    `run(feeds)` copies inputs in, executes on its own stream and returns numpy outputs;
-    `prepare()` copies inputs once and `execute()` runs on what is already on the device (for
-    timing); `capture()` records one execution as a CUDA graph that `execute()` then replays.
+    No torch: numpy host arrays, libcudart through ctypes, TensorRT's named-tensor API
+    (`set_tensor_address`, `set_input_shape`, `execute_async_v3`). Each I/O tensor gets one device
+    buffer at open (its static shape, or the optimisation profile's maximum where a dimension is
+    dynamic), bound once. `run(feeds)` copies inputs in (shapes checked, dynamic ones set with
+    `set_input_shape`), executes on the runner's own stream, copies the outputs back and
+    synchronises once. `prepare()` copies inputs once and `execute()` runs on what is already on the
+    device (for timing); `capture()` records one execution as a CUDA graph that `execute()` then
+    replays. `close()` frees everything (also done when the runner is collected).
     """
 
     backend = "tensorrt"
 
-    def __init__(self, engine_path: Path, device: int = 0):
+    def __init__(self, engine_path: Path, device: int = 0, cuda: Any = None):
         super().__init__()
-        import torch
+        from d2build.backends import cuda as cudart
 
+        self.path = Path(engine_path)
+        self.graph = None
+        self.stream = 0
+        self._bindings: dict[str, _Binding] = {}
         trt = load()
-        self.torch = torch
-        self.device = torch.device("cuda", device)
-        torch.cuda.set_device(self.device)
+        try:
+            self.cuda = cuda or cudart.runtime()
+            count = self.cuda.device_count()
+        except (cudart.CudaUnavailable, cudart.CudaError) as e:
+            raise RunnerError(f"{self.path}: a TensorRT engine needs an NVIDIA GPU and the CUDA runtime: {e}") from None
+        if not 0 <= device < count:
+            raise RunnerError(f"{self.path}: CUDA device {device} requested, but {count} device(s) are visible "
+                              "(CUDA_VISIBLE_DEVICES?)")
+        self.device = device
+        self.cuda.set_device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(self.logger, "")
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise BuildError(f"{engine_path}: TensorRT could not deserialize the engine (built by another "
-                             "TensorRT version or for another GPU?)")
+            raise RunnerError(f"{self.path}: TensorRT {trt.__version__} could not deserialize the engine (built by "
+                              "another TensorRT version or for another GPU? TensorRT's log above says which)")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
-        self.inputs: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
+        self.stream = self.cuda.stream_create()
         for item in engine_io(trt, self.engine):
             name = item["name"]
-            shape = tuple(self.engine.get_tensor_shape(name))
+            is_input = item["mode"] == "input"
+            shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+            capacity = shape
             if any(d < 0 for d in shape):
-                raise BuildError(f"engine tensor {name} has a dynamic shape {shape}; d2build builds static engines")
-            t = torch.empty(shape, dtype=_torch_dtype(trt, self.engine.get_tensor_dtype(name)), device=self.device)
-            self.context.set_tensor_address(name, t.data_ptr())
-            (self.inputs if item["mode"] == "input" else self.outputs)[name] = t
-        self.graph = None
-        self.input_shape = tuple(self.inputs[self.input_name].shape)
-        self.output_names = list(self.outputs)
+                if not is_input:  # set by the inputs; sized from the profile's maximum input below
+                    capacity = ()
+                else:
+                    capacity = tuple(int(d) for d in self.engine.get_tensor_profile_shape(name, 0)[2])
+            dtype = numpy_dtype(trt, self.engine.get_tensor_dtype(name))
+            self._bindings[name] = _Binding(name, is_input, dtype, shape, capacity, None)
+        self._size_dynamic_outputs()
+        for b in self._bindings.values():
+            b.buffer = cudart.DeviceBuffer(self.cuda, int(np.prod(b.capacity, dtype=np.int64)) * b.dtype.itemsize)
+            self.context.set_tensor_address(b.name, b.buffer.ptr)
+        inputs = [b for b in self._bindings.values() if b.is_input]
+        self.input_name = inputs[0].name if self.input_name not in self._bindings else self.input_name
+        self.input_shape = self._bindings[self.input_name].shape
+        self.output_names = [b.name for b in self._bindings.values() if not b.is_input]
+        self._host_inputs: list[np.ndarray] = []
+
+    def _size_dynamic_outputs(self) -> None:
+        """Where an input is dynamic, set every input to its profile maximum once and read the
+        outputs' shapes from the context: the largest each output can be. A data-dependent output
+        (still -1 then) would need an output allocator, which d2build's graphs avoid by design."""
+        if all(b.capacity for b in self._bindings.values()):
+            return
+        for b in self._bindings.values():
+            if b.is_input and any(d < 0 for d in b.shape):
+                self.context.set_input_shape(b.name, b.capacity)
+        for b in self._bindings.values():
+            if not b.is_input and not b.capacity:
+                shape = tuple(int(d) for d in self.context.get_tensor_shape(b.name))
+                if any(d < 0 for d in shape):
+                    raise RunnerError(f"{self.path}: output {b.name} has a data-dependent shape {shape}; "
+                                      "d2build's runner needs outputs whose size the inputs decide")
+                b.capacity = shape
+
+    # ------------------------------------------------------------------ I/O
+    def _stage_inputs(self, feeds: dict[str, Any]) -> None:
+        """Copy the feeds to their device buffers (async on the runner's stream); shapes checked."""
+        self._host_inputs = []
+        for name, value in feeds.items():
+            b = self._bindings.get(name)
+            if b is None or not b.is_input:
+                raise RunnerError(f"{self.path}: the engine has no input named {name!r} "
+                                  f"(inputs: {[x.name for x in self._bindings.values() if x.is_input]})")
+            host = np.ascontiguousarray(value, dtype=b.dtype)
+            fits = len(host.shape) == len(b.shape) and all(
+                (s == d) if d >= 0 else (s <= c) for s, d, c in zip(host.shape, b.shape, b.capacity))
+            if not fits:
+                raise RunnerError(f"{self.path}: input {name} takes shape {list(b.shape)} (-1: up to "
+                                  f"{list(b.capacity)}); got {list(host.shape)}"
+                                  + (f" -- a batch of {host.shape[0]} where the engine takes at most "
+                                     f"{b.capacity[0]}" if host.shape[1:] == b.capacity[1:] else ""))
+            if any(d < 0 for d in b.shape) and not self.context.set_input_shape(name, host.shape):
+                raise RunnerError(f"{self.path}: TensorRT refused input shape {list(host.shape)} for {name}")
+            self.cuda.memcpy_htod_async(b.buffer.ptr, host, self.stream)
+            self._host_inputs.append(host)  # alive until the stream is synchronised
 
     def prepare(self, feeds: dict[str, Any]) -> None:
-        for name, value in feeds.items():
-            self.inputs[name].copy_(self.torch.as_tensor(value))
-        self.torch.cuda.synchronize(self.device)
+        self._stage_inputs(feeds)
+        self.cuda.stream_synchronize(self.stream)
 
     def execute(self) -> None:
         if self.graph is not None:
-            with self.torch.cuda.stream(self.stream):
-                self.graph.replay()
+            self.graph.launch(self.stream)
             return
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise BuildError("execute_async_v3 failed; TensorRT's log says why")
+        if not self.context.execute_async_v3(self.stream):
+            raise RunnerError(f"{self.path}: execute_async_v3 failed; TensorRT's log says why")
 
     def capture(self) -> None:
-        """Record one execution as a CUDA graph (after one plain run, which does lazy set-up)."""
+        """Record one execution as a CUDA graph (after one plain run, which does TensorRT's lazy set-up)."""
         self.execute()
-        self.stream.synchronize()
-        graph = self.torch.cuda.CUDAGraph()
-        with self.torch.cuda.graph(graph, stream=self.stream):
-            self.context.execute_async_v3(self.stream.cuda_stream)
+        self.cuda.stream_synchronize(self.stream)
+        self.cuda.begin_capture(self.stream)
+        try:
+            ok = self.context.execute_async_v3(self.stream)
+        finally:
+            graph = self.cuda.end_capture(self.stream)
+        if not ok:
+            graph.close()
+            raise RunnerError(f"{self.path}: execute_async_v3 failed while capturing a CUDA graph")
         self.graph = graph
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        self.cuda.stream_synchronize(self.stream)
 
-    def run(self, feeds: dict[str, Any], outputs: Any = None) -> dict[str, Any]:
-        names = list(self.outputs if outputs is None else outputs)
-        with self.torch.cuda.stream(self.stream):
-            for name, value in feeds.items():
-                self.inputs[name].copy_(self.torch.as_tensor(value), non_blocking=False)
-            self.execute()
-            out = {name: self.outputs[name].cpu().numpy() for name in names}
-        self.stream.synchronize()
+    def run(self, feeds: dict[str, Any], outputs: Any = None) -> dict[str, np.ndarray]:
+        names = list(self.output_names if outputs is None else outputs)
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise RunnerError(f"{self.path}: no output named {unknown[0]!r} (outputs: {self.output_names})")
+        self._stage_inputs(feeds)
+        self.execute()
+        out = {}
+        for name in names:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            out[name] = np.empty(shape, dtype=self._bindings[name].dtype)
+            self.cuda.memcpy_dtoh_async(out[name], self._bindings[name].buffer.ptr, self.stream)
+        self.cuda.stream_synchronize(self.stream)
+        self._host_inputs = []
         return out
+
+    def close(self) -> None:
+        """Free the CUDA graph, the device buffers and the stream (the engine goes with the object)."""
+        if self.graph is not None:
+            self.graph.close()
+            self.graph = None
+        for b in self._bindings.values():
+            if b.buffer is not None:
+                b.buffer.close()
+        if self.stream:
+            stream, self.stream = self.stream, 0
+            self.cuda.stream_destroy(stream)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown or a failed __init__
+            pass
 
 
 # ----------------------------------------------------------------------------- one GPU, one job

@@ -17,11 +17,14 @@ FMA contraction and ``__expf``. The code is our own; nothing is copied from thos
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 from .. import plugins as contract
 
@@ -469,43 +472,118 @@ def _level_start_end(coords: np.ndarray, size: int, transform: int) -> tuple[np.
     return coords[:, 0] * _F32(size) - offset, coords[:, 1] * _F32(size) - offset
 
 
-@contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    """Run torch single-threaded for the duration (restoring the previous setting).
+# OpenBLAS entry points that cap its threads, most specific first: the thread-local setter (0.3.27+,
+# affects only the calling thread), then the process-wide one under the names numpy's wheels
+# (scipy-openblas, 64-bit interface) and distribution builds export.
+_BLAS_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_", "openblas_set_num_threads")
+_BLAS_GETTERS = {"scipy_openblas_set_num_threads64_": "scipy_openblas_get_num_threads64_",
+                 "scipy_openblas_set_num_threads": "scipy_openblas_get_num_threads",
+                 "openblas_set_num_threads64_": "openblas_get_num_threads64_",
+                 "openblas_set_num_threads": "openblas_get_num_threads"}
+_blas_lock = threading.Lock()
+_blas_api: list[tuple[str, object, object]] | None = None
 
-    The per-ROI matmuls are tiny; with torch's OpenMP pool each one is a parallel region whose barrier,
-    on a loaded 2-core machine, costs a scheduler quantum: 1000 ROIs took 23 s with 2 threads under load
-    against 0.4 s with 1. (``torch.set_num_threads`` is process-wide, so concurrent torch users in other
-    Python threads also run single-threaded meanwhile.)
+
+def _openblas_libraries() -> list[str]:
+    """Paths of the OpenBLAS libraries this process has loaded (Linux: /proc/self/maps), then numpy's own."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if "openblas" in os.path.basename(path).lower() and ".so" in path and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    wheel_libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    return found + [p for p in sorted(glob.glob(os.path.join(wheel_libs, "*openblas*.so*"))) if p not in found]
+
+
+def _blas_thread_api() -> list[tuple[str, object, object]]:
+    """[(name, setter, getter or None)] for the loaded OpenBLAS, found once; [] where there is none
+    (numpy on MKL or Accelerate: then nothing is capped, which costs speed, never correctness)."""
+    global _blas_api
+    with _blas_lock:
+        if _blas_api is None:
+            _blas_api = []
+            for path in _openblas_libraries():
+                try:
+                    lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+                except OSError:
+                    continue
+                for name in _BLAS_SETTERS:
+                    setter = getattr(lib, name, None)
+                    if setter is None:
+                        continue
+                    getter = getattr(lib, _BLAS_GETTERS[name], None) if name in _BLAS_GETTERS else None
+                    if getter is not None:
+                        getter.restype = ctypes.c_int
+                    setter.restype = ctypes.c_int if name.endswith("_local") else None
+                    setter.argtypes = [ctypes.c_int]
+                    _blas_api.append((name, setter, getter))
+                    break
+                if _blas_api:
+                    break
+        return _blas_api
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Run OpenBLAS single-threaded for the duration (restoring the previous setting).
+
+    The per-ROI matrix products are tiny, but big enough (m*n*k > 2^18) for OpenBLAS to split them
+    over its thread pool; on a loaded 2-core machine each split costs a scheduler quantum (the same
+    effect made torch's version of this loop take 23 s for 1000 ROIs with 2 threads against 0.4 s
+    with 1). Where OpenBLAS has the thread-local setter only this thread is affected; otherwise the
+    process-wide count is lowered and restored, as ``torch.set_num_threads`` did before.
     """
-    previous = torch.get_num_threads()
+    api = _blas_thread_api()
+    if not api:
+        yield
+        return
+    name, setter, getter = api[0]
+    if name.endswith("_local"):
+        previous = setter(1)
+        try:
+            yield
+        finally:
+            setter(previous)
+        return
+    previous = getter() if getter is not None else None
     if previous == 1:
         yield
         return
-    torch.set_num_threads(1)
+    setter(1)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        if previous is not None:
+            setter(previous)
 
 
 def _align_level(
-    feature: torch.Tensor, coords: np.ndarray, pooled: int, sampling_ratio: int, transform: int
-) -> torch.Tensor:
-    """ROIAlign of ``coords [n, 4]`` (normalised y1, x1, y2, x2) on one ``[C, H, W]`` map -> ``[n, C, P, P]``."""
+    feature: np.ndarray, coords: np.ndarray, pooled: int, sampling_ratio: int, transform: int
+) -> np.ndarray:
+    """ROIAlign of ``coords [n, 4]`` (normalised y1, x1, y2, x2) on one ``[C, H, W]`` map -> ``[n, C, P, P]``.
+
+    Per ROI two matrix products over its window only: ``Wy [P, ny] @ window [ny, C*nx]``, then
+    ``[P*C, nx] @ Wx.T [nx, P]`` (rows first, then columns, each a single float32 GEMM).
+    """
     channels, height, width = feature.shape
     sample_offset = _F32(0.5) if transform in (1, 2) else _F32(0)
     y_start, y_end = _level_start_end(coords[:, [0, 2]], height, transform)
     x_start, x_end = _level_start_end(coords[:, [1, 3]], width, transform)
     y_lo, y_span, wy = _axis_weights(y_start, y_end, height, pooled, sampling_ratio, sample_offset, transform == -1)
     x_lo, x_span, wx = _axis_weights(x_start, x_end, width, pooled, sampling_ratio, sample_offset, transform == -1)
-    wy_t, wx_t = torch.from_numpy(wy), torch.from_numpy(wx)
-    out = torch.empty((len(coords), channels, pooled, pooled), dtype=torch.float32)
-    with _single_threaded_torch():
+    out = np.empty((len(coords), channels, pooled, pooled), dtype=np.float32)
+    rows_first = feature.transpose(1, 0, 2)  # [H, C, W]: a window's rows as one [ny, C*nx] matrix (after a copy)
+    with _single_threaded_blas():
         for r in range(len(coords)):
             y0, ny, x0, nx = int(y_lo[r]), int(y_span[r]), int(x_lo[r]), int(x_span[r])
-            window = feature[:, y0 : y0 + ny, x0 : x0 + nx]
-            out[r] = torch.matmul(torch.matmul(wy_t[r, :, :ny], window), wx_t[r, :, :nx].T)
+            window = rows_first[y0 : y0 + ny, :, x0 : x0 + nx].reshape(ny, channels * nx)
+            pooled_rows = np.matmul(wy[r, :, :ny], window).reshape(pooled * channels, nx)
+            out[r] = np.matmul(pooled_rows, wx[r, :, :nx].T).reshape(pooled, channels, pooled).transpose(1, 0, 2)
     return out
 
 
@@ -581,12 +659,10 @@ def pyramid_roi_align(
     levels = _levels_from_area(hw, _first_level_threshold(fpn_scale, image_size, legacy))
     batch, num_rois = rois.shape[:2]
     channels = feats[0].shape[1]
-    out = torch.zeros((batch, num_rois, channels, pooled_size, pooled_size), dtype=torch.float32)
+    out = np.zeros((batch, num_rois, channels, pooled_size, pooled_size), dtype=np.float32)
     for b in range(batch):
         for level, feat in enumerate(feats):
             idx = np.flatnonzero(levels[b] == level)
             if len(idx):
-                out[b, torch.from_numpy(idx)] = _align_level(
-                    torch.from_numpy(feat[b]), coords[b, idx], pooled_size, ratio, transform
-                )
-    return out.numpy()
+                out[b, idx] = _align_level(feat[b], coords[b, idx], pooled_size, ratio, transform)
+    return out
