@@ -233,6 +233,10 @@ def hydra_problem(src: str, e: Exception) -> Problem:
     m = re.search(r"Could not override '([^']+)'", text)
     if m and ("To append to your config" in text or "is not in struct" in str(e.__cause__)):  # an unknown key
         key = m.group(1)
+        from d2build.schema import MOVED
+
+        if key in MOVED:
+            return Problem(src, key, f"has moved to {MOVED[key][0]} ({MOVED[key][1]})", f"use {MOVED[key][0]} instead")
         near = difflib.get_close_matches(key, _config_keys(), n=1)
         return Problem(src, key, "unknown key", (f"did you mean {near[0]}? " if near else "")
                        + f"(a new key would be +{key}=..., but no stage reads it)")

@@ -267,7 +267,8 @@ def model_info(model: dict[str, Any], cfg=None):
     from d2build.families.keypoint_rcnn import COCO_KEYPOINT_NAMES, COCO_SKELETON
     from d2build.runtime import ModelInfo
 
-    m = SimpleNamespace(**{"class_names": None, "keypoint_names": None, "keypoint_skeleton": None, **model})
+    m = SimpleNamespace(**{"class_names": None, "keypoint_names": None, "keypoint_skeleton": None, "dynamic": None,
+                           **model})
     cfg = cfg if cfg is not None else load_cfg(m.config)
     fam = family(m.family)
     meta = dataset_metadata(cfg)
@@ -289,8 +290,15 @@ def model_info(model: dict[str, Any], cfg=None):
                              if a in index and b in index)
         elif k == 17:
             skeleton = COCO_SKELETON
+    dyn = getattr(m, "dynamic", None)
+    resize = {}
+    if dyn:
+        resize = {"resize": "shortest_edge", "min_size": int(dyn.get("min_size") or cfg.INPUT.MIN_SIZE_TEST),
+                  "max_size": int(dyn.get("max_size") or cfg.INPUT.MAX_SIZE_TEST),
+                  "input_min": tuple(dyn["min"]), "input_max": tuple(dyn["max"])}
     return ModelInfo(
+        **resize,
         family=m.family, input_hw=tuple(m.input), pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
-        keypoint_skeleton=skeleton, input_format="BGR",
+        keypoint_skeleton=skeleton, input_format="BGR", batch=int(model.get("batch_size", 1)),
         pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD))

@@ -89,7 +89,9 @@ class Builder:
         arr = np.asarray(x)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
-        return gs.Constant(f"{node_name}_c{i}", np.ascontiguousarray(arr))
+        # a 0-d ndarray stays a scalar (Range, Gather-to-scalar need one); numpy scalars become [1]
+        scalar = isinstance(x, np.ndarray) and x.ndim == 0
+        return gs.Constant(f"{node_name}_c{i}", arr if scalar else np.ascontiguousarray(arr))
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

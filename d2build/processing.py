@@ -36,6 +36,8 @@ from PIL import Image
 __all__ = [
     "Letterbox",
     "letterbox",
+    "resize_shortest_edge",
+    "shortest_edge_size",
     "load_image_bgr",
     "Detections",
     "boxes_to_original",
@@ -138,14 +140,54 @@ def letterbox(
     # Detectron2's ResizeTransform: PIL bilinear on the uint8 array.  PIL treats
     # the BGR array as "RGB" but resamples each channel independently, so the
     # channel order does not matter.
+    return _paste(image_bgr, (rh, rw), (H, W), pad), Letterbox((h, w), (H, W), float(scale), (rh, rw))
+
+
+def _paste(image_bgr: np.ndarray, resized_hw: tuple[int, int], canvas_hw: tuple[int, int],
+           pad: np.ndarray) -> np.ndarray:
+    """The image resized to `resized_hw` (PIL bilinear on uint8) at the top-left of a `pad`-filled canvas."""
+    rh, rw = resized_hw
     resized = np.asarray(
         Image.fromarray(np.ascontiguousarray(image_bgr)).resize((rw, rh), Image.Resampling.BILINEAR)
     )
-
-    chw = np.empty((3, H, W), dtype=np.float32)
+    chw = np.empty((3, *canvas_hw), dtype=np.float32)
     chw[:] = pad[:, None, None]
     chw[:, :rh, :rw] = resized.transpose(2, 0, 1)
-    return chw, Letterbox(original_hw=(h, w), input_hw=(H, W), scale=float(scale), resized_hw=(rh, rw))
+    return chw
+
+
+def shortest_edge_size(h: int, w: int, short: int, longest: int) -> tuple[int, int]:
+    """Detectron2's ResizeShortestEdge output size: the short side to `short`, the long side at most
+    `longest`, then rounded half up (same float arithmetic as ``get_output_shape``)."""
+    size = short * 1.0
+    scale = size / min(h, w)
+    newh, neww = (size, scale * w) if h < w else (scale * h, size)
+    if max(newh, neww) > longest:
+        scale = longest * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_shortest_edge(
+    image_bgr: np.ndarray,
+    short: int,
+    longest: int,
+    divisibility: int = 32,
+    pad_value: Sequence[float] = (0.0, 0.0, 0.0),
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize as Detectron2's test-time ResizeShortestEdge does, then pad (bottom/right, with ``pad_value``)
+    to a multiple of ``divisibility`` as its ImageList does: the input Detectron2 itself runs the model on.
+
+    Returns ``(chw, lb)`` like ``letterbox``: ``lb.input_hw`` is the padded size.
+    """
+    image_bgr = np.asarray(image_bgr)
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [h, w, 3] image, got {image_bgr.dtype} {image_bgr.shape}")
+    h, w = image_bgr.shape[:2]
+    rh, rw = shortest_edge_size(h, w, short, longest)
+    H, W = (-(-rh // divisibility) * divisibility, -(-rw // divisibility) * divisibility)
+    pad = np.asarray(pad_value, dtype=np.float32).reshape(3)
+    return _paste(image_bgr, (rh, rw), (H, W), pad), Letterbox((h, w), (H, W), rh / h, (rh, rw))
 
 
 def load_image_bgr(path: str | PathLike[str]) -> np.ndarray:

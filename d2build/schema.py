@@ -33,6 +33,20 @@ SURGERY_OPS = ("plugins", "standard")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # noqa: E402 - numpy only
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
+MAX_BATCH = 64
+#: keys that moved: old key -> (new key, why)
+MOVED = {"build.batch_size": ("model.batch_size", "the batch is part of the graph, so it is part of its cache keys")}
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Input sizes a standard-op graph takes: each image is resized as Detectron2's ResizeShortestEdge does
+    (short side min_size, long side at most max_size) and padded to a multiple of 32."""
+
+    min: tuple[int, int]  # smallest [H, W] (the TensorRT optimization profile's min)
+    max: tuple[int, int]  # largest [H, W] (its max; model.input is its opt)
+    min_size: int | None = None  # None: the Detectron2 config's INPUT.MIN_SIZE_TEST
+    max_size: int | None = None  # None: INPUT.MAX_SIZE_TEST
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,8 @@ class ModelConfig:
     config: str
     weights: str
     input: tuple[int, int]
+    batch_size: int  # images per inference: the graph's (and engine's) first input dimension
+    dynamic: DynamicConfig | None  # None: one fixed input size (model.input), images letterboxed into it
     seed: int
     class_names: tuple[str, ...] | None  # None: from Detectron2's dataset metadata
     keypoint_names: tuple[str, ...] | None  # keypoint families; None: metadata, or COCO's 17
@@ -83,7 +99,6 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    batch_size: int
     workspace_gib: float
     optimization_level: int
     required: bool
@@ -257,7 +272,10 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("name", "source")}
     for k in node:
-        if k not in fields:
+        full = f"{prefix + '.' if prefix else ''}{k}"
+        if k not in fields and full in MOVED:
+            ck.add(full, f"has moved to {MOVED[full][0]} ({MOVED[full][1]})", f"use {MOVED[full][0]} instead")
+        elif k not in fields:
             near = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else (
                 f"known keys: {', '.join(fields)}")
@@ -357,15 +375,35 @@ def _check_model(m: ModelConfig, ck: _Checker):
             if problem:
                 ck.add("model.weights", f"{w} {problem}", "pass the model_final.pth Detectron2's trainer wrote (or a "
                        "torch.save of a state dict, or a model-zoo .pkl), or model.weights=random")
-    for i, side in enumerate(m.input):
-        key = f"model.input[{i}]"
-        if not 256 <= side <= 2048:
-            ck.add(key, f"{side} is outside 256..2048", "pick a size between 256 and 2048 pixels")
-        elif side % 32:
-            lo, hi = side // 32 * 32, (side // 32 + 1) * 32
-            ck.add(key, f"{side} is not divisible by 32 (the FPN's largest stride)", f"use {lo} or {hi}")
+    sizes = [("model.input", m.input)]
+    if m.dynamic is not None:
+        sizes += [("model.dynamic.min", m.dynamic.min), ("model.dynamic.max", m.dynamic.max)]
+    for name, hw in sizes:
+        for i, side in enumerate(hw):
+            key = f"{name}[{i}]"
+            if not 256 <= side <= 2048:
+                ck.add(key, f"{side} is outside 256..2048", "pick a size between 256 and 2048 pixels")
+            elif side % 32:
+                lo, hi = side // 32 * 32, (side // 32 + 1) * 32
+                ck.add(key, f"{side} is not divisible by 32 (the FPN's largest stride)", f"use {lo} or {hi}")
+    if m.dynamic is not None:
+        d = m.dynamic
+        for i, axis in enumerate(("height", "width")):
+            if d.min[i] > d.max[i]:
+                ck.add("model.dynamic.min", f"min {axis} {d.min[i]} is above max {d.max[i]}", "swap them")
+            elif not d.min[i] <= m.input[i] <= d.max[i]:
+                ck.add("model.input", f"{axis} {m.input[i]} is outside model.dynamic's {d.min[i]}..{d.max[i]} (the "
+                       "input is the optimization profile's opt size)", f"use a {axis} between them")
+        for key in ("min_size", "max_size"):
+            v = getattr(d, key)
+            if v is not None and not 32 <= v <= 2048:
+                ck.add(f"model.dynamic.{key}", f"{v} is outside 32..2048", "use e.g. 800 / 1333 (Detectron2's)")
+        if d.min_size is not None and d.max_size is not None and d.min_size > d.max_size:
+            ck.add("model.dynamic.min_size", f"{d.min_size} is above max_size {d.max_size}", "swap them")
     if m.seed < 0:
         ck.add("model.seed", f"{m.seed} is negative", "use a seed >= 0")
+    if not 1 <= m.batch_size <= MAX_BATCH:
+        ck.add("model.batch_size", f"{m.batch_size} is outside 1..{MAX_BATCH}", "use e.g. 1, 2, 4 or 8")
     return get
 
 
@@ -580,6 +618,10 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
 
 
 def _check_rest(r: Recipe, ck: _Checker) -> None:
+    if r.model.dynamic is not None and r.surgery.ops != "standard":
+        ck.add("model.dynamic", "dynamic input sizes need the standard-op graph: surgery.ops=plugins has a fixed "
+               "input size (PyramidROIAlign_TRT's image_size attribute)", "add surgery.ops=standard, or drop "
+               "model.dynamic", set_by="model.dynamic")
     if r.precision.mode not in PRECISIONS:
         ck.add("precision.mode", f"unknown precision {r.precision.mode!r}", f"use precision={'|'.join(PRECISIONS)}")
     c = r.calibration
@@ -622,8 +664,6 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
             ck.add(f"verify.{key}", f"{getattr(v, key)} is negative", f"use a distance >= 0 px (default "
                    f"{conf_default(f'verify.{key}')})")
     b = r.build
-    if b.batch_size != 1:
-        ck.add("build.batch_size", f"{b.batch_size}: only batch size 1 is supported so far", "use build.batch_size=1")
     if b.workspace_gib <= 0:
         ck.add("build.workspace_gib", f"{b.workspace_gib} is not positive", "use e.g. 4")
     if not 0 <= b.optimization_level <= 5:

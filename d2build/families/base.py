@@ -58,8 +58,9 @@ class Family:
     # ------------------------------------------------------------------ graph side
 
     def surgery(self, export_model: Any, cfg: Any, surgery: dict[str, Any], input_hw: tuple[int, int],
-                batch: int = 1) -> tuple[Any, dict[str, Any]]:
-        """The TensorRT-ready graph (ModelProto) for `batch` images and facts for the manifest."""
+                batch: int = 1, dynamic: bool = False) -> tuple[Any, dict[str, Any]]:
+        """The TensorRT-ready graph (ModelProto) for `batch` images (of any size when `dynamic`) and facts
+        for the manifest."""
         raise NotImplementedError
 
     def decode(self, outputs: Mapping[str, np.ndarray], lb: Letterbox, image_index: int = 0,

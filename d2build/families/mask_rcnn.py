@@ -88,14 +88,22 @@ class MaskRCNN(Family):
         raw = np.asarray(outputs["detection_masks"], dtype=np.float32)[image_index, rows]
         return {"masks": paste_masks(raw, boxes, lb.original_hw, threshold=mask_threshold)}
 
-    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1):
-        """The TensorRT-ready graph: plugin nodes (`surgery.ops=plugins`) or standard ONNX ops (`standard`)."""
+    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1,
+                dynamic: bool = False):
+        """The TensorRT-ready graph: plugin nodes (`surgery.ops=plugins`) or standard ONNX ops (`standard`,
+        which may also take inputs of any size)."""
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
         from d2build.families.rcnn_standard import StandardSurgeon
 
+        standard = surgery.get("ops", "plugins") == "standard"
+        if dynamic and not standard:
+            from d2build.graph import GraphMismatch
+
+            raise GraphMismatch("dynamic input sizes need surgery.ops=standard: PyramidROIAlign_TRT's image_size "
+                                "attribute fixes the plugin graph's input size")
         spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints,
-                         batch=batch)
-        surgeon = StandardSurgeon if surgery.get("ops", "plugins") == "standard" else RCNNSurgeon
+                         batch=batch, dynamic=dynamic)
+        surgeon = StandardSurgeon if standard else RCNNSurgeon
         return surgeon(export_model, spec).run()
 
 

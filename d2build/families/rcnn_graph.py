@@ -86,10 +86,13 @@ class HeadSpec:
     keypoint_pooler: tuple[int, int] | None = None  # resolution, sampling ratio; None: no keypoint stage
     num_keypoints: int = 0
     batch: int = 1  # images per inference (the graph input's first dimension)
+    dynamic: bool = False  # input [B, 3, height, width] of any size (multiples of 32): anchors made in the graph
+    cell_anchors: tuple[np.ndarray, ...] = ()  # per RPN level, [A, 4] (Detectron2's DefaultAnchorGenerator)
+    rpn_strides: tuple[int, ...] = ()
 
 
 def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
-              with_keypoints: bool = False, batch: int = 1) -> HeadSpec:
+              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False) -> HeadSpec:
     """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
 
     `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
@@ -152,6 +155,9 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
         keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
         num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
         batch=batch,
+        dynamic=dynamic,
+        cell_anchors=tuple(c.numpy().astype(np.float32) for c in generator.cell_anchors),
+        rpn_strides=tuple(strides[f] for f in rpn_feats),
     )
 
 
@@ -181,8 +187,9 @@ class RCNNSurgeon:
 
     def input_and_preprocessing(self) -> gs.Variable:
         s, b = self.spec, self.b
-        h, w = s.input_hw
+        h, w = ("height", "width") if s.dynamic else s.input_hw
         inp = gs.Variable("input_tensor", np.float32, [s.batch, 3, h, w])
+        self.input = inp
         stem = find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
         weight = np.array(stem.inputs[1].values, dtype=np.float32)
         mean = np.array(s.pixel_mean, dtype=np.float32)
@@ -198,17 +205,11 @@ class RCNNSurgeon:
         stem.inputs[1] = gs.Constant(stem.name + "/W", np.ascontiguousarray(weight))
         return inp
 
-    def proposals(self) -> tuple[gs.Variable, gs.Variable]:
-        """Detectron2's RPN as static ops and one EfficientNMS_TRT; returns (scores [1,P], boxes [1,P,4]).
-
-        The threshold (logit about -87) keeps every real proposal, which puts EfficientNMS_TRT in its
-        "dense" mode: masked candidates are not dropped but sorted last with score -32768 and can fill
-        empty output slots, counted in num_detections. Their output score is sigmoid(-32768) = 0,
-        while a real proposal's is > 0, so downstream validity is `score > 0`, not `row < num`.
-        """
-        s, b, g = self.spec, self.b, self.graph
+    def rpn_levels(self) -> tuple[list[gs.Variable], list[int] | None, Any]:
+        """Per RPN level the merged conv's rows [B, L+4, A*H*W]; the levels' anchor counts; the anchor table
+        [N, 8] (w, h, w, h, cx, cy, 0, 0) of all levels in the rows' order."""
+        s, g = self.spec, self.graph
         levels = len(s.rpn_in_features)
-        a_per = s.anchors_per_location
         obj = find_calls(g, "proposal_generator.rpn_head.objectness_logits", "Conv", levels)
         dlt = find_calls(g, "proposal_generator.rpn_head.anchor_deltas", "Conv", levels)
         rows, sizes, anchor_rows = [], [], []
@@ -220,38 +221,66 @@ class RCNNSurgeon:
                 raise GraphMismatch(f"RPN level {lvl}: objectness output has no static shape ({shape})")
             _, a, hl, wl = shape
             n = a * hl * wl
-            if a != a_per or s.anchors[lvl].shape[0] != n:
+            if a != s.anchors_per_location or s.anchors[lvl].shape[0] != n:
                 raise GraphMismatch(
                     f"RPN level {lvl} predicts {n} anchors ({a}x{hl}x{wl}) but {s.anchors[lvl].shape[0]} anchors "
                     f"were generated for input {s.input_hw[0]}x{s.input_hw[1]}: the export and the recipe's "
                     "model.input disagree")
-            rows.append(self._merged_rpn_conv(lvl, levels, o, d, n))
+            conv = self._merged_rpn_conv(lvl, levels, o, d)
+            rows.append(self.b.op("Reshape", [conv, np.array([s.batch, levels + 4, n], np.int64)],
+                                  name=f"rpn_rows_level{lvl}"))
             sizes.append(n)
             anchor_rows.append(self._anchor_rows(s.anchors[lvl], a))
-        total = sum(sizes)
-        self.facts["anchors"] = {"per_level": sizes, "total": total}
-        data = b.op("Concat", rows, {"axis": 1}, name="rpn_levels")  # [L+4, N]
-        scores_rows = b.op("Slice", [data, np.array([0], np.int64), np.array([levels], np.int64),
-                                     np.array([0], np.int64)], name="rpn_score_rows")
-        k = s.rpn_pre_nms_topk
-        _, idx = b.op("TopK", [scores_rows, np.array([k], np.int64)], {"axis": 1, "largest": 1, "sorted": 1},
-                      outputs=2, name="rpn_topk_per_level")
-        idx = b.op("Reshape", [idx, np.array([1, levels * k], np.int64)], name="rpn_topk_flat")
-        table = b.op("Concat", [data, np.concatenate(anchor_rows, axis=1)], {"axis": 0}, name="rpn_with_anchors")
-        picked = b.op("Gather", [table, idx], {"axis": 1}, name="rpn_gather")  # [L+12, 1, K]
-        picked = b.op("Transpose", [picked], {"perm": [1, 2, 0]}, name="rpn_candidates")  # [1, K, L+12]
-        scores, deltas, whwh, ctr = b.op("Split", [picked, np.array([levels, 4, 4, 4], np.int64)], {"axis": 2},
-                                         outputs=4, name="rpn_split")
+        self.facts["anchors"] = {"per_level": sizes, "total": sum(sizes)}
+        return rows, sizes, np.ascontiguousarray(np.concatenate(anchor_rows, axis=1).T)
+
+    def rpn_candidates(self):
+        """Detectron2's per-level top-k of the objectness logits, decoded and clipped, for every image.
+
+        Returns (logits [B, L*k]: each slot's logit, -BIG in slots of a level with fewer than k anchors;
+        level scores [B, L*k, L]: the logit in the slot's level column, -BIG elsewhere; boxes [B, L*k, 4];
+        nonempty [B, L*k]). One TopK over the L score rows of the concatenated levels selects each level's
+        top-k with global indices; the rows and anchor table are gathered at them."""
+        s, b = self.spec, self.b
+        B, L, k = s.batch, len(s.rpn_in_features), s.rpn_pre_nms_topk
+        rows, sizes, table = self.rpn_levels()
+        data = b.op("Concat", rows, {"axis": 2}, name="rpn_levels")  # [B, L+4, N]
+        score_rows = b.op("Slice", [data, np.array([0], np.int64), np.array([L], np.int64),
+                                    np.array([1], np.int64)], name="rpn_score_rows")  # [B, L, N]
+        logits, idx = b.op("TopK", [score_rows, np.array([k], np.int64)], {"axis": 2, "largest": 1, "sorted": 1},
+                           outputs=2, name="rpn_topk_per_level")  # [B, L, k]
+        idx = b.op("Reshape", [idx, np.array([B, L * k, 1], np.int64)], name="rpn_topk_flat")
+        by_anchor = b.op("Transpose", [data], {"perm": [0, 2, 1]}, name="rpn_rows_by_anchor")  # [B, N, L+4]
+        picked = b.op("GatherND", [by_anchor, idx], {"batch_dims": 1}, name="rpn_gather")  # [B, K, L+4]
+        level_scores, deltas = b.op("Split", [picked, np.array([L, 4], np.int64)], {"axis": 2}, outputs=2,
+                                    name="rpn_split")
+        anchors = b.op("GatherND", [table, idx], name="rpn_gather_anchors")  # [B, K, 8]
+        whwh, ctr = b.op("Split", [anchors, np.array([4, 4], np.int64)], {"axis": 2}, outputs=2,
+                         name="rpn_anchor_split")
         boxes = self._decode(deltas, whwh, ctr, "rpn")
         wh = b.op("MatMul", [boxes, _CORNERS_TO_WH], name="rpn_box_sizes")
-        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 1}, name="rpn_min_side"),
-                                    np.float32(0)], name="rpn_nonempty")
-        short = [lvl for lvl, n in enumerate(sizes) if n < k]
+        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 0}, name="rpn_min_side"),
+                                    np.float32(0)], name="rpn_nonempty")  # [B, K]
+        short = sizes is None or any(n < k for n in sizes)
         if short:  # slots of a level with fewer than k anchors hold other levels' entries: mask them
-            seg = np.full((1, levels * k, levels), -BIG, np.float32)
-            for lvl in range(levels):
+            seg = np.full((1, L * k, L), -BIG, np.float32)
+            for lvl in range(L):
                 seg[0, lvl * k:(lvl + 1) * k, lvl] = 0
-            scores = b.op("Add", [scores, seg], name="rpn_level_slots")
+            level_scores = b.op("Add", [level_scores, seg], name="rpn_level_slots")
+        logits = b.op("Reshape", [logits, np.array([B, L * k], np.int64)], name="rpn_logits_flat")
+        return logits, level_scores, boxes, nonempty
+
+    def proposals(self) -> tuple[gs.Variable, gs.Variable]:
+        """Detectron2's RPN as static ops and one EfficientNMS_TRT; returns (scores [B,P], boxes [B,P,4]).
+
+        The threshold (logit about -87) keeps every real proposal, which puts EfficientNMS_TRT in its
+        "dense" mode: masked candidates are not dropped but sorted last with score -32768 and can fill
+        empty output slots, counted in num_detections. Their output score is sigmoid(-32768) = 0,
+        while a real proposal's is > 0, so downstream validity is `score > 0`, not `row < num`.
+        """
+        s, b = self.spec, self.b
+        _, scores, boxes, nonempty = self.rpn_candidates()
+        nonempty = b.op("Unsqueeze", [nonempty, np.array([2], np.int64)], name="rpn_nonempty_3d")
         scores = b.op("Where", [nonempty, scores, np.float32(-BIG)], name="rpn_drop_empty")
         num, rois, probs, levels_out = plugins.efficient_nms(
             b, boxes, scores, name="rpn_nms", max_output_boxes=s.rpn_post_nms_topk,
@@ -259,8 +288,7 @@ class RCNNSurgeon:
         self._nms_outputs(num, rois, probs, levels_out, s.rpn_post_nms_topk)
         return probs, rois
 
-    def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node, n: int,
-                         reshape: bool = True) -> gs.Variable:
+    def _merged_rpn_conv(self, lvl: int, levels: int, obj: gs.Node, dlt: gs.Node) -> gs.Variable:
         """One conv per level: rows [score for level 0..L-1 (own level = logit, else -BIG), dx, dy, dw, dh].
 
         Channel order is (row, anchor), so a Reshape to [L+4, A*H*W] lists anchors in (a, y, x) order.
@@ -274,10 +302,7 @@ class RCNNSurgeon:
         for c in range(4):  # Detectron2 lays deltas out as channel a*4 + c
             weights[(levels + c) * a:(levels + c + 1) * a] = wd[c::4]
             bias[(levels + c) * a:(levels + c + 1) * a] = bd[c::4]
-        conv = self.b.op("Conv", [obj.inputs[0], weights, bias], dict(obj.attrs), name=f"rpn_head_level{lvl}")
-        if not reshape:
-            return conv
-        return self.b.op("Reshape", [conv, np.array([levels + 4, n], np.int64)], name=f"rpn_rows_level{lvl}")
+        return self.b.op("Conv", [obj.inputs[0], weights, bias], dict(obj.attrs), name=f"rpn_head_level{lvl}")
 
     @staticmethod
     def _anchor_rows(anchors: np.ndarray, a: int) -> np.ndarray:
@@ -290,10 +315,14 @@ class RCNNSurgeon:
         z = np.zeros_like(w)
         return np.stack([w, h, w, h, cx, cy, z, z]).astype(np.float32)
 
+    def clip_limits(self) -> Any:
+        """[W, H, W, H] of the input, the clip limits of every box."""
+        h, w = self.spec.input_hw
+        return np.array([w, h, w, h], np.float32)
+
     def _decode(self, deltas: gs.Variable, whwh: Any, ctr: Any, tag: str) -> gs.Variable:
         """Box2BoxTransform.apply_deltas (weights already applied) then clip to the image."""
         b = self.b
-        h, w = self.spec.input_hw
         limit = np.array([FLOAT_MAX, FLOAT_MAX, SCALE_CLAMP, SCALE_CLAMP], np.float32)
         clamped = b.op("Min", [deltas, limit], name=f"{tag}_clamp_dwdh")
         grown = b.op("Exp", [clamped], name=f"{tag}_exp")
@@ -301,13 +330,14 @@ class RCNNSurgeon:
         center = b.op("Add", [b.op("Mul", [u, whwh], name=f"{tag}_scale"), ctr], name=f"{tag}_center_size")
         corners = b.op("MatMul", [center, _CENTER_TO_CORNERS], name=f"{tag}_corners")
         low = b.op("Max", [corners, np.float32(0)], name=f"{tag}_clip_low")
-        return b.op("Min", [low, np.array([w, h, w, h], np.float32)], name=f"{tag}_clip_high")
+        return b.op("Min", [low, self.clip_limits()], name=f"{tag}_clip_high")
 
     def _nms_outputs(self, num, boxes, scores, classes, m: int) -> None:
-        num.dtype, num.shape = np.int32, [1, 1]
-        boxes.dtype, boxes.shape = np.float32, [1, m, 4]
-        scores.dtype, scores.shape = np.float32, [1, m]
-        classes.dtype, classes.shape = np.int32, [1, m]
+        B = self.spec.batch
+        num.dtype, num.shape = np.int32, [B, 1]
+        boxes.dtype, boxes.shape = np.float32, [B, m, 4]
+        scores.dtype, scores.shape = np.float32, [B, m]
+        classes.dtype, classes.shape = np.int32, [B, m]
 
     def pyramid_roi_align(self, rois: gs.Variable, count: int, pooler: tuple[int, int], tag: str) -> gs.Variable:
         s = self.spec
@@ -319,28 +349,28 @@ class RCNNSurgeon:
                                         image_size=s.input_hw, sampling_ratio=pooler[1],
                                         fpn_scale=s.canonical_box_size)
         channels = feats[0].shape[1] if feats[0].shape else 256
-        out.dtype, out.shape = np.float32, [1, count, channels, pooler[0], pooler[0]]
+        out.dtype, out.shape = np.float32, [s.batch, count, channels, pooler[0], pooler[0]]
         return out
 
     def detections(self, rpn_scores: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
         """Box head on the proposals, Detectron2's fast_rcnn_inference as one EfficientNMS_TRT."""
         s, b, g = self.spec, self.b, self.graph
-        p = s.rpn_post_nms_topk
-        c = s.num_classes
+        B, p, c = s.batch, s.rpn_post_nms_topk, s.num_classes
         pooled = self.pyramid_roi_align(rois, p, s.box_pooler, "box")
         fc1 = find_one(g, "roi_heads.box_head.fc1", "Gemm")
         channels = pooled.shape[2]
-        fc1.inputs[0] = b.op("Reshape", [pooled, np.array([p, channels * s.box_pooler[0] ** 2], np.int64)],
+        fc1.inputs[0] = b.op("Reshape", [pooled, np.array([B * p, channels * s.box_pooler[0] ** 2], np.int64)],
                              name="box_features")
         cls = find_one(g, "roi_heads.box_predictor.cls_score", "Gemm")
         reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
         self._fold_regression_weights(reg, c)
         probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")
-        real = b.op("Greater", [b.op("Reshape", [rpn_scores, np.array([1, p, 1], np.int64)], name="rpn_scores_3d"),
+        probs = b.op("Reshape", [probs, np.array([B, p, c + 1], np.int64)], name="class_probs_3d")
+        real = b.op("Greater", [b.op("Reshape", [rpn_scores, np.array([B, p, 1], np.int64)], name="rpn_scores_3d"),
                                 np.float32(0)], name="real_proposals")
-        probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [1, P, C+1]
-        deltas = b.op("Reshape", [reg.outputs[0], np.array([1, p, c + 1, 4], np.int64)], name="box_deltas")
-        params = b.op("MatMul", [b.op("Reshape", [rois, np.array([1, p, 1, 4], np.int64)], name="proposals_4d"),
+        probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [B, P, C+1]
+        deltas = b.op("Reshape", [reg.outputs[0], np.array([B, p, c + 1, 4], np.int64)], name="box_deltas")
+        params = b.op("MatMul", [b.op("Reshape", [rois, np.array([B, p, 1, 4], np.int64)], name="proposals_4d"),
                                  _CORNERS_TO_PARAMS], name="proposal_params")
         whwh, ctr = b.op("Split", [params, np.array([4, 4], np.int64)], {"axis": 3}, outputs=2, name="proposal_split")
         boxes = self._decode(deltas, whwh, ctr, "box")
@@ -371,19 +401,19 @@ class RCNNSurgeon:
         """Mask head on the final boxes; each detection keeps its own class's mask, as probabilities."""
         s, b, g = self.spec, self.b, self.graph
         assert s.mask_pooler is not None
-        d, c = s.max_detections, s.num_classes
+        B, d, c = s.batch, s.max_detections, s.num_classes
         pooled = self.pyramid_roi_align(det_boxes, d, s.mask_pooler, "mask")
         first = find_one(g, "roi_heads.mask_head.mask_fcn1", "Conv")
         res = s.mask_pooler[0]
-        first.inputs[0] = b.op("Reshape", [pooled, np.array([d, pooled.shape[2], res, res], np.int64)],
+        first.inputs[0] = b.op("Reshape", [pooled, np.array([B * d, pooled.shape[2], res, res], np.int64)],
                                name="mask_features")
-        logits = find_one(g, "roi_heads.mask_head.predictor", "Conv").outputs[0]  # [D, C, M, M]
+        logits = find_one(g, "roi_heads.mask_head.predictor", "Conv").outputs[0]  # [B*D, C, M, M]
         m = 2 * res  # the mask head's deconv doubles the pooled resolution
-        flat = b.op("Reshape", [logits, np.array([d * c, m, m], np.int64)], name="mask_logits_flat")
-        pick = b.op("Add", [det_classes, (np.arange(d, dtype=np.int32) * c).reshape(1, d)], name="mask_index")
+        flat = b.op("Reshape", [logits, np.array([B * d * c, m, m], np.int64)], name="mask_logits_flat")
+        pick = b.op("Add", [det_classes, (np.arange(B * d, dtype=np.int32) * c).reshape(B, d)], name="mask_index")
         chosen = b.op("Gather", [flat, pick], {"axis": 0}, name="mask_of_class")
         out = b.op("Sigmoid", [chosen], name="mask_probs")
-        out.name, out.dtype, out.shape = "detection_masks", np.float32, [1, d, m, m]
+        out.name, out.dtype, out.shape = "detection_masks", np.float32, [B, d, m, m]
         return out
 
     def keypoints(self, det_boxes: gs.Variable) -> gs.Variable:
@@ -399,16 +429,24 @@ class RCNNSurgeon:
         d, res = s.max_detections, s.keypoint_pooler[0]
         pooled = self.pyramid_roi_align(det_boxes, d, s.keypoint_pooler, "keypoint")
         first = find_one(g, "roi_heads.keypoint_head.conv_fcn1", "Conv")
-        first.inputs[0] = b.op("Reshape", [pooled, np.array([d, pooled.shape[2], res, res], np.int64)],
+        B = s.batch
+        first.inputs[0] = b.op("Reshape", [pooled, np.array([B * d, pooled.shape[2], res, res], np.int64)],
                                name="keypoint_features")
         upsample = find_one(g, "roi_heads.keypoint_head", "Resize")  # the head's final x2 bilinear upsample
         m = 4 * res  # deconv and upsample double the pooled resolution twice
-        out = b.op("Reshape", [upsample.outputs[0], np.array([1, d, s.num_keypoints, m, m], np.int64)],
+        out = b.op("Reshape", [upsample.outputs[0], np.array([B, d, s.num_keypoints, m, m], np.int64)],
                    name="keypoint_heatmaps")
-        out.name, out.dtype, out.shape = "detection_heatmaps", np.float32, [1, d, s.num_keypoints, m, m]
+        out.name, out.dtype, out.shape = "detection_heatmaps", np.float32, [B, d, s.num_keypoints, m, m]
         return out
 
     # ------------------------------------------------------------------ whole graph
+
+    def forget_inner_shapes(self) -> None:
+        """Shape inference recomputes every inner shape: the export's were traced at batch 1 (and one size)."""
+        keep = {t.name for t in (*self.graph.inputs, *self.graph.outputs)}
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Variable) and t.name not in keep:
+                t.shape = None
 
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
         g = self.graph
@@ -421,6 +459,7 @@ class RCNNSurgeon:
             outs.append(self.keypoints(outs[1]))
         g.inputs, g.outputs = [inp], outs
         g.cleanup().toposort()
+        self.forget_inner_shapes()
         left = sorted({n.op for n in g.nodes} & {"If", "Loop", "NonZero", "Scan"})
         if left:
             raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")

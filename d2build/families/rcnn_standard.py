@@ -54,40 +54,80 @@ class StandardSurgeon(RCNNSurgeon):
     def batch(self) -> int:
         return self.spec.batch
 
+    # ------------------------------------------------------------------ dynamic input sizes
+
+    def clip_limits(self) -> Any:
+        """[W, H, W, H]: of the actual input when the graph takes any size."""
+        if not self.spec.dynamic:
+            return super().clip_limits()
+        if getattr(self, "_limits", None) is None:
+            b = self.b
+            hw = b.op("Gather", [b.op("Shape", [self.input], name="input_shape"), _i64(3, 2, 3, 2)], {"axis": 0},
+                      name="input_whwh")
+            self._limits = b.op("Cast", [hw], {"to": onnx.TensorProto.FLOAT}, name="clip_limits")
+        return self._limits
+
+    def rpn_levels(self):
+        """As the plugin flavour's, but for an input of any size: the anchors of each level are made in the
+        graph from its feature map's size, as Detectron2's DefaultAnchorGenerator makes them."""
+        if not self.spec.dynamic:
+            return super().rpn_levels()
+        s, b, g = self.spec, self.b, self.graph
+        L, B = len(s.rpn_in_features), self.batch
+        obj = find_calls(g, "proposal_generator.rpn_head.objectness_logits", "Conv", L)
+        dlt = find_calls(g, "proposal_generator.rpn_head.anchor_deltas", "Conv", L)
+        rows, tables = [], []
+        for lvl, (o, d) in enumerate(zip(obj, dlt)):
+            if o.inputs[0] is not d.inputs[0]:
+                raise GraphMismatch(f"RPN level {lvl}: objectness and delta convs read different tensors")
+            conv = self._merged_rpn_conv(lvl, L, o, d)
+            rows.append(b.op("Reshape", [conv, _i64(B, L + 4, -1)], name=f"rpn_rows_level{lvl}"))
+            tables.append(self._anchor_table(o.inputs[0], lvl))
+        self.facts["anchors"] = {"per_level": "from each feature map's size (dynamic input)"}
+        return rows, None, b.op("Concat", tables, {"axis": 0}, name="rpn_anchor_table")
+
+    def _anchor_table(self, feature: gs.Variable, lvl: int) -> gs.Variable:
+        """[A*H*W, 8] rows (w, h, w, h, cx, cy, 0, 0) of one level, in the merged conv's (anchor, y, x) order:
+        shifts arange(W) * stride and arange(H) * stride plus the cell anchors, in float32 as Detectron2 adds them."""
+        s, b = self.spec, self.b
+        t = f"anchors_p{lvl + 2}"
+        stride = np.float32(s.rpn_strides[lvl])
+        cell = s.cell_anchors[lvl]
+        shape = b.op("Shape", [feature], name=f"{t}_shape")
+        hl = b.op("Gather", [shape, np.array(2, I64)], {"axis": 0}, name=f"{t}_h")
+        wl = b.op("Gather", [shape, np.array(3, I64)], {"axis": 0}, name=f"{t}_w")
+        zero, one = np.array(0, I64), np.array(1, I64)
+        xs = b.op("Mul", [b.op("Cast", [b.op("Range", [zero, wl, one], name=f"{t}_x_index")],
+                                {"to": onnx.TensorProto.FLOAT}, name=f"{t}_x_float"), stride], name=f"{t}_x")
+        ys = b.op("Mul", [b.op("Cast", [b.op("Range", [zero, hl, one], name=f"{t}_y_index")],
+                                {"to": onnx.TensorProto.FLOAT}, name=f"{t}_y_float"), stride], name=f"{t}_y")
+        grid = b.op("Concat", [b.op("Unsqueeze", [hl, _i64(0)], name=f"{t}_h_1d"),
+                               b.op("Unsqueeze", [wl, _i64(0)], name=f"{t}_w_1d")], {"axis": 0}, name=f"{t}_grid")
+        x = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [xs, _i64(0)], name=f"{t}_x_row"), grid],
+                                  name=f"{t}_x_grid"), _i64(-1, 1)], name=f"{t}_x_flat")
+        y = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [ys, _i64(1)], name=f"{t}_y_col"), grid],
+                                  name=f"{t}_y_grid"), _i64(-1, 1)], name=f"{t}_y_flat")
+        shifts = b.op("Concat", [x, y, x, y], {"axis": 1}, name=f"{t}_shifts")  # [H*W, 4]
+        boxes = b.op("Add", [b.op("Unsqueeze", [shifts, _i64(0)], name=f"{t}_shifts_3d"),
+                             cell.reshape(len(cell), 1, 4)], name=f"{t}_boxes_3d")  # [A, H*W, 4]
+        boxes = b.op("Reshape", [boxes, _i64(-1, 4)], name=f"{t}_boxes")
+        x1, y1, x2, y2 = b.op("Split", [boxes, _i64(1, 1, 1, 1)], {"axis": 1}, outputs=4, name=f"{t}_corners")
+        w = b.op("Sub", [x2, x1], name=f"{t}_width")
+        h = b.op("Sub", [y2, y1], name=f"{t}_height")
+        cx = b.op("Add", [x1, b.op("Mul", [np.float32(0.5), w], name=f"{t}_half_w")], name=f"{t}_cx")
+        cy = b.op("Add", [y1, b.op("Mul", [np.float32(0.5), h], name=f"{t}_half_h")], name=f"{t}_cy")
+        z = b.op("Mul", [w, np.float32(0)], name=f"{t}_zero")
+        return b.op("Concat", [w, h, w, h, cx, cy, z, z], {"axis": 1}, name=f"{t}_table")
+
     # ------------------------------------------------------------------ proposals
 
     def proposals(self) -> tuple[gs.Variable, gs.Variable]:
         """Detectron2's RPN; returns (valid [B, P] bool, boxes [B, P, 4]) of the top-P proposals per image."""
-        s, b, g = self.spec, self.b, self.graph
+        s, b = self.spec, self.b
         B, L, k, P = self.batch, len(s.rpn_in_features), s.rpn_pre_nms_topk, s.rpn_post_nms_topk
-        obj = find_calls(g, "proposal_generator.rpn_head.objectness_logits", "Conv", L)
-        dlt = find_calls(g, "proposal_generator.rpn_head.anchor_deltas", "Conv", L)
-        rows, sizes, anchor_rows = [], [], []
-        for lvl, (o, d) in enumerate(zip(obj, dlt)):
-            n = self._level_anchor_count(lvl, o, d)
-            conv = self._merged_rpn_conv(lvl, L, o, d, n, reshape=False)
-            rows.append(b.op("Reshape", [conv, _i64(B, L + 4, n)], name=f"rpn_rows_level{lvl}"))
-            sizes.append(n)
-            anchor_rows.append(self._anchor_rows(s.anchors[lvl], s.anchors_per_location))
-        total = sum(sizes)
         if P > L * k:
             raise GraphMismatch(f"surgery.rpn.post_nms_topk={P} exceeds the {L} levels x pre_nms_topk={k} candidates")
-        self.facts["anchors"] = {"per_level": sizes, "total": total}
-        data = b.op("Concat", rows, {"axis": 2}, name="rpn_levels")  # [B, L+4, N]
-        score_rows, deltas = b.op("Split", [data, _i64(L, 4)], {"axis": 1}, outputs=2, name="rpn_split_rows")
-        logits, idx = b.op("TopK", [score_rows, _i64(k)], {"axis": 2, "largest": 1, "sorted": 1}, outputs=2,
-                           name="rpn_topk_per_level")  # [B, L, k]: each level's row ranks its own anchors first
-        idx = b.op("Reshape", [idx, _i64(B, L * k, 1)], name="rpn_topk_flat")
-        deltas = b.op("Transpose", [deltas], {"perm": [0, 2, 1]}, name="rpn_deltas_by_anchor")  # [B, N, 4]
-        picked = b.op("GatherND", [deltas, idx], {"batch_dims": 1}, name="rpn_gather_deltas")  # [B, L*k, 4]
-        table = np.ascontiguousarray(np.concatenate(anchor_rows, axis=1).T)  # [N, 8]
-        anchors = b.op("GatherND", [table, idx], name="rpn_gather_anchors")  # [B, L*k, 8]
-        whwh, ctr = b.op("Split", [anchors, _i64(4, 4)], {"axis": 2}, outputs=2, name="rpn_anchor_split")
-        boxes = self._decode(picked, whwh, ctr, "rpn")  # [B, L*k, 4], clipped
-        wh = b.op("MatMul", [boxes, _CORNERS_TO_WH], name="rpn_box_sizes")
-        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 0}, name="rpn_min_side"),
-                                    np.float32(0)], name="rpn_nonempty")
-        logits = b.op("Reshape", [logits, _i64(B, L * k)], name="rpn_logits_flat")
+        logits, _, boxes, nonempty = self.rpn_candidates()
         real = b.op("And", [nonempty, b.op("Greater", [logits, np.float32(-BIG / 2)], name="rpn_own_level")],
                     name="rpn_candidates")  # an anchor of this level (not a -BIG filler), non-empty once clipped
         logits = b.op("Where", [real, logits, np.float32(-BIG)], name="rpn_masked_logits")
@@ -104,21 +144,6 @@ class StandardSurgeon(RCNNSurgeon):
                     {"batch_dims": 1}, name="proposals")  # [B, P, 4]
         valid = b.op("Greater", [top, np.float32(-BIG / 2)], name="proposal_valid")  # [B, P]
         return valid, rois
-
-    def _level_anchor_count(self, lvl: int, o: gs.Node, d: gs.Node) -> int:
-        s = self.spec
-        if o.inputs[0] is not d.inputs[0]:
-            raise GraphMismatch(f"RPN level {lvl}: objectness and delta convs read different tensors")
-        shape = o.outputs[0].shape
-        if shape is None or any(not isinstance(v, int) for v in shape):
-            raise GraphMismatch(f"RPN level {lvl}: objectness output has no static shape ({shape})")
-        _, a, hl, wl = shape
-        n = a * hl * wl
-        if a != s.anchors_per_location or s.anchors[lvl].shape[0] != n:
-            raise GraphMismatch(
-                f"RPN level {lvl} predicts {n} anchors ({a}x{hl}x{wl}) but {s.anchors[lvl].shape[0]} anchors were "
-                f"generated for input {s.input_hw[0]}x{s.input_hw[1]}: the export and the recipe's model.input disagree")
-        return n
 
     def _kept_scores(self, sel: gs.Variable, scores: gs.Variable, per_item: Any, total: Any, fill: float,
                      tag: str) -> gs.Variable:
@@ -320,6 +345,7 @@ class StandardSurgeon(RCNNSurgeon):
             outs.append(self.keypoints(outs[1]))
         g.inputs, g.outputs = [inp], outs
         g.cleanup().toposort()
+        self.forget_inner_shapes()
         g.opset = OPSET
         g.import_domains = [onnx.helper.make_opsetid("", OPSET)]
         model = gs.export_onnx(g)

@@ -20,6 +20,14 @@ class ModelInfo:
     keypoint_names: tuple[str, ...] = ()
     keypoint_skeleton: tuple[tuple[int, int], ...] = ()  # 0-based index pairs
     batch: int = 1
+    #: how an image becomes the input: `letterbox` (fit into input_hw, pad) or `shortest_edge` (Detectron2's
+    #: ResizeShortestEdge to min_size/max_size, pad to a multiple of size_divisibility; a dynamic graph)
+    resize: str = "letterbox"
+    min_size: int = 0
+    max_size: int = 0
+    size_divisibility: int = 32
+    input_min: tuple[int, int] | None = None  # a dynamic graph's smallest and largest [H, W]
+    input_max: tuple[int, int] | None = None
     input_format: str = "BGR"  # what input_tensor takes (the graph flips channels for RGB models itself)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # folded into the graph's first conv
     mask_threshold: float = 0.5
@@ -36,7 +44,7 @@ class ModelInfo:
     def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
         known = {f for f in cls.__dataclass_fields__}
         d = {k: v for k, v in d.items() if k in known}
-        for k in ("input_hw", "pixel_mean", "pixel_std", "keypoint_names"):
+        for k in ("input_hw", "pixel_mean", "pixel_std", "keypoint_names", "input_min", "input_max"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         if d.get("class_names") is not None:

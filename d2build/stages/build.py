@@ -47,7 +47,8 @@ class BuildStage(Stage):
 
         env = self.environment()
         return {
-            "settings": BuilderSettings.from_config(recipe.to_dict()["build"]).key_material(),
+            "settings": BuilderSettings.from_config({**recipe.to_dict()["build"],
+                                                     "batch_size": recipe.model.batch_size}).key_material(),
             "tensorrt": env.tensorrt,
             "compute_capability": env.compute_capability,
         }

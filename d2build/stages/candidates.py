@@ -24,7 +24,7 @@ from d2build.stages.base import Context, Stage, config_ref
 
 class CandidatesStage(Stage):
     name = "candidates"
-    VERSION = 1
+    VERSION = 2  # 2: Detectron2 with its own resize as a third side; dynamic graphs
     tools = ("torch", "torchvision", "sal-detectron2", "onnx", "onnx-graphsurgeon", "onnxruntime",
              "onnxruntime-extensions", "pycocotools", "numpy")
 
@@ -35,7 +35,7 @@ class CandidatesStage(Stage):
         m, e = recipe.model, recipe.eval
         d = recipe.to_dict()
         return {
-            "family": m.family, **config_ref(m.config), "input": list(m.input),
+            "family": m.family, **config_ref(m.config), "input": list(m.input), "dynamic": d["model"]["dynamic"],
             "ops": recipe.surgery.ops, "rpn": d["surgery"]["rpn"],
             "precision": recipe.precision.mode,
             "keep_fp32": [] if recipe.precision.mode == "fp32" else list(recipe.precision.keep_fp32),
@@ -68,7 +68,8 @@ class CandidatesStage(Stage):
 
         from d2build import backends, detectron, evaluation
         from d2build.families import family
-        from d2build.processing import letterbox, load_image_bgr
+        from d2build.processing import load_image_bgr
+        from d2build.runtime import Model
         from d2build.stages.precision import transform
         from d2build.stages.weights import load_state
 
@@ -80,24 +81,28 @@ class CandidatesStage(Stage):
         ctx.step(f"candidate graph ({cfg['ops']}, {cfg['precision']}): final NMS keeps every score > "
                  f"{cfg['score_floor']}, suppresses nothing")
         export = onnx.load(str(inputs["export"].path("model.onnx")))
-        graph, _ = fam.surgery(export, d2cfg, surgery, hw)
+        graph, _ = fam.surgery(export, d2cfg, surgery, hw, dynamic=bool(cfg["dynamic"]))
         ranges = (json.loads(inputs["calibration"].path("ranges.json").read_text())
                   if cfg["precision"] == "int8" else None)
         graph, _ = transform(graph, cfg["precision"], cfg["keep_fp32"], ranges)
-        runner = backends.open_graph(graph)
+        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
+                                     "dynamic": cfg["dynamic"], **cfg["names"]}, d2cfg)
+        graph_model = Model(backends.open_graph(graph), info)
+        runner = graph_model.runner
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         gt = evaluation.load_coco(cfg["annotations"])
         ids = sorted(gt.getImgIds())[: cfg["count"] or None]
         cap = cfg["max_candidates"]
-        sides: dict[str, dict[int, evaluation.Candidates]] = {"graph": {}, "detectron2": {}}
-        seconds = {"graph": 0.0, "detectron2": 0.0}
+        sides: dict[str, dict[int, evaluation.Candidates]] = {s: {} for s in SIDES}
+        seconds = {s: 0.0 for s in SIDES}
         for i, image_id in enumerate(ids, 1):
             info = gt.loadImgs(image_id)[0]
             bgr = load_image_bgr(Path(cfg["images"]) / info["file_name"])
             ctx.count(i, len(ids), f"{info['file_name']}: graph and Detectron2, every candidate")
-            chw, lb = letterbox(bgr, hw, d2cfg.MODEL.PIXEL_MEAN)
+            x, (lb,) = graph_model.prepare([bgr])
+            chw = x[0]
             t0 = time.perf_counter()
-            out = runner.run({runner.input_name: chw[None]})
+            out = runner.run({runner.input_name: x})
             n = int(out["num_detections"][0, 0])
             sides["graph"][image_id] = evaluation.Candidates.from_rows(
                 out["detection_boxes"][0, :n], out["detection_scores"][0, :n], out["detection_classes"][0, :n], lb,
@@ -107,8 +112,11 @@ class CandidatesStage(Stage):
             sides["detectron2"][image_id] = evaluation.Candidates.from_rows(
                 inst.pred_boxes.tensor.numpy(), inst.scores.numpy(), inst.pred_classes.numpy(), lb,
                 _eager_heads(inst, lb, torch), cap)
+            t2 = time.perf_counter()
+            sides["detectron2_native"][image_id] = _native_candidates(fam, model, d2cfg, bgr, cap, torch)
             seconds["graph"] += t1 - t0
-            seconds["detectron2"] += time.perf_counter() - t1
+            seconds["detectron2"] += t2 - t1
+            seconds["detectron2_native"] += time.perf_counter() - t2
         facts: dict[str, Any] = {"images": len(ids), "score_floor": cfg["score_floor"]}
         for side, per_image in sides.items():
             evaluation.save_candidates(out_dir / f"{side}.json", per_image)
@@ -118,6 +126,22 @@ class CandidatesStage(Stage):
                            "seconds_per_image": seconds[side] / max(1, len(ids))}
         facts["flavour"] = cfg["ops"]
         return facts
+
+
+SIDES = ("graph", "detectron2", "detectron2_native")
+
+
+def _native_candidates(fam, model, cfg, bgr, cap: int, torch):
+    """Detectron2 as it runs on its own: ResizeShortestEdge (INPUT.MIN/MAX_SIZE_TEST), the unpadded image
+    (the model pads it and clips to its real size), results mapped back as detector_postprocess does."""
+    from d2build import evaluation
+    from d2build.processing import Letterbox, resize_shortest_edge
+
+    chw, lb = resize_shortest_edge(bgr, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, 1)
+    lb = Letterbox(lb.original_hw, lb.resized_hw, lb.scale, lb.resized_hw)
+    inst = fam.eager(model, chw)
+    return evaluation.Candidates.from_rows(inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
+                                           inst.pred_classes.numpy(), lb, _eager_heads(inst, lb, torch), cap)
 
 
 def _eager_heads(inst, lb, torch):

@@ -17,13 +17,14 @@ from d2build.stages.base import Context, Stage, config_ref
 
 class SurgeryStage(Stage):
     name = "surgery"
-    VERSION = 3  # 3: surgery.ops (plugins | standard)
+    VERSION = 4  # 3: surgery.ops (plugins | standard); 4: model.batch_size
     needs = ("export",)
     tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "sal-detectron2")
 
     def config_slice(self, recipe: Recipe) -> dict[str, Any]:
         m = recipe.model
-        return {"family": m.family, **config_ref(m.config), "input": list(m.input),
+        return {"family": m.family, **config_ref(m.config), "input": list(m.input), "batch": m.batch_size,
+                "dynamic": recipe.to_dict()["model"]["dynamic"],
                 "surgery": recipe.to_dict()["surgery"]}
 
     def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
@@ -37,7 +38,8 @@ class SurgeryStage(Stage):
         d2cfg = detectron.load_cfg(cfg["config"])
         export = onnx.load(str(inputs["export"].path("model.onnx")))
         ctx.step(f"rewriting {len(export.graph.node)} export nodes")
-        model, facts = family(cfg["family"]).surgery(export, d2cfg, cfg["surgery"], tuple(cfg["input"]))
+        model, facts = family(cfg["family"]).surgery(export, d2cfg, cfg["surgery"], tuple(cfg["input"]),
+                                                     batch=cfg.get("batch", 1), dynamic=bool(cfg.get("dynamic")))
         onnx.save(model, str(out_dir / "model.onnx"))
         ctx.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
         return {

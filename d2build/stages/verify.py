@@ -22,7 +22,7 @@ from d2build.stages.base import Context, Stage, StageFailed, config_ref
 
 class VerifyStage(Stage):
     name = "verify"
-    VERSION = 4  # 4: class/keypoint names in the key (pictures show them); graph run through d2build.backends
+    VERSION = 5  # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check)
     needs = ("weights", "precision")  # the precision graph (fp32 = surgery's graph, fp16, int8)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
@@ -34,6 +34,8 @@ class VerifyStage(Stage):
             "family": recipe.model.family,
             **config_ref(recipe.model.config),
             "input": list(recipe.model.input),
+            "batch": recipe.model.batch_size,
+            "dynamic": d["model"]["dynamic"],  # the resize rule: which inputs verify feeds
             "names": {k: d["model"][k] for k in NAME_KEYS},  # the pictures show them
             "surgery": d["surgery"],
             "precision": recipe.precision.mode,
@@ -53,6 +55,7 @@ class VerifyStage(Stage):
         d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(cfg["surgery"]))
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
+                                     "batch_size": cfg.get("batch", 1), "dynamic": cfg.get("dynamic"),
                                      **cfg["names"]}, d2cfg)
         graph = Model(backends.open_graph(inputs["precision"].path("model.onnx")), info)
         emulated = graph.runner.emulated
@@ -67,6 +70,14 @@ class VerifyStage(Stage):
             if problem:
                 failures.append(problem)
         summary = summarize(rows)
+        if info.batch > 1:
+            ctx.step(f"batch of {info.batch}: each image's detections against the same image alone")
+            batch = batch_consistency(graph, [photos.load(r) for r in refs])
+            summary["batch"] = batch
+            if not batch["ok"]:
+                failures.append(f"  batch of {info.batch}: {batch['problem']}")
+                for r in rows:
+                    r["failed"] = r["failed"] or r["image"] in batch["differs"]
         precision = precision_facts(cfg.get("precision", "fp32"), inputs["precision"].info, emulated)
         (out_dir / "metrics.json").write_text(json.dumps({"images": rows, "summary": summary,
                                                           "precision": precision}, indent=2))
@@ -85,13 +96,37 @@ class VerifyStage(Stage):
         matched = sum(r["matched"] for r in images)
         total = sum(r["detectron2"] for r in images)
         masks = f", mean mask IoU {s['mean_mask_iou']:.4f}" if s.get("mean_mask_iou") is not None else ""
-        return (f"passed: {matched}/{total} matched on {len(images)} images, mean box IoU {s['mean_box_iou']:.4f}"
-                f"{masks}; report {folder / 'report.md'}")
+        batch = f"; a batch of {s['batch']['batch']} = each image alone" if s.get("batch") else ""
+        sizes = sorted({tuple(r["input"]) for r in images if r.get("input")})
+        at = f" at {', '.join(f'{h}x{w}' for h, w in sizes)}" + (" (one graph)" if len(sizes) > 1 else "")
+        return (f"passed: {matched}/{total} matched on {len(images)} images{at}, mean box IoU "
+                f"{s['mean_box_iou']:.4f}{masks}{batch}; report {folder / 'report.md'}")
 
 
 NAME_KEYS = ("class_names", "keypoint_names", "keypoint_skeleton")
-SUMMARY_KEYS = ("image", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
+SUMMARY_KEYS = ("image", "input", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
                 "mean_mask_iou", "max_score_diff", "mean_score_shift", "eager_s", "graph_s")
+
+
+def batch_consistency(graph, photos_: list) -> dict[str, Any]:
+    """A full batch of different photographs (cycled) must give each photograph the detections it gets
+    alone (a batch of copies of it): nothing may leak between the images of a batch."""
+    from d2build.compare import match_detections
+
+    n = graph.info.batch
+    alone = {p.name: graph.detect(p.bgr)[0] for p in photos_}
+    chosen = [photos_[i % len(photos_)] for i in range(n)]
+    together, _, _ = graph.detect_batch([p.bgr for p in chosen])
+    differs, worst = [], 1.0
+    for p, det in zip(chosen, together):
+        m = match_detections(alone[p.name], det, iou_min=0.999, score_tol=1e-4)
+        worst = min(worst, m.recovered, m.precision)
+        if not m.all_matched:
+            differs.append(p.name)
+    problem = (f"{', '.join(sorted(set(differs)))} differ from their batch-1 detections (worst share matched "
+               f"{worst:.3f})") if differs else None
+    return {"batch": n, "images": [p.name for p in chosen], "ok": not differs, "differs": sorted(set(differs)),
+            "worst_matched": worst, "problem": problem}
 
 
 def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, str]]) -> dict[str, Any]:
@@ -133,7 +168,7 @@ def compare_one(fam, model, graph, photo, v: dict[str, Any], pictures: Path) -> 
         "recovered": m.recovered, "mean_box_iou": m.mean_box_iou, "mean_mask_iou": m.mean_mask_iou,
         "max_score_diff": m.max_score_diff, "mean_score_shift": m.mean_score_shift,
         "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(graph_s, 3),
-        "picture": f"pictures/{stem}.png", "match": m.to_dict(),
+        "picture": f"pictures/{stem}.png", "match": m.to_dict(), "input": list(lb.input_hw),
     }
     extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
     row.update(extra)
@@ -229,7 +264,7 @@ def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| [{r['image']}]({r['picture']}) | {r['detectron2']} | {r['graph']} | {r['matched']} | "
+        lines.append(f"| [{r['image']}]({r['picture']}) {'x'.join(map(str, r.get('input', [])))} | {r['detectron2']} | {r['graph']} | {r['matched']} | "
                      f"{r['recovered']:.3f} | {_fmt(r['mean_box_iou'])} | {_fmt(r['mean_mask_iou'])} | "
                      f"{_fmt(r['max_score_diff'], 5)} | {r['mean_score_shift']:+.5f} | {r['eager_s']:.2f} | "
                      f"{r['graph_s']:.2f} |")
@@ -238,6 +273,11 @@ def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict
         lines += ["", "| image | " + " | ".join(k.replace("_", " ") for k in extra) + " |",
                   "|---|" + "---:|" * len(extra)]
         lines += [f"| {r['image']} | " + " | ".join(_fmt(r.get(k)) for k in extra) + " |" for r in rows]
+    if summary.get("batch"):
+        bt = summary["batch"]
+        lines += ["", f"Batch of {bt['batch']} ({', '.join(bt['images'])}): " + (
+            "every image's detections equal its detections alone (IoU >= 0.999, |score difference| <= 1e-4)."
+            if bt["ok"] else bt["problem"] + ".")]
     lines += ["", f"All images: {summary['matched_share']:.1%} of Detectron2's detections matched, mean box IoU "
               f"{summary['mean_box_iou']:.4f}, mean score shift {summary['mean_score_shift']:+.5f}.",
               "", f"Mean per image: Detectron2 eager {summary['eager_s_per_image']:.2f} s, "
