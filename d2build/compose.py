@@ -142,10 +142,23 @@ def _override_map(overrides: list[str]) -> dict[str, str]:
     return out
 
 
+#: recipe keys naming files or folders: a relative path is taken from the working directory, or else from
+#: the recipe file's folder (so a recipe can sit beside its model files, or ship with paths into the checkout)
+PATH_KEYS = (("model", "config"), ("model", "weights"), ("verify", "images"), ("calibration", "images"),
+             ("eval", "annotations"), ("eval", "images"))
+
+
 def recipe_from_tree(tree: dict[str, Any], recipe_name: str, overrides: list[str]) -> Recipe:
     source = list_recipes().get(recipe_name)
     src = os.path.relpath(source) if source and not os.path.relpath(source).startswith("..") else str(source)
-    return parse_recipe(tree, name=recipe_name, source=src, overrides=_override_map(overrides))
+    given = _override_map(overrides)
+    if source is not None:
+        for section, key in PATH_KEYS:
+            value = (tree.get(section) or {}).get(key)
+            if (isinstance(value, str) and f"{section}.{key}" not in given and not Path(value).is_absolute()
+                    and not Path(value).expanduser().exists() and (Path(source).parent / value).exists()):
+                tree[section][key] = str((Path(source).parent / value).resolve())
+    return parse_recipe(tree, name=recipe_name, source=src, overrides=given)
 
 
 def recipe_from_hydra(cfg: DictConfig) -> Recipe:
@@ -192,7 +205,7 @@ def compose(overrides: list[str]) -> Recipe:
                                                "point the interpolation ${...} at a key that exists, or write "
                                                "the value")]) from None
     except HydraException as e:
-        raise RecipeError([hydra_problem(_display(source), e)]) from None
+        raise RecipeError([hydra_problem(_display(source), e, _override_map(overrides))]) from None
     except OmegaConfBaseException as e:
         raise RecipeError([Problem(_display(source), getattr(e, "full_key", None) or "(config)",
                                    str(e).splitlines()[0], "fix the value")]) from None
@@ -221,8 +234,17 @@ def _config_keys() -> list[str]:
     return walk({k: v for k, v in conf_default("").items() if k != "hydra"}, "")
 
 
-def hydra_problem(src: str, e: Exception) -> Problem:
-    """Hydra's composition error as one Problem: which group or option, and what exists."""
+def hydra_problem(src: str, e: Exception, overrides: dict[str, str] | None = None) -> Problem:
+    """Hydra's composition error as one Problem: which group or option, and what exists; blamed on the
+    command-line override that caused it where there is one."""
+    problem = _hydra_problem(src, e)
+    if overrides and problem.key in overrides:
+        problem = Problem(f"command line ({problem.key}={overrides[problem.key]})", problem.key, problem.message,
+                          problem.fix)
+    return problem
+
+
+def _hydra_problem(src: str, e: Exception) -> Problem:
     text = str(e)
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if m:

@@ -53,8 +53,11 @@ def test_builder_settings_from_config():
     assert s.workspace_bytes == int(2.5 * 2**30)
     assert s.optimization_level == 5
     assert s.strongly_typed is True  # precision is in the graph; never a builder flag
-    assert s.batch_size == 1 and s.device == 0
+    assert s.profile is None and s.device == 0  # the batch is in the graph; a static graph needs no profile
     assert "device" not in s.key_material()
+    r = recipe("surgery.ops=standard", "model.batch_size=2", "model.dynamic={min:[384,384],max:[704,704]}")
+    d = trt.BuilderSettings.from_config(r.to_dict()["build"], r.to_dict()["model"])
+    assert d.profile == ((2, 3, 384, 384), (2, 3, 640, 640), (2, 3, 704, 704))  # min, opt (model.input), max
 
 
 # ------------------------------------------------------------------ key material

@@ -153,7 +153,16 @@ FILE_CASES = [
                  id="verify-min-detections-0"),
     pytest.param({"verify": {"images": "no/such/folder"}}, "verify.images", "not `bundled` or an existing folder",
                  id="verify-images-missing-folder"),
-    pytest.param({"build": {"batch_size": 2}}, "build.batch_size", "only batch size 1", id="batch-size-2"),
+    pytest.param({"build": {"batch_size": 2}}, "build.batch_size", "has moved to model.batch_size", id="batch-size-moved"),
+    pytest.param({"model": {"batch_size": 0}}, "model.batch_size", "outside 1..64", id="batch-size-0"),
+    pytest.param({"model": {"dynamic": {"min": [384, 384], "max": [704, 704]}}}, "model.dynamic",
+                 "need the standard-op graph", id="dynamic-plugins"),
+    pytest.param({"model": {"dynamic": {"min": [704, 384], "max": [384, 704]}}, "surgery": {"ops": "standard"}},
+                 "model.dynamic.min", "above max", id="dynamic-min-above-max"),
+    pytest.param({"model": {"dynamic": {"min": [384, 400], "max": [704, 704]}}, "surgery": {"ops": "standard"}},
+                 "model.dynamic.min[1]", "not divisible by 32", id="dynamic-not-32"),
+    pytest.param({"model": {"input": [800, 800], "dynamic": {"min": [384, 384], "max": [704, 704]}},
+                  "surgery": {"ops": "standard"}}, "model.input", "outside model.dynamic", id="dynamic-opt-outside"),
     pytest.param({"build": {"optimization_level": 7}}, "build.optimization_level", "outside 0..5",
                  id="optimization-level-7"),
     pytest.param({"cache": {"dir": ""}}, "cache.dir", "is empty", id="empty-cache-dir"),
@@ -239,7 +248,7 @@ OVERRIDE_CASES = [
                  id="cli-verify-tolerance-negative"),
     pytest.param(["verify.min_detections=0"], "verify.min_detections", "proves nothing",
                  id="cli-verify-min-detections-0"),
-    pytest.param(["build.batch_size=2"], "build.batch_size", "only batch size 1", id="cli-batch-size-2"),
+    pytest.param(["build.batch_size=2"], "build.batch_size", "has moved to model.batch_size", id="cli-batch-size-moved"),
     pytest.param(["build.workspace_gib=0"], "build.workspace_gib", "not positive", id="cli-workspace-0"),
     pytest.param(["cache.dir="], "cache.dir", "is empty", id="cli-empty-cache-dir"),
 ]
@@ -303,7 +312,7 @@ def test_shipped_recipe_composes_with_detectron2_defaults(in_tmp):
     assert (r.surgery.nms.iou_threshold, r.surgery.nms.score_threshold, r.surgery.nms.max_detections) == (0.5, 0.05, 100)
     assert (r.surgery.rpn.pre_nms_topk, r.surgery.rpn.post_nms_topk, r.surgery.rpn.iou_threshold) == (1000, 1000, 0.7)
     assert isinstance(r.surgery.nms.max_detections, int) and isinstance(r.surgery.nms.iou_threshold, float)
-    assert (r.precision.mode, r.calibration.images, r.build.batch_size) == ("fp32", None, 1)
+    assert (r.precision.mode, r.calibration.images, r.model.batch_size) == ("fp32", None, 1)
     # overrides land typed
     r2 = compose(["model.input=[640,480]", "surgery.nms.iou_threshold=0.6", "model.weights=random"])
     assert r2.model.input == (640, 480) and r2.surgery.nms.iou_threshold == 0.6 and r2.model.weights == "random"

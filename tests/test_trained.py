@@ -152,3 +152,14 @@ def test_eval_files_are_checked_before_any_stage(trained, tmp_path):
     missing.write_text(json.dumps(doc))
     with pytest.raises(RecipeError, match="gone.png"):
         compose([*SHAPES, f"eval.annotations={missing}", f"eval.images={val.parent}"])
+
+
+def test_dynamic_graph_reaches_detectron2s_own_ap_on_mixed_orientations(trained, tmp_path):
+    """The val images are 512x512, 480x640, 640x480 and 384x704: one letterbox canvas shrinks some of them,
+    a dynamic graph resizes each as Detectron2 does and must reach Detectron2's own AP."""
+    cache, data = trained
+    run = d2build([*SHAPES, *data["shapes"], "surgery.ops=standard", "model.dynamic={min:[384,384],max:[704,704]}"],
+                  cache, tmp_path / "run")
+    info = _eval(run)
+    for t, d in info["delta_ap_native"].items():
+        assert abs(d) * 100 <= 0.3, (t, info["ap"])

@@ -121,19 +121,24 @@ def skip_reason(env: Environment) -> str | None:
 
 @dataclass(frozen=True)
 class BuilderSettings:
-    """What the builder is told, derived from `build.*` alone (so it is testable and keyable)."""
+    """What the builder is told, derived from `build.*` and the model's input (testable and keyable)."""
 
     workspace_bytes: int
     optimization_level: int
     strongly_typed: bool = True  # precision comes from the graph's types, never from builder flags
-    batch_size: int = 1  # the graph's static batch (only 1 so far)
+    #: a dynamic graph's optimization profile for input_tensor: [min, opt, max] shapes [B, 3, H, W]; None: static
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
     device: int = 0
 
     @classmethod
-    def from_config(cls, build: dict[str, Any]) -> "BuilderSettings":
+    def from_config(cls, build: dict[str, Any], model: dict[str, Any] | None = None) -> "BuilderSettings":
+        profile = None
+        dynamic = (model or {}).get("dynamic")
+        if dynamic:
+            batch = int(model.get("batch_size", 1))
+            profile = tuple((batch, 3, *map(int, hw)) for hw in (dynamic["min"], model["input"], dynamic["max"]))
         return cls(workspace_bytes=int(round(float(build["workspace_gib"]) * GIB)),
-                   optimization_level=int(build["optimization_level"]),
-                   batch_size=int(build["batch_size"]),
+                   optimization_level=int(build["optimization_level"]), profile=profile,
                    device=int(build.get("device", 0)))
 
     def key_material(self) -> dict[str, Any]:
@@ -177,6 +182,10 @@ def build_engine(onnx_path: Path, settings: BuilderSettings, out_dir: Path,
         raise BuildError("TensorRT's ONNX parser rejected the graph:\n  " + "\n  ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    if settings.profile is not None:  # a dynamic graph: the input sizes the engine is built for
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input_tensor", *settings.profile)
+        config.add_optimization_profile(profile)
     config.builder_optimization_level = settings.optimization_level
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is refused

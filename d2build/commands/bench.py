@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import logging
 import time
 from contextlib import nullcontext
+
+import numpy as np
 
 from d2build.commands import _runtime
 
@@ -26,8 +29,13 @@ def main(argv: list[str]) -> int:
     from d2build.commands._runtime import percentiles
 
     rt = recipe.runtime
+    if model.backend == "detectron2":
+        print("d2build bench: times built models (runtime.backend=tensorrt|reference|onnxruntime); for Detectron2 "
+              "eager see bench/gpu_eager.py", file=sys.stderr)
+        return 2
     photo = photos.load(args.image)
-    batch, _ = model.prepare([photo.bgr] * model.info.batch)
+    n = model.info.batch
+    batch, _ = model.prepare([photo.bgr] * n)
     runner = model.runner
     lock = nullcontext()
     if model.backend == "tensorrt":  # one GPU job at a time, as for builds
@@ -57,17 +65,21 @@ def main(argv: list[str]) -> int:
         e2e_ms = []
         for _ in range(n_e2e):
             t0 = time.perf_counter()
-            model.detect(photo.bgr)
+            model.detect_batch([photo.bgr] * n)
             e2e_ms.append((time.perf_counter() - t0) * 1000)
     doc = {"backend": model.backend, "model": str(model.path), "input": list(model.input_hw), "image": photo.name,
            "recipe": recipe.name, "precision": recipe.precision.mode, "warmup": rt.warmup,
            "iterations": rt.iterations, "cuda_graph": graph, "model_ms": percentiles(model_ms),
            "end_to_end_ms": percentiles(e2e_ms), "end_to_end_iterations": n_e2e,
-           "emulated_fp16_nodes": len(runner.emulated)}
+           "emulated_fp16_nodes": len(runner.emulated), "batch": n,
+           "images_per_second": {"model": n * 1000.0 / float(np.mean(model_ms)),
+                                 "end_to_end": n * 1000.0 / float(np.mean(e2e_ms))}}
     (out / "bench.json").write_text(json.dumps(doc, indent=1))
     for what, s in (("model", doc["model_ms"]), ("end to end", doc["end_to_end_ms"])):
-        log.info("%-10s ms: mean %.2f  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  min %.2f  max %.2f  |  %.1f FPS",
-                 what, s["mean"], s["p50"], s["p90"], s["p95"], s["p99"], s["min"], s["max"], s["fps"])
+        ips = doc["images_per_second"]["model" if what == "model" else "end_to_end"]
+        log.info("%-10s ms per batch of %d: mean %.2f  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  min %.2f  max %.2f"
+                 "  |  %.1f images/s", what, n, s["mean"], s["p50"], s["p90"], s["p95"], s["p99"], s["min"], s["max"],
+                 ips)
     if model.backend != "tensorrt":
         log.info("(%s backend: ONNX Runtime%s%s; engine timings need runtime.backend=tensorrt)", model.backend,
                  " on this CPU" if model.backend == "reference" else f" ({runner.providers[0]})",

@@ -26,18 +26,25 @@ def main(argv: list[str]) -> int:
     results = []
     refs = photos.list_images(args.images, args.count)
     thr = recipe.runtime.score_threshold
-    for i, ref in enumerate(refs, 1):
-        photo = photos.load(ref)
-        det, lb, seconds = model.detect(photo.bgr)
-        shown = det.subset(det.scores >= thr)
-        stem = photo.name.rsplit(".", 1)[0]
-        draw_detections(photo.bgr, shown, model.info.class_names, skeleton=model.info.keypoint_skeleton,
-                        title=f"{photo.name}: {len(shown)} of {len(det)} detections with score >= {thr} "
-                              f"({model.backend})").save(out / "pictures" / f"{stem}.png")
-        results.append(detections_json(photo.name, det, lb.original_hw, model.info, seconds))
-        log.info("[%d/%d] %s: %d detections (%d >= %.2f), %.2f s", i, len(refs), photo.name, len(det), len(shown),
-                 thr, seconds)
-    doc = {"model": str(model.path), "backend": model.backend, "input": list(model.input_hw),
+    batch = getattr(getattr(model, "info", None), "batch", 1)
+    for start in range(0, len(refs), batch):  # a model built for a batch of N gets N images per run
+        chunk = [photos.load(ref) for ref in refs[start:start + batch]]
+        if hasattr(model, "detect_batch"):
+            dets, lbs, seconds = model.detect_batch([p.bgr for p in chunk])
+        else:
+            det, lb, seconds = model.detect(chunk[0].bgr)
+            dets, lbs = [det], [lb]
+        for i, (photo, det, lb) in enumerate(zip(chunk, dets, lbs), start + 1):
+            shown = det.subset(det.scores >= thr)
+            stem = photo.name.rsplit(".", 1)[0]
+            draw_detections(photo.bgr, shown, model.info.class_names, skeleton=model.info.keypoint_skeleton,
+                            title=f"{photo.name}: {len(shown)} of {len(det)} detections with score >= {thr} "
+                                  f"({model.backend})").save(out / "pictures" / f"{stem}.png")
+            results.append(detections_json(photo.name, det, lb.original_hw if lb else photo.bgr.shape[:2],
+                                           model.info, seconds / len(chunk)))
+            log.info("[%d/%d] %s: %d detections (%d >= %.2f), %.2f s", i, len(refs), photo.name, len(det),
+                     len(shown), thr, seconds / len(chunk))
+    doc = {"model": str(model.path), "backend": model.backend, "input": list(model.input_hw), "batch": batch,
            "recipe": recipe.name, "images": results}
     (out / "detections.json").write_text(json.dumps(doc, indent=1))
     log.info("wrote %s and %s", out / "detections.json", out / "pictures")

@@ -426,7 +426,8 @@ def load_bundle(path: str | Path, backend: str = "auto", *, device: int = 0, thr
     if isinstance(batch, int) and info.batch > batch:
         raise BundleError(f"{bundle.file(MODEL_JSON)}: says batch {info.batch}, but {file.name} takes {batch} "
                           "image(s) per run; the bundle is inconsistent, deploy it again")
-    if tuple(runner.input_shape[2:]) != tuple(info.input_hw):
+    fixed = tuple(runner.input_shape[2:])
+    if all(isinstance(d, int) for d in fixed) and fixed != tuple(info.input_hw):
         raise BundleError(f"{bundle.file(MODEL_JSON)}: says input {list(info.input_hw)}, but {file.name} takes "
                           f"{list(runner.input_shape[2:])}; the bundle is inconsistent, deploy it again")
     model = Model(BundleRunner(runner, file), info, source=f"bundle {bundle.name}", path=file)

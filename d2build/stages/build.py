@@ -47,8 +47,8 @@ class BuildStage(Stage):
 
         env = self.environment()
         return {
-            "settings": BuilderSettings.from_config({**recipe.to_dict()["build"],
-                                                     "batch_size": recipe.model.batch_size}).key_material(),
+            "settings": BuilderSettings.from_config(recipe.to_dict()["build"],
+                                                    recipe.to_dict()["model"]).key_material(),
             "tensorrt": env.tensorrt,
             "compute_capability": env.compute_capability,
         }

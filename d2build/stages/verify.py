@@ -109,17 +109,23 @@ SUMMARY_KEYS = ("image", "input", "detectron2", "graph", "matched", "recovered",
 
 
 def batch_consistency(graph, photos_: list) -> dict[str, Any]:
-    """A full batch of different photographs (cycled) must give each photograph the detections it gets
-    alone (a batch of copies of it): nothing may leak between the images of a batch."""
+    """A full batch of different photographs (cycled) must give each photograph the detections its own
+    input tensor gets alone (a batch of copies of it): nothing may leak between the images of a batch.
+    (With dynamic shapes a batch is padded to its largest image, so "its own input" is the padded one.)"""
+    import numpy as np
+
     from d2build.compare import match_detections
 
     n = graph.info.batch
-    alone = {p.name: graph.detect(p.bgr)[0] for p in photos_}
     chosen = [photos_[i % len(photos_)] for i in range(n)]
-    together, _, _ = graph.detect_batch([p.bgr for p in chosen])
+    x, lbs = graph.prepare([p.bgr for p in chosen])
+    name = graph.runner.input_name
+    together = graph.runner.run({name: x})
     differs, worst = [], 1.0
-    for p, det in zip(chosen, together):
-        m = match_detections(alone[p.name], det, iou_min=0.999, score_tol=1e-4)
+    for i, (p, lb) in enumerate(zip(chosen, lbs)):
+        alone = graph.runner.run({name: np.repeat(x[i:i + 1], n, axis=0)})
+        m = match_detections(graph.family.decode(alone, lb, 0), graph.family.decode(together, lb, i),
+                             iou_min=0.999, score_tol=1e-4)
         worst = min(worst, m.recovered, m.precision)
         if not m.all_matched:
             differs.append(p.name)
