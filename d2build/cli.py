@@ -14,21 +14,28 @@ from pathlib import Path
 USAGE = """\
 usage: d2build [run] [-m] [-v] [--until STAGE] [KEY=VALUE ...]
                                            compose a recipe and run weights -> export -> surgery
-                                           -> [calibration] -> precision -> verify -> build
-                                           (--until: stop after STAGE and what it needs, i.e.
-                                           run.until=STAGE; -v: keep third-party warnings on)
+                                           -> [calibration] -> precision -> verify -> build -> check
+                                           [-> candidates -> eval]  (--until: stop after STAGE and
+                                           what it needs, i.e. run.until=STAGE; -v: keep third-party
+                                           warnings on)
        d2build COMMAND ...                 a sub-command (listed below)
        python -m d2build ...               same as d2build
 
 common overrides:
   recipe=mask_rcnn_r50              a recipe from recipes/ (shipped) or ./recipes (yours)
   model.weights=random|PATH|URL     random: seeded weights that behave, offline
-  model.input=[640,640]             engine input [H, W]: multiple of 32, 256..2048
+  model.config=PATH.yaml            your Detectron2 config (the dump its trainer wrote), with model.weights=...pth
+  model.class_names=[a,b,c]         names for pictures, JSON and eval (else Detectron2's dataset metadata)
+  model.input=[640,640]             graph input [H, W]: multiple of 32, 256..2048
+  model.batch_size=4                images per inference (in the graph, so in its cache keys)
+  model.dynamic={min:[H,W],max:[H,W]}   any size in between (surgery.ops=standard), Detectron2's resize
+  surgery.ops=plugins|standard      EfficientNMS_TRT/PyramidROIAlign_TRT, or ONNX NonMaxSuppression/RoiAlign
   surgery.nms.iou_threshold=0.5     also score_threshold, max_detections; surgery.rpn.*
   precision=fp32|fp16|int8          calibration=bundled (int8); verify.images=DIR; cache.dir=DIR
+  eval.annotations=FILE eval.images=DIR   COCO AP of the graph beside Detectron2's (stages candidates, eval)
   build.required=true               fail (instead of skipping the build) where TensorRT or a GPU is missing
   -m KEY=a,b,c                      a Hydra sweep: one job per value, shared cache; writes
-                                    summary.csv/.md/.png in the sweep folder
+                                    summary.csv/.md/.png in the sweep folder (AP per variant with eval.*)
   hydra/launcher=joblib hydra.launcher.n_jobs=2    sweep jobs in parallel (submitit_slurm: a
                                     cluster, see docs/DISTRIBUTED.md)
 

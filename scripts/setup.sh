@@ -31,5 +31,8 @@ echo "setup: repacking sal-detectron2 0.7.2 into a pure-Python wheel"
 .venv/bin/python tools/repack_detectron2.py .wheels >/dev/null
 echo "setup: d2build and its dependencies"
 "${PIP[@]}" install -q --find-links .wheels -e ".[test]"
+# Triton's ModelConfig schema for the deploy tests: tritonclient's generated protobuf module, without the
+# grpc extra (which would pin protobuf and ml_dtypes below what onnx and onnxruntime take here)
+"${PIP[@]}" install -q --no-deps tritonclient==2.73.0
 echo "$want" > "$stamp"
 echo "setup: done ($(.venv/bin/python -c 'import torch, detectron2, onnxruntime; print("torch", torch.__version__, "| detectron2", detectron2.__version__, "| onnxruntime", onnxruntime.__version__)'))"

@@ -12,7 +12,7 @@ import numpy as np
 
 from d2build.commands import _runtime
 
-SUMMARY = "latency percentiles and FPS of a built model (runtime.warmup, .iterations, .cuda_graph)"
+SUMMARY = "latency percentiles and images/s of a built model (runtime.warmup, .iterations, .cuda_graph)"
 log = logging.getLogger("d2build")
 
 

@@ -7,7 +7,7 @@ import logging
 
 from d2build.commands import _runtime
 
-SUMMARY = "run a built model on images: detections.json and pictures (runtime.backend=tensorrt|reference)"
+SUMMARY = "run a built model on images: detections.json and pictures (runtime.backend=tensorrt|reference|onnxruntime|detectron2)"
 log = logging.getLogger("d2build")
 
 

@@ -172,6 +172,25 @@ def graph_io(graph: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str, in
     return inputs[0], outputs, graphs.flavour(proto), opset
 
 
+def resize_rule(info) -> dict[str, Any]:
+    """How an image becomes the input: model.json's words for what runtime.Model.prepare does."""
+    h, w = info.input_hw
+    if info.resize == "letterbox":
+        return {"rule": "letterbox",
+                "steps": ["scale = min(H / h, W / w); resized = (int(h * scale + 0.5), int(w * scale + 0.5)) "
+                          "capped at (H, W), as Detectron2's ResizeShortestEdge rounds",
+                          "PIL bilinear resize of the uint8 image (Detectron2's ResizeTransform)",
+                          "image at the top-left of an H x W canvas filled with pixel_mean (normalises to 0)"],
+                "sizes": [[h, w]]}
+    return {"rule": "shortest_edge", "min_size": info.min_size, "max_size": info.max_size,
+            "size_divisibility": info.size_divisibility,
+            "steps": [f"Detectron2's ResizeShortestEdge: short side {info.min_size}, long side at most "
+                      f"{info.max_size}, sizes rounded half up", "PIL bilinear resize of the uint8 image",
+                      f"padded bottom/right with pixel_mean to a multiple of {info.size_divisibility} (a batch: to "
+                      "its largest image)"],
+            "sizes": {"min": list(info.input_min), "opt": [h, w], "max": list(info.input_max)}}
+
+
 def model_document(src: BundleSource) -> dict[str, Any]:
     """model.json's content without the bundle's own name and key (those are derived from it)."""
     inp, outputs, flavour, opset = graph_io(src.graph)
@@ -186,12 +205,7 @@ def model_document(src: BundleSource) -> dict[str, Any]:
             "value_range": [0, 255], "pixel_mean": list(info.pixel_mean), "pixel_std": list(info.pixel_std),
             "normalization": "inside the graph: Sub(pixel_mean); 1/pixel_std folded into the first conv "
                              "(and its input channels flipped for an RGB-trained model); feed raw BGR 0..255",
-            "resize": {"rule": "letterbox",
-                       "steps": ["scale = min(H / h, W / w); resized = (int(h * scale + 0.5), int(w * scale + 0.5)) "
-                                 "capped at (H, W), as Detectron2's ResizeShortestEdge rounds",
-                                 "PIL bilinear resize of the uint8 image (Detectron2's ResizeTransform)",
-                                 "image at the top-left of an H x W canvas filled with pixel_mean (normalises to 0)"],
-                       "sizes": [[h, w]]},
+            "resize": resize_rule(info),
         },
         "outputs": outputs,
         "postprocess": {**src.postprocess, "mask_threshold": info.mask_threshold,
