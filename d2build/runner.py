@@ -91,6 +91,10 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
     results: list[StageResult] = []
     artifacts: dict[str, Artifact] = {}
     log.info("d2build: recipe %s (%s), cache %s", recipe.name, recipe.source, cache.root)
+    from d2build.schema import config_setting_notes
+
+    for note in config_setting_notes(recipe):
+        log.info("d2build: note: %s", note)
     planned = plan(recipe, cache)
     wanted = _ancestors(planned, until) if until else {p.name for p in planned}
     problems = [prob for p in planned if p.name in wanted for prob in p.stage.preflight(recipe)]

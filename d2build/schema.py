@@ -700,6 +700,43 @@ def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> Non
                "in name order: .jpg, .jpeg, .png, .bmp, .webp)")
 
 
+#: the recipe keys that override a Detectron2 config's test-time settings (the family's eager_overrides)
+_TEST_SETTINGS = (("surgery.nms.score_threshold", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05),
+                  ("surgery.nms.iou_threshold", "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5),
+                  ("surgery.nms.max_detections", "TEST.DETECTIONS_PER_IMAGE", 100),
+                  ("surgery.rpn.pre_nms_topk", "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
+                  ("surgery.rpn.post_nms_topk", "MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
+                  ("surgery.rpn.iou_threshold", "MODEL.RPN.NMS_THRESH", 0.7))
+
+
+def config_setting_notes(r: Recipe) -> list[str]:
+    """Where the Detectron2 config sets a test-time threshold other than the recipe's: the recipe's value is
+    what the graph and the eager comparison use; say so (a trainer's config dump often sets its own)."""
+    local = Path(r.model.config).expanduser()
+    zoo = _detectron2_configs_dir()
+    path = local if local.is_file() else (zoo / r.model.config if zoo else None)
+    if path is None or not path.is_file():
+        return []
+    try:
+        tree = _read_d2_yaml(path)
+    except Exception:  # noqa: BLE001 - the schema reported an unreadable config already
+        return []
+    values = dataclasses.asdict(r)
+    notes = []
+    for key, d2_key, default in _TEST_SETTINGS:
+        node: Any = tree
+        for part in d2_key.split("."):
+            node = node.get(part, None) if isinstance(node, dict) else None
+        theirs = default if node is None else node
+        ours: Any = values
+        for part in key.split("."):
+            ours = ours[part]
+        if float(theirs) != float(ours):
+            notes.append(f"{r.model.config} sets {d2_key}={theirs}; the recipe's {key}={ours} is used (graph "
+                         "and Detectron2 alike)")
+    return notes
+
+
 def conf_default(key: str) -> Any:
     """A default as conf/config.yaml writes it (for hints; never retyped here)."""
     from d2build.compose import conf_dir

@@ -79,19 +79,28 @@ def main(argv: list[str]) -> int:
     results: dict[str, list[dict]] = {k: [] for k in models}
     with_masks: dict[str, bool] = {k: False for k in models}
     seconds: dict[str, float] = {k: 0.0 for k in models}
-    for i, image_id in enumerate(ids, 1):
-        file = gt.loadImgs(image_id)[0]["file_name"]
-        bgr = load_image_bgr(Path(images) / file)
-        line = []
+    batch = getattr(model.info, "batch", 1)
+    for start in range(0, len(ids), batch):  # a model built for N images per run gets N
+        chunk = ids[start:start + batch]
+        files = [gt.loadImgs(image_id)[0]["file_name"] for image_id in chunk]
+        bgrs = [load_image_bgr(Path(images) / f) for f in files]
+        counts: dict[str, list[int]] = {}
         for side, m in models.items():
-            det, _, s = m.detect(bgr)
+            if hasattr(m, "detect_batch"):
+                dets, _, s = m.detect_batch(bgrs)
+            else:
+                found = [m.detect(bgr) for bgr in bgrs]
+                dets, s = [d for d, _, _ in found], sum(t for _, _, t in found)
             seconds[side] += s
-            rles = evaluation.encode_masks(det.masks) if det.masks is not None else None
-            with_masks[side] |= rles is not None
-            results[side] += evaluation.to_results(image_id, det.boxes, det.scores, det.classes, category_of, rles,
-                                                   det.keypoints)
-            line.append(f"{side} {len(det)}")
-        log.info("[%d/%d] %s: %s detections", i, len(ids), file, ", ".join(line))
+            counts[side] = [len(d) for d in dets]
+            for image_id, det in zip(chunk, dets):
+                rles = evaluation.encode_masks(det.masks) if det.masks is not None else None
+                with_masks[side] |= rles is not None
+                results[side] += evaluation.to_results(image_id, det.boxes, det.scores, det.classes, category_of,
+                                                       rles, det.keypoints)
+        for k, f in enumerate(files):
+            log.info("[%d/%d] %s: %s detections", start + k + 1, len(ids), f,
+                     ", ".join(f"{side} {counts[side][k]}" for side in models))
     (out / "detections_coco.json").write_text(json.dumps(results[model.backend]))
     metrics: dict[str, dict] = {}
     for side in models:

@@ -54,6 +54,8 @@ def main(argv: list[str]) -> int:
 def detections_json(name: str, det, hw, info, seconds: float) -> dict:
     """One image's detections in original pixels: class names, masks as COCO run-length encodings,
     keypoints as (x, y, score, name)."""
+    from d2build.evaluation import encode_masks
+
     rles = encode_masks(det.masks) if det.masks is not None else [None] * len(det)
     items = []
     for k in range(len(det)):
@@ -69,15 +71,3 @@ def detections_json(name: str, det, hw, info, seconds: float) -> dict:
         items.append(item)
     return {"image": name, "height": int(hw[0]), "width": int(hw[1]), "seconds": round(seconds, 4),
             "detections": items}
-
-
-def encode_masks(masks) -> list[dict]:
-    import numpy as np
-    from pycocotools import mask as mask_util
-
-    out = []
-    for m in masks:
-        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        out.append(rle)
-    return out

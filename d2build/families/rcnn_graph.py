@@ -451,8 +451,7 @@ class RCNNSurgeon:
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
         g = self.graph
         inp = self.input_and_preprocessing()
-        rpn_scores, rois = self.proposals()
-        outs = self.detections(rpn_scores, rois)
+        outs = self.detections(*self.proposals())
         if self.spec.mask_pooler is not None:
             outs.append(self.masks(outs[3], outs[1]))
         if self.spec.keypoint_pooler is not None:
@@ -460,12 +459,23 @@ class RCNNSurgeon:
         g.inputs, g.outputs = [inp], outs
         g.cleanup().toposort()
         self.forget_inner_shapes()
-        left = sorted({n.op for n in g.nodes} & {"If", "Loop", "NonZero", "Scan"})
-        if left:
-            raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")
+        self.check_graph()
         g.opset = OPSET
-        g.import_domains = [onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid(plugins.DOMAIN, plugins.DOMAIN_VERSION)]
+        g.import_domains = [onnx.helper.make_opsetid("", OPSET), *self.extra_domains()]
         model = gs.export_onnx(g)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
+        self.check_model(model)
         return model, self.facts
+
+    def check_graph(self) -> None:
+        """The plugin graph is static: no data-dependent op may be left."""
+        left = sorted({n.op for n in self.graph.nodes} & {"If", "Loop", "NonZero", "Scan"})
+        if left:
+            raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")
+
+    def extra_domains(self) -> list[onnx.OperatorSetIdProto]:
+        return [onnx.helper.make_opsetid(plugins.DOMAIN, plugins.DOMAIN_VERSION)]
+
+    def check_model(self, model: onnx.ModelProto) -> None:
+        """A last check of the exported graph (the standard flavour's: TensorRT can import every op)."""

@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from d2build.families.rcnn_graph import _CORNERS_TO_PARAMS, _CORNERS_TO_WH, BIG, RCNNSurgeon
-from d2build.graph import OPSET, GraphMismatch, find_calls, find_one
+from d2build.graph import GraphMismatch, find_calls, find_one
 
 I64 = np.int64
 LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
@@ -332,25 +332,14 @@ class StandardSurgeon(RCNNSurgeon):
 
     # ------------------------------------------------------------------ whole graph
 
-    def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    def check_graph(self) -> None:
+        """Data-dependent intermediate shapes are this flavour's design; its outputs are static anyway."""
+
+    def extra_domains(self) -> list[onnx.OperatorSetIdProto]:
+        return []  # standard ops only
+
+    def check_model(self, model: onnx.ModelProto) -> None:
         from d2build import standard_ops
 
-        g = self.graph
-        inp = self.input_and_preprocessing()
-        valid, rois = self.proposals()
-        outs = self.detections(valid, rois)
-        if self.spec.mask_pooler is not None:
-            outs.append(self.masks(outs[3], outs[1]))
-        if self.spec.keypoint_pooler is not None:
-            outs.append(self.keypoints(outs[1]))
-        g.inputs, g.outputs = [inp], outs
-        g.cleanup().toposort()
-        self.forget_inner_shapes()
-        g.opset = OPSET
-        g.import_domains = [onnx.helper.make_opsetid("", OPSET)]
-        model = gs.export_onnx(g)
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        onnx.checker.check_model(model, full_check=True)
         standard_ops.check(model)
         self.facts["flavour"] = "standard"
-        return model, self.facts
