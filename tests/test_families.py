@@ -25,15 +25,12 @@ from d2build.schema import FAMILIES_SUPPORTED, RecipeError
 from d2build.families.keypoint_rcnn import COCO_SKELETON
 from d2build.visualize import draw_detections
 
-# (recipe, input size): keypoint/faster at 640- and 1024-class sizes, the big backbones small.
+# One size each here (a non-square one for the big backbones); every family at more sizes and in both
+# flavours is bench/standard_matrix.py's (docs/BENCHMARKS.md).
 E2E = [
     ("keypoint_rcnn_r50", "[640,640]"),
-    ("keypoint_rcnn_r50", "[1024,768]"),
     ("faster_rcnn_r50", "[640,640]"),
-    ("faster_rcnn_r50", "[1024,1024]"),
     ("mask_rcnn_r101", "[512,512]"),
-    ("mask_rcnn_r101", "[640,832]"),
-    ("mask_rcnn_x101", "[512,512]"),
     ("mask_rcnn_x101", "[640,832]"),
 ]
 # what each family's graph has besides the four EfficientNMS_TRT outputs

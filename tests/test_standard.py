@@ -35,7 +35,7 @@ def _graph(run, stage: str = "precision") -> Path:
 
 def test_standard_graph_verifies_and_runs_in_plain_onnxruntime(cache_320, tmp_path):
     run = d2build(STANDARD, cache_320, tmp_path / "run")
-    assert run.status("export") == "hit" and run.status("surgery") == "built"
+    assert run.status("export") == "hit" and run.status("surgery") in ("built", "hit")
     v = run.stage("verify")["info"]
     assert v["summary"]["min_recovered"] >= 0.99 and min(r["detectron2"] for r in v["images"]) >= 20, v["summary"]
     assert "passed:" in run.output and "standard ONNX ops" in (Path(run.stage("verify")["dir"]) / "report.md").read_text()
@@ -71,13 +71,13 @@ def test_flavours_agree_detection_for_detection(cache_320, tmp_path):
 
 
 @pytest.mark.parametrize(("recipe", "size", "precision"), [
-    ("keypoint_rcnn_r50", "[320,384]", "fp32"),
-    ("faster_rcnn_r50", "[384,320]", "fp32"),
-    ("mask_rcnn_r50", "[320,320]", "fp16"),
+    ("keypoint_rcnn_r50", "[640,640]", "fp32"),  # the exports test_families.py builds in the shared cache
+    ("faster_rcnn_r50", "[640,640]", "fp32"),
+    ("mask_rcnn_r50", "[640,640]", "fp16"),
 ])
-def test_families_verify_as_standard_graphs(cache_320, tmp_path, recipe, size, precision):
+def test_families_verify_as_standard_graphs(shared_cache, tmp_path, recipe, size, precision):
     run = d2build([f"recipe={recipe}", "model.weights=random", f"model.input={size}", "surgery.ops=standard",
-                   f"precision={precision}"], cache_320, tmp_path / "run")
+                   f"precision={precision}"], shared_cache, tmp_path / "run")
     v = run.stage("verify")["info"]
     floor = 0.97 if precision == "fp16" else 0.99
     assert v["summary"]["min_recovered"] >= floor and min(r["detectron2"] for r in v["images"]) >= 20, v

@@ -237,9 +237,9 @@ class RCNNSurgeon:
     def rpn_candidates(self):
         """Detectron2's per-level top-k of the objectness logits, decoded and clipped, for every image.
 
-        Returns (logits [B, L*k]: each slot's logit, -BIG in slots of a level with fewer than k anchors;
+        Returns (logits [B, L*k, 1]: each slot's logit, -BIG in slots of a level with fewer than k anchors;
         level scores [B, L*k, L]: the logit in the slot's level column, -BIG elsewhere; boxes [B, L*k, 4];
-        nonempty [B, L*k]). One TopK over the L score rows of the concatenated levels selects each level's
+        nonempty [B, L*k, 1]). One TopK over the L score rows of the concatenated levels selects each level's
         top-k with global indices; the rows and anchor table are gathered at them."""
         s, b = self.spec, self.b
         B, L, k = s.batch, len(s.rpn_in_features), s.rpn_pre_nms_topk
@@ -259,15 +259,15 @@ class RCNNSurgeon:
                          name="rpn_anchor_split")
         boxes = self._decode(deltas, whwh, ctr, "rpn")
         wh = b.op("MatMul", [boxes, _CORNERS_TO_WH], name="rpn_box_sizes")
-        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 0}, name="rpn_min_side"),
-                                    np.float32(0)], name="rpn_nonempty")  # [B, K]
+        nonempty = b.op("Greater", [b.op("ReduceMin", [wh], {"axes": [2], "keepdims": 1}, name="rpn_min_side"),
+                                    np.float32(0)], name="rpn_nonempty")  # [B, K, 1]
         short = sizes is None or any(n < k for n in sizes)
         if short:  # slots of a level with fewer than k anchors hold other levels' entries: mask them
             seg = np.full((1, L * k, L), -BIG, np.float32)
             for lvl in range(L):
                 seg[0, lvl * k:(lvl + 1) * k, lvl] = 0
             level_scores = b.op("Add", [level_scores, seg], name="rpn_level_slots")
-        logits = b.op("Reshape", [logits, np.array([B, L * k], np.int64)], name="rpn_logits_flat")
+        logits = b.op("Reshape", [logits, np.array([B, L * k, 1], np.int64)], name="rpn_logits_flat")
         return logits, level_scores, boxes, nonempty
 
     def proposals(self) -> tuple[gs.Variable, gs.Variable]:
@@ -280,7 +280,6 @@ class RCNNSurgeon:
         """
         s, b = self.spec, self.b
         _, scores, boxes, nonempty = self.rpn_candidates()
-        nonempty = b.op("Unsqueeze", [nonempty, np.array([2], np.int64)], name="rpn_nonempty_3d")
         scores = b.op("Where", [nonempty, scores, np.float32(-BIG)], name="rpn_drop_empty")
         num, rois, probs, levels_out = plugins.efficient_nms(
             b, boxes, scores, name="rpn_nms", max_output_boxes=s.rpn_post_nms_topk,
@@ -365,7 +364,8 @@ class RCNNSurgeon:
         reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
         self._fold_regression_weights(reg, c)
         probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")
-        probs = b.op("Reshape", [probs, np.array([B, p, c + 1], np.int64)], name="class_probs_3d")
+        if B > 1:  # at batch 1 the Where below broadcasts [P, C+1] to [1, P, C+1] by itself
+            probs = b.op("Reshape", [probs, np.array([B, p, c + 1], np.int64)], name="class_probs_3d")
         real = b.op("Greater", [b.op("Reshape", [rpn_scores, np.array([B, p, 1], np.int64)], name="rpn_scores_3d"),
                                 np.float32(0)], name="real_proposals")
         probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [B, P, C+1]
