@@ -165,16 +165,9 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
     if with_keypoints and (kp.POOLER_TYPE != "ROIAlignV2" or kp.NAME != "KRCNNConvDeconvUpsampleHead"):
         raise GraphMismatch(f"keypoint head must be KRCNNConvDeconvUpsampleHead with ROIAlignV2 pooling "
                             f"(config: {kp.NAME}, {kp.POOLER_TYPE})")
-    rpn_feats = tuple(m.RPN.IN_FEATURES)
     return HeadSpec(
-        input_hw=input_hw,
-        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
-        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
-        input_format=cfg.INPUT.FORMAT,
-        rpn_in_features=rpn_feats,
+        **spec_fields(cfg, surgery, input_hw, tuple(m.RPN.IN_FEATURES), batch, dynamic),
         roi_in_features=tuple(m.ROI_HEADS.IN_FEATURES),
-        **anchor_facts(cfg, rpn_feats, input_hw),
-        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
         rpn_post_nms_topk=int(surgery["rpn"]["post_nms_topk"]),
         rpn_iou=float(surgery["rpn"]["iou_threshold"]),
         num_classes=int(m.ROI_HEADS.NUM_CLASSES),
@@ -182,15 +175,31 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
         box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
         mask_pooler=(int(m.ROI_MASK_HEAD.POOLER_RESOLUTION), int(m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO))
         if with_masks else None,
+        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
+        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
+        cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
+        if cascade else (),
+    )
+
+
+def spec_fields(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], levels: tuple[str, ...], batch: int,
+                dynamic: bool) -> dict[str, Any]:
+    """The HeadSpec fields every family reads alike: input and preprocessing, the dense head's levels (RPN, or
+    RetinaNet's head) with their anchors and per-level top-k, the final NMS, batch and dynamic."""
+    m = cfg.MODEL
+    return dict(
+        input_hw=input_hw,
+        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
+        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
+        input_format=cfg.INPUT.FORMAT,
+        rpn_in_features=levels,
+        **anchor_facts(cfg, levels, input_hw),
+        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
         score_threshold=float(surgery["nms"]["score_threshold"]),
         nms_iou=float(surgery["nms"]["iou_threshold"]),
         max_detections=int(surgery["nms"]["max_detections"]),
-        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
-        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
         batch=batch,
         dynamic=dynamic,
-        cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
-        if cascade else (),
     )
 
 

@@ -153,28 +153,16 @@ class RetinaNet(Family):
 def dense_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1, dynamic: bool = False):
     """HeadSpec for a dense detector: the `rpn_*` fields describe RetinaNet's head (its levels, anchors and
     per-level top-k), the ROI fields are empty."""
-    from d2build.families.rcnn_graph import HeadSpec, anchor_facts
+    from d2build.families.rcnn_graph import HeadSpec, spec_fields
 
-    m, r = cfg.MODEL, cfg.MODEL.RETINANET
-    feats = tuple(r.IN_FEATURES)
+    r = cfg.MODEL.RETINANET
     return HeadSpec(
-        input_hw=input_hw,
-        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
-        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
-        input_format=cfg.INPUT.FORMAT,
-        rpn_in_features=feats,
+        **spec_fields(cfg, surgery, input_hw, tuple(r.IN_FEATURES), batch, dynamic),
         roi_in_features=(),
-        **anchor_facts(cfg, feats, input_hw),
-        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
         rpn_post_nms_topk=0,
         rpn_iou=0.0,
         num_classes=int(r.NUM_CLASSES),
         bbox_reg_weights=tuple(float(v) for v in r.BBOX_REG_WEIGHTS),
         box_pooler=(0, 0),
         mask_pooler=None,
-        score_threshold=float(surgery["nms"]["score_threshold"]),
-        nms_iou=float(surgery["nms"]["iou_threshold"]),
-        max_detections=int(surgery["nms"]["max_detections"]),
-        batch=batch,
-        dynamic=dynamic,
     )
