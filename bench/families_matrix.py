@@ -105,13 +105,20 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="recipes to run (default: all in the matrix)")
     ap.add_argument("--quick", action="store_true", help="the 320x320 rows only")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "families_matrix.json"))
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="re-run only the rows --out holds as failed (same --cache), keeping the others")
     args = ap.parse_args()
     cache = Path(args.cache or tempfile.mkdtemp(prefix="families-cache-"))
     matrix = [m for m in (QUICK if args.quick else MATRIX) if not args.only or m[0] in args.only]
     load_before = os.getloadavg()[0]
+    old = {}
+    if args.retry_failed:
+        prev = json.loads(Path(args.out).read_text())["rows"]
+        old = {(r["recipe"], json.dumps(r["input"]), tuple(r["overrides"])): r for r in prev if r["ok"]}
     rows = []
     for recipe, size, extra in matrix:
-        row = run_one(recipe, size, extra, cache)
+        kept = old.get((recipe, json.dumps(json.loads(size)), tuple(extra)))
+        row = kept or {**run_one(recipe, size, extra, cache), **({"retried": True} if args.retry_failed else {})}
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("recipe", "input", "overrides", "ok", "wall_s", "graph_nodes",
                                                    "verify")}), flush=True)

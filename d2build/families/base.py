@@ -98,8 +98,12 @@ class Family:
         return {name: t.detach().numpy() for name, t in zip(self.export_outputs, outputs, strict=True)}
 
     def export_detections(self, outputs: Mapping[str, np.ndarray], lb: Letterbox) -> Detections:
-        """The export's outputs (input pixels) as Detections in original pixels (for the export check)."""
-        return Detections(boxes_to_original(outputs["pred_boxes"], lb), outputs["scores"], outputs["pred_classes"])
+        """The export's outputs (input pixels) as Detections in original pixels (for the export check); boxes
+        lying entirely in the letterbox padding are dropped as `decode` and Detectron2's detector_postprocess
+        drop them (two identical zero-area boxes could never match by IoU)."""
+        boxes = boxes_to_original(outputs["pred_boxes"], lb)
+        keep = nonempty(boxes)
+        return Detections(boxes[keep], np.asarray(outputs["scores"])[keep], np.asarray(outputs["pred_classes"])[keep])
 
     def recipe_problems(self, recipe: Any) -> list[tuple[str, str, str]]:
         """Family-specific recipe rules, checked by the schema (no torch): (key, message, fix) each."""
