@@ -1,14 +1,19 @@
 """GPU baseline: Detectron2 eager latency and FPS, the numbers a TensorRT engine is compared against.
 
-For Mask R-CNN and Keypoint R-CNN (R50-FPN, d2build's random weights that behave), at several square
-inputs, batch 1, fp32 and autocast fp16: warm-up, then the median (and p10/p90) of many timed runs
+For Mask R-CNN, Keypoint R-CNN, RetinaNet and Cascade Mask R-CNN (R50-FPN, d2build's random weights that
+behave), at several square inputs, batch 1, fp32 and autocast fp16: warm-up, then the median (and p10/p90) of many timed runs
 with CUDA synchronisation. The configurations are timed in interleaved rounds (--rounds), so a slow
 spell of the host (eager Detectron2 is launch- and Python-bound) lands on all of them alike; the
-spread of the per-round medians is reported beside the overall median. Two paths are timed: `inference(do_postprocess=False)` (what an engine
-computes: boxes, scores, classes, 28x28 masks / heatmaps) and the full `model([...])` call with
-Detectron2's post-processing (mask pasting / keypoint decoding at the original image size).
+spread of the per-round medians is reported beside the overall median. Two paths are timed: the family's
+`inference` (GeneralizedRCNN's `inference(do_postprocess=False)`, RetinaNet's forward without
+`detector_postprocess`: what an engine computes, boxes, scores, classes, 28x28 masks / heatmaps) and the
+full `model([...])` call with Detectron2's post-processing (mask pasting / keypoint decoding at the
+original image size).
 
-    python bench/gpu_eager.py --out bench/results/gpu_eager.json [--iters 150] [--rounds 5] [--sizes 640 1024 1344]
+    python bench/gpu_eager.py --out bench/results/gpu_eager.json [--iters 150] [--rounds 5] [--sizes 640 1024 1344] \
+        [--models mask_rcnn_r50 retinanet_r50 ...] [--reference mask_rcnn_r50 --reference-size 640]
+
+`--reference` models are timed at `--reference-size` only (a point of comparison beside the others).
 
 It needs a CUDA GPU; TensorRT engines are not timed (TensorRT is not installable there).
 """
@@ -26,21 +31,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODELS = {
-    "mask_rcnn_r50": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
-    "keypoint_rcnn_r50": "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml",
+MODELS = {  # name -> (Detectron2 config, d2build family)
+    "mask_rcnn_r50": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", "mask_rcnn"),
+    "keypoint_rcnn_r50": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml", "keypoint_rcnn"),
+    "retinanet_r50": ("COCO-Detection/retinanet_R_50_FPN_3x.yaml", "retinanet"),
+    "cascade_mask_rcnn_r50": ("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "cascade_rcnn"),
 }
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, iters: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -90,29 +102,44 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="untimed runs per configuration and path, per round")
     ap.add_argument("--sizes", type=int, nargs="+", default=[640, 1024, 1344])
     ap.add_argument("--busy-iters", type=int, default=10, help="profiled calls per configuration for GPU busy time")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--reference", nargs="*", default=[], help="models timed at --reference-size only")
+    ap.add_argument("--reference-size", type=int, default=640)
+    ap.add_argument("--photo", default="astronaut.png", help="the astronaut photograph, where scikit-image is missing")
+    ap.add_argument("--device", default="cuda", help="cuda (the baseline); cpu only to smoke-test this script")
     args = ap.parse_args()
 
     from d2build import detectron, photos
+    from d2build.families import family
     from d2build.processing import letterbox
 
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    dev = args.device
+    assert dev != "cuda" or torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cudnn.benchmark = True
-    photo = photos.bundled("astronaut")
-    chw0 = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
+    try:
+        bgr = photos.bundled("astronaut").bgr
+    except ImportError:  # no scikit-image on the GPU machine: the same photograph from a file
+        from d2build.processing import load_image_bgr
+
+        bgr = load_image_bgr(args.photo)
+    chw0 = np.ascontiguousarray(bgr.transpose(2, 0, 1), dtype=np.float32)
     configs = []  # (model name, size, precision, path) -> callable
-    for name, config in MODELS.items():
+    for name in args.models:
+        config, fam_name = MODELS[name]
+        fam = family(fam_name)
         cfg = detectron.load_cfg(config)
-        model = detectron.random_model(cfg, 0, chw0).to("cuda").eval()
-        for size in args.sizes:
-            chw, lb = letterbox(photo.bgr, (size, size), cfg.MODEL.PIXEL_MEAN)
-            x = torch.as_tensor(chw, device="cuda")
+        model = detectron.random_model(cfg, 0, chw0, family=fam).to(dev).eval()
+        print(f"{name}: random weights ready", flush=True)
+        for size in ([args.reference_size] if name in args.reference else args.sizes):
+            chw, lb = letterbox(bgr, (size, size), cfg.MODEL.PIXEL_MEAN)
+            x = torch.as_tensor(chw, device=dev)
             h, w = lb.original_hw
             for precision in ("fp32", "fp16"):
-                fp16 = precision == "fp16"
+                fp16 = precision == "fp16" and dev == "cuda"
 
-                def raw(model=model, x=x, fp16=fp16):
+                def raw(model=model, x=x, fp16=fp16, fam=fam):
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
-                        return model.inference([{"image": x}], do_postprocess=False)
+                        return fam.inference(model, [{"image": x}])
 
                 def full(model=model, x=x, h=h, w=w, fp16=fp16):
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
@@ -137,18 +164,22 @@ def main() -> None:
         for path in ("raw", "with_postprocess"):
             row[path] = {**summary(samples[i, path]),
                          "round_medians_ms": [round(m, 2) for m in per_round[i, path]]}
-        if args.busy_iters:
+        if args.busy_iters and dev == "cuda":
             row["raw"]["gpu_busy_ms"] = gpu_busy_ms(c["fns"]["raw"], args.busy_iters)
         rows.append(row)
         print(json.dumps(row), flush=True)
     doc = {
         "date": time.strftime("%Y-%m-%d"),
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (cpu smoke test)",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "host_cpu": host_cpu(), "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "command": "python bench/gpu_eager.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if v not in (None, [])),
+        "commit": os.environ.get("D2BUILD_COMMIT", ""),
         "iters": n * args.rounds, "rounds": args.rounds, "warmup_per_round": args.warmup, "batch": 1,
         "weights": "d2build random weights (seed 0) that behave; timings do not depend on weight values "
                    "except through the number of detections (reported per row)",

@@ -127,8 +127,11 @@ def load_checkpoint(model, weights: str) -> None:
                          f"e.g. {incompatible.missing_keys[:3]}; does model.config match these weights?")
 
 
-def random_model(cfg, seed: int, image_chw):
-    """Seeded random weights that behave; the same bytes whatever the thread count (see below)."""
+def random_model(cfg, seed: int, image_chw, family: Any = None):
+    """Seeded random weights that behave; the same bytes whatever the thread count (see below).
+
+    `family` (a Family, or its name): its `adjust_random` runs last, for what the generic steps do not
+    cover (RetinaNet's dense head, a cascade's per-stage classifiers)."""
     import torch
 
     # The statistics come from forward passes whose float sums depend on how many threads split
@@ -136,12 +139,16 @@ def random_model(cfg, seed: int, image_chw):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _random_model(cfg, seed, image_chw)
+        if isinstance(family, str):
+            from d2build.families import family as family_of
+
+            family = family_of(family)
+        return _random_model(cfg, seed, image_chw, family)
     finally:
         torch.set_num_threads(threads)
 
 
-def _random_model(cfg, seed: int, image_chw):
+def _random_model(cfg, seed: int, image_chw, family: Any = None):
     """Seeded random weights with each FrozenBatchNorm's statistics taken from its own input.
 
     Detectron2 builds FrozenBN as the identity, so random convolutions blow activations up and
@@ -170,13 +177,15 @@ def _random_model(cfg, seed: int, image_chw):
     finally:
         for h in hooks:
             h.remove()
+    if family is not None:  # before the generic predictors: a cascade's mask head sees detections only after it
+        family.adjust_random(model, image_chw)
     # Detectron2 initialises the predictors with std 0.01/0.001, so class scores sit at ~1/81 and
     # mask logits at ~0: nothing clears the 0.05 score threshold and masks are coin flips. Rescale
     # each predictor so its outputs on the photograph have a spread like a trained model's.
     for path, target in PREDICTOR_SPREAD.items():
         layer = model.get_submodule(path) if _has(model, path) else None
         if layer is not None:
-            _rescale_outputs(model, layer, image_chw, target)
+            rescale_outputs(model, layer, image_chw, target)
     return model
 
 
@@ -222,19 +231,28 @@ def _has(model, path: str) -> bool:
         return False
 
 
-def _rescale_outputs(model, layer, image_chw, target_std: float) -> None:
+def rescale_outputs(model, layer, image_chw, target_std: float, forward: Any = None) -> None:
+    """Scale `layer`'s weight and bias so its outputs over one forward pass on the photograph have std
+    `target_std` (`forward()`: that pass; default GeneralizedRCNN's inference)."""
     import torch
 
     seen = []
     hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().flatten()))
     try:
         with torch.no_grad():
-            model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)
+            if forward is not None:
+                forward()
+            else:
+                model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)
     finally:
         hook.remove()
     if not seen:
         return
-    std = float(torch.cat(seen).std())
+    values = torch.cat(seen)
+    if values.numel() < 2:
+        raise ValueError(f"random weights: {type(layer).__name__} saw {values.numel()} output value(s) on the photograph, "
+                         "too few to measure their spread (does anything reach it?)")
+    std = float(values.std())
     with torch.no_grad():
         layer.weight.mul_(target_std / std)
         layer.bias.mul_(target_std / std)

@@ -32,8 +32,17 @@ class GraphMismatch(ValueError):
 
 
 def scope_regex(module_path: str, op: str) -> re.Pattern[str]:
-    """Nodes of `op` produced by module `a.b.c` (or its repeated calls `a.b.c_1`, ...)."""
-    parts = module_path.split(".")
+    """Nodes of `op` produced by module `a.b.c` (or its repeated calls `a.b.c_1`, ...).
+
+    A child of a ModuleList or Sequential is scoped as `name.index` by the exporter
+    (`/roi_heads/box_head.0/fc1/Gemm` for `roi_heads.box_head.0.fc1`): an index part stays joined to
+    the part before it."""
+    parts: list[str] = []
+    for part in module_path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
     head = "/".join(re.escape(p) for p in parts[:-1])
     last = re.escape(parts[-1])
     prefix = f"/{head}/" if head else "/"

@@ -302,25 +302,24 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 
 # Config names d2build refuses, and what the model is (the structural check below names the key for any config).
 _UNSUPPORTED_KINDS = (
-    (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"), (r"[Cc]ascade", "a Cascade R-CNN"),
-    (r"LVIS", "an LVIS model"), (r"Panoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
+    (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"),
+    (r"LVIS", "an LVIS model"), (r"[Pp]anoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
     (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
 )
 _ZOO_UNSUPPORTED = re.compile("|".join(f"({p})" for p, _ in _UNSUPPORTED_KINDS))
-_SUPPORTED_MODELS = ("FPN R-CNN yacs configs (GeneralizedRCNN, ResNet/ResNeXt-FPN backbone, RPN, StandardROIHeads) "
-                     f"of the families {', '.join(FAMILIES_SUPPORTED)}")
-# What the surgery handles, as (key, Detectron2's default, accepted values, what anything else is).
-_D2_STRUCTURE = (
-    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN", ("GeneralizedRCNN",), "another meta-architecture"),
-    ("MODEL.BACKBONE.NAME", "build_resnet_backbone", ("build_resnet_fpn_backbone",), "a backbone without FPN (C4/DC5)"),
-    ("MODEL.PROPOSAL_GENERATOR.NAME", "RPN", ("RPN",), "not an RPN"),
-    ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("StandardROIHeads",), "not the standard FPN ROI heads"),
-    ("MODEL.RESNETS.RES5_DILATION", 1, (1,), "a dilated C5 (DC5)"),
-    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False] * 4, ([False] * 4,), "deformable convolutions"),
-    ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False, (False,), "class-agnostic box regression"),
-    ("MODEL.ROI_BOX_HEAD.NAME", "", ("FastRCNNConvFCHead",), "another box head"),
-    ("MODEL.ROI_BOX_HEAD.NUM_CONV", 0, (0,), "a box head with convolutions"),
-)
+
+
+def _supported_models() -> str:
+    """Each family's Detectron2 models (its `described_as`), for messages."""
+    from d2build.families import family
+
+    return "yacs configs of the families " + "; ".join(f"{name} ({family(name).described_as})"
+                                                       for name in FAMILIES_SUPPORTED)
+
+
+_EXAMPLE_CONFIGS = ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, "
+                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, COCO-Detection/retinanet_R_50_FPN_3x.yaml or "
+                    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml")
 
 
 def _detectron2_configs_dir() -> Path | None:
@@ -346,8 +345,8 @@ def _check_model(m: ModelConfig, ck: _Checker):
                f"use one of: {', '.join(FAMILIES_SUPPORTED)}")
     if _ZOO_UNSUPPORTED.search(m.config):
         kind = next(what for pattern, what in _UNSUPPORTED_KINDS if re.search(pattern, m.config))
-        ck.add("model.config", f"{m.config!r} is {kind}, which is not supported: d2build supports {_SUPPORTED_MODELS}",
-               "use an FPN config such as COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+        ck.add("model.config", f"{m.config!r} is {kind}, which is not supported: d2build supports {_supported_models()}",
+               f"use an FPN config such as {_EXAMPLE_CONFIGS}")
     elif not m.config.endswith(".yaml"):
         ck.add("model.config", f"{m.config!r} is not a .yaml config", "name a model-zoo .yaml config or a local .yaml file")
     else:
@@ -463,47 +462,62 @@ def _check_structure(m: ModelConfig, path: Path, ck: _Checker):
             node = node[part]
         return node
 
-    for key, default, ok, what in _D2_STRUCTURE:
-        value = get(key, default)
-        if isinstance(value, tuple):
-            value = list(value)
-        if value not in ok:
-            ck.add("model.config", f"{m.config!r} has {key}={value!r} ({what}); d2build supports "
-                   f"{_SUPPORTED_MODELS}", "use an FPN config such as COCO-InstanceSegmentation/"
-                   "mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml or "
-                   "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
-            return None
-    if m.family not in FAMILIES_SUPPORTED:
-        return None
     from d2build.families import family
 
-    heads = {name: {"MODEL.MASK_ON": family(name).with_masks, "MODEL.KEYPOINT_ON": family(name).with_keypoints}
-             for name in FAMILIES_SUPPORTED}
-    has = {k: bool(get(k, False)) for k in heads[m.family]}
-    if has != heads[m.family]:
-        fits = [name for name in FAMILIES_SUPPORTED if heads[name] == has]
-        # blame whichever of the two the command line changed (the recipe itself is consistent)
-        key = "model.family" if ck.where("model.family") != ck.recipe_file else "model.config"
-        needs = "; ".join(f"{name}: " + (", ".join(k for k, on in heads[name].items() if on) or "neither")
+    def first_difference(name: str) -> tuple[str, Any, str] | None:
+        """The first key where the config is not what family `name` builds: (key, value, what it is), or None."""
+        fam = family(name)
+        for key, default, ok, what in fam.structure:
+            value = get(key, default)
+            if isinstance(value, tuple):
+                value = list(value)
+            if not (ok(value) if callable(ok) else value in ok):
+                return key, value, what
+        for key, wanted in (("MODEL.MASK_ON", fam.with_masks), ("MODEL.KEYPOINT_ON", fam.with_keypoints)):
+            if bool(get(key, False)) != wanted:
+                return key, bool(get(key, False)), "heads"
+        return None
+
+    if m.family not in FAMILIES_SUPPORTED:
+        return None
+    differs = first_difference(m.family)
+    if differs is None:
+        return get
+    fits = [name for name in FAMILIES_SUPPORTED if first_difference(name) is None]
+    key, value, what = differs
+    # blame whichever of the two the command line changed (the recipe itself is consistent)
+    blamed = "model.family" if ck.where("model.family") != ck.recipe_file else "model.config"
+    if what == "heads":
+        has = {k: bool(get(k, False)) for k in ("MODEL.MASK_ON", "MODEL.KEYPOINT_ON")}
+        needs = "; ".join(f"{name}: " + (", ".join(k for k, on in (("MODEL.MASK_ON", family(name).with_masks),
+                                                                   ("MODEL.KEYPOINT_ON", family(name).with_keypoints))
+                                                   if on) or "neither")
                           for name in FAMILIES_SUPPORTED)
-        ck.add(key, f"model.config {m.config!r} has {', '.join(f'{k}={v}' for k, v in has.items())}, "
+        ck.add(blamed, f"model.config {m.config!r} has {', '.join(f'{k}={v}' for k, v in has.items())}, "
                f"which model.family={m.family} does not build (heads per family: {needs})",
                f"use model.family={fits[0]}" if fits else "pick a config of one of these families")
-        return None
-    return get
+    elif fits:
+        ck.add(blamed, f"model.config {m.config!r} is a {family(fits[0]).described_as} config ({key}={value!r}), "
+               f"which model.family={m.family} does not build (families: {', '.join(FAMILIES_SUPPORTED)})",
+               f"use model.family={fits[0]}")
+    else:
+        ck.add("model.config", f"{m.config!r} has {key}={value!r} ({what}); d2build supports {_supported_models()}",
+               f"use an FPN config such as {_EXAMPLE_CONFIGS}")
+    return None
 
 
 def _check_names(r: Recipe, get, ck: _Checker) -> None:
     """Class and keypoint names against the Detectron2 config's NUM_CLASSES / NUM_KEYPOINTS."""
     m = r.model
-    num_classes = int(get("MODEL.ROI_HEADS.NUM_CLASSES", 80))
-    if m.class_names is not None and len(m.class_names) != num_classes:
-        ck.add("model.class_names", f"{len(m.class_names)} names for the {num_classes} classes of {m.config} "
-               "(MODEL.ROI_HEADS.NUM_CLASSES)", f"give exactly {num_classes} names, in the model's class order")
-    if m.class_names is not None and len(set(m.class_names)) != len(m.class_names):
-        ck.add("model.class_names", "has duplicate names", "give each class its own name")
     from d2build.families import family
 
+    key = family(m.family).num_classes_key
+    num_classes = int(get(key, 80))
+    if m.class_names is not None and len(m.class_names) != num_classes:
+        ck.add("model.class_names", f"{len(m.class_names)} names for the {num_classes} classes of {m.config} "
+               f"({key})", f"give exactly {num_classes} names, in the model's class order")
+    if m.class_names is not None and len(set(m.class_names)) != len(m.class_names):
+        ck.add("model.class_names", "has duplicate names", "give each class its own name")
     with_keypoints = m.family in FAMILIES_SUPPORTED and family(m.family).with_keypoints
     for key in ("keypoint_names", "keypoint_skeleton"):
         if getattr(m, key) is not None and not with_keypoints:
@@ -615,6 +629,16 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
     if not 1 <= s.rpn.post_nms_topk <= plugins.PRE_NMS_TOPK:
         ck.add("surgery.rpn.post_nms_topk", f"{s.rpn.post_nms_topk} is outside 1..{plugins.PRE_NMS_TOPK}",
                "Detectron2 uses 1000")
+
+
+def _check_family(r: Recipe, ck: _Checker) -> None:
+    """The family's own rules (`Family.recipe_problems`)."""
+    if r.model.family not in FAMILIES_SUPPORTED:
+        return
+    from d2build.families import family
+
+    for key, message, fix in family(r.model.family).recipe_problems(r):
+        ck.add(key, message, fix)
 
 
 def _check_rest(r: Recipe, ck: _Checker) -> None:
@@ -766,6 +790,7 @@ def parse_recipe(tree: dict[str, Any], *, name: str = "?", source: str = "?",
         if get is not None:
             _check_names(recipe, get, ck)
         _check_surgery(recipe.surgery, ck)
+        _check_family(recipe, ck)
         _check_eval(recipe, get, ck)
         _check_rest(recipe, ck)
     if ck.problems:

@@ -115,7 +115,7 @@ def test_every_registered_family_is_supported_and_has_a_shipped_recipe():
 @pytest.mark.parametrize(("override", "key", "says"), [
     ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", "model.config", "a C4 model"),
     ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_101_DC5_3x.yaml", "model.config", "a dilated-C5 model"),
-    ("model.config=Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "model.config", "a Cascade R-CNN"),
+    ("model.config=Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "model.config", "is a Cascade Mask R-CNN"),
     ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", "model.config", "a LazyConfig (.py)"),
     ("model.config=COCO-Detection/retinanet_R_50_FPN_3x.yaml", "model.config", "MODEL.META_ARCHITECTURE='RetinaNet'"),
     ("model.config=COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml", "model.config", "a panoptic FPN"),
@@ -126,8 +126,9 @@ def test_every_registered_family_is_supported_and_has_a_shipped_recipe():
     ("model.config=COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml", "model.config", "MODEL.KEYPOINT_ON=True"),
     ("model.config=COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml", "model.config", "MODEL.MASK_ON=False"),
     ("model.family=faster_rcnn", "model.family", "MODEL.MASK_ON=True"),
-    ("model.family=retinanet", "model.family", "is not supported"),
-    ("model.family=cascade_rcnn", "model.family", "is not supported"),
+    ("model.family=retinanet", "model.family", "MODEL.META_ARCHITECTURE='GeneralizedRCNN'"),
+    ("model.family=cascade_rcnn", "model.family", "MODEL.ROI_HEADS.NAME='StandardROIHeads'"),
+    ("model.family=fcos", "model.family", "is not supported"),
 ])
 def test_unsupported_models_fail_validation_naming_what_is_supported(override, key, says):
     with pytest.raises(RecipeError) as info:

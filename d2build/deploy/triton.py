@@ -41,7 +41,7 @@ VENDORED = (
     "__init__.py", "processing.py",
     "runtime/__init__.py", "runtime/info.py", "runtime/model.py",
     "families/__init__.py", "families/base.py", "families/mask_rcnn.py", "families/faster_rcnn.py",
-    "families/keypoint_rcnn.py",
+    "families/keypoint_rcnn.py", "families/cascade_rcnn.py", "families/retinanet.py",
     "deploy/__init__.py", "deploy/runtime.py", "deploy/triton_model.py",
 )
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",

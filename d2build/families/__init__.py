@@ -13,6 +13,8 @@ FAMILIES = {
     "mask_rcnn": "d2build.families.mask_rcnn:MaskRCNN",
     "keypoint_rcnn": "d2build.families.keypoint_rcnn:KeypointRCNN",
     "faster_rcnn": "d2build.families.faster_rcnn:FasterRCNN",
+    "retinanet": "d2build.families.retinanet:RetinaNet",
+    "cascade_rcnn": "d2build.families.cascade_rcnn:CascadeRCNN",
 }
 
 

@@ -9,6 +9,8 @@ without torch.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -35,25 +37,87 @@ class Family:
 
     # ------------------------------------------------------------------ Detectron2 side
 
+    #: Detectron2 config key holding the number of classes (read by the schema without Detectron2, too)
+    num_classes_key: ClassVar[str] = "MODEL.ROI_HEADS.NUM_CLASSES"
+    #: What the family's surgery handles, checked by the schema on the config's YAML (no Detectron2 import):
+    #: (key, Detectron2's default, accepted values or a predicate, what anything else is)
+    structure: ClassVar[tuple[tuple[str, Any, Any, str], ...]] = ()
+    #: the family's Detectron2 models in one phrase, for messages ("FPN R-CNN (GeneralizedRCNN, ...)")
+    described_as: ClassVar[str] = ""
+
     def num_classes(self, cfg: Any) -> int:
         """Object classes the model predicts (background not counted)."""
-        return int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        node = cfg
+        for part in self.num_classes_key.split("."):
+            node = getattr(node, part)
+        return int(node)
 
     def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
         """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
         raise NotImplementedError
 
+    def inference(self, model: Any, inputs: list[dict[str, Any]]) -> list[Any]:
+        """Detectron2's own inference on batched inputs (images in the model's format), Instances in input
+        pixels before any post-processing: what the export traces and what eager runs."""
+        raise NotImplementedError
+
     def eager(self, model: Any, image_chw: np.ndarray) -> Any:
         """Detectron2's own answer on one letterboxed BGR [3, H, W] image: Instances in input pixels."""
-        raise NotImplementedError
+        import torch
+
+        with torch.no_grad():
+            return self.inference(model, [{"image": in_model_format(model, torch.as_tensor(image_chw))}])[0]
 
     def export(self, model: Any, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
-        """Trace at this input size into `path`; return what the traced forward computed, by output name."""
-        raise NotImplementedError
+        """Trace Detectron2 at this input size into `path` (TracingAdapter around `inference`); outputs named
+        after the Instances fields they hold.
+
+        Returns what Detectron2's forward computed on `image_chw` while it was traced (one run of the
+        model, not two), by output name: the values the exported graph must reproduce."""
+        import torch
+        from detectron2.export import TracingAdapter
+
+        x = torch.as_tensor(image_chw)  # BGR, as every d2build image; the export takes BGR too
+
+        def inference(m, inputs):
+            return self.inference(m, [{**i, "image": in_model_format(m, i["image"])} for i in inputs])
+
+        adapter = TracingAdapter(model, [{"image": x}], inference_func=inference)
+        adapter.eval()
+        traced: list[Any] = []
+        hook = adapter.register_forward_hook(lambda _m, _args, out: traced.append(out))
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches surgery removes
+                torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
+                                  input_names=["image"], output_names=list(self.export_outputs))
+        finally:
+            hook.remove()
+        outputs = traced[-1] if isinstance(traced[-1], (tuple, list)) else (traced[-1],)
+        return {name: t.detach().numpy() for name, t in zip(self.export_outputs, outputs, strict=True)}
 
     def export_detections(self, outputs: Mapping[str, np.ndarray], lb: Letterbox) -> Detections:
-        """The export's outputs as Detections in original pixels (for the export check)."""
-        raise NotImplementedError
+        """The export's outputs (input pixels) as Detections in original pixels (for the export check); boxes
+        lying entirely in the letterbox padding are dropped as `decode` and Detectron2's detector_postprocess
+        drop them (two identical zero-area boxes could never match by IoU)."""
+        boxes = boxes_to_original(outputs["pred_boxes"], lb)
+        keep = nonempty(boxes)
+        return Detections(boxes[keep], np.asarray(outputs["scores"])[keep], np.asarray(outputs["pred_classes"])[keep])
+
+    def recipe_problems(self, recipe: Any) -> list[tuple[str, str, str]]:
+        """Family-specific recipe rules, checked by the schema (no torch): (key, message, fix) each."""
+        return []
+
+    # ------------------------------------------------------------------ random weights
+
+    def random_key(self) -> dict[str, Any]:
+        """What the family adds to random weights (keyed by the weights stage when not empty)."""
+        return {}
+
+    def adjust_random(self, model: Any, image_chw: np.ndarray) -> None:
+        """Make seeded random weights behave beyond `detectron.random_model`'s generic steps (none by default).
+        Runs after the BN statistics are set, before the generic predictor spreads (PREDICTOR_SPREAD)."""
 
     # ------------------------------------------------------------------ graph side
 
@@ -94,3 +158,8 @@ class Family:
                      verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Family-specific verify metrics and failures beyond boxes and masks (none by default)."""
         return {}, []
+
+
+def in_model_format(model: Any, image_bgr: Any) -> Any:
+    """A BGR image tensor in the channel order the model was trained on (`INPUT.FORMAT` BGR or RGB)."""
+    return image_bgr.flip(0) if model.input_format == "RGB" else image_bgr

@@ -17,3 +17,4 @@ class FasterRCNN(MaskRCNN):
     with_masks = False
     export_outputs = EXPORT_OUTPUTS
     head_outputs = ()
+    described_as = "Faster R-CNN (GeneralizedRCNN, ResNet/ResNeXt-FPN, RPN, StandardROIHeads, no mask or keypoint head)"

@@ -68,6 +68,7 @@ class KeypointRCNN(MaskRCNN):
     with_keypoints = True
     export_outputs = EXPORT_OUTPUTS
     head_outputs = ("detection_heatmaps",)
+    described_as = "Keypoint R-CNN (GeneralizedRCNN, ResNet-FPN, RPN, StandardROIHeads, keypoint head)"
 
     def export(self, model, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
         with raw_heatmaps():

@@ -7,17 +7,27 @@ thresholds), and which surgery turns the export into the TensorRT-ready graph.
 
 from __future__ import annotations
 
-import logging
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from d2build.families.base import Family
-from d2build.processing import Detections, Letterbox, boxes_to_original, paste_masks
+from d2build.processing import paste_masks
 
 EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "pred_masks", "scores", "image_size")
+
+# What the R-CNN surgery handles, as (key, Detectron2's default, accepted values, what anything else is).
+RCNN_STRUCTURE: tuple[tuple[str, Any, Any, str], ...] = (
+    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN", ("GeneralizedRCNN",), "another meta-architecture"),
+    ("MODEL.BACKBONE.NAME", "build_resnet_backbone", ("build_resnet_fpn_backbone",), "a backbone without FPN (C4/DC5)"),
+    ("MODEL.PROPOSAL_GENERATOR.NAME", "RPN", ("RPN",), "not an RPN"),
+    ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("StandardROIHeads",), "not the standard FPN ROI heads"),
+    ("MODEL.RESNETS.RES5_DILATION", 1, (1,), "a dilated C5 (DC5)"),
+    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False] * 4, ([False] * 4,), "deformable convolutions"),
+    ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False, (False,), "class-agnostic box regression"),
+    ("MODEL.ROI_BOX_HEAD.NAME", "", ("FastRCNNConvFCHead",), "another box head"),
+    ("MODEL.ROI_BOX_HEAD.NUM_CONV", 0, (0,), "a box head with convolutions"),
+)
 
 
 class MaskRCNN(Family):
@@ -28,6 +38,10 @@ class MaskRCNN(Family):
     with_keypoints = False
     export_outputs = EXPORT_OUTPUTS
     head_outputs = ("detection_masks",)
+    structure = RCNN_STRUCTURE
+    described_as = "Mask R-CNN (GeneralizedRCNN, ResNet/ResNeXt-FPN, RPN, StandardROIHeads, mask head)"
+    #: CascadeROIHeads instead of StandardROIHeads (cascade_rcnn.py)
+    cascade = False
 
     def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
         """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
@@ -40,46 +54,9 @@ class MaskRCNN(Family):
             "MODEL.RPN.NMS_THRESH": surgery["rpn"]["iou_threshold"],
         }
 
-    def eager(self, model, image_chw: np.ndarray):
-        """Detectron2's own answer on one letterboxed BGR [3,H,W] image: Instances in input pixels."""
-        import torch
-
-        with torch.no_grad():
-            return model.inference([{"image": _in_model_format(model, torch.as_tensor(image_chw))}],
-                                   do_postprocess=False)[0]
-
-    def export(self, model, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
-        """Trace Detectron2 at this input size; outputs named after the Instances fields they hold.
-
-        Returns what Detectron2's forward computed on `image_chw` while it was traced (one run of the
-        model, not two), by output name: the values the exported graph must reproduce."""
-        import torch
-        from detectron2.export import TracingAdapter
-
-        x = torch.as_tensor(image_chw)  # BGR, as every d2build image; the export takes BGR too
-
-        def inference(m, inputs):
-            return m.inference([{**i, "image": _in_model_format(m, i["image"])} for i in inputs],
-                               do_postprocess=False)
-
-        adapter = TracingAdapter(model, [{"image": x}], inference_func=inference)
-        adapter.eval()
-        traced: list[Any] = []
-        hook = adapter.register_forward_hook(lambda _m, _args, out: traced.append(out))
-        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches surgery removes
-                torch.onnx.export(adapter, (x,), str(path), opset_version=17, dynamo=False,
-                                  input_names=["image"], output_names=list(self.export_outputs))
-        finally:
-            hook.remove()
-        outputs = traced[-1] if isinstance(traced[-1], (tuple, list)) else (traced[-1],)
-        return {name: t.detach().numpy() for name, t in zip(self.export_outputs, outputs, strict=True)}
-
-    def export_detections(self, outputs, lb: Letterbox) -> Detections:
-        """The export's outputs (input pixels) as Detections in original pixels, masks unpasted."""
-        return Detections(boxes_to_original(outputs["pred_boxes"], lb), outputs["scores"], outputs["pred_classes"])
+    def inference(self, model, inputs):
+        """GeneralizedRCNN.inference without post-processing: boxes in input pixels, 28x28 mask probabilities."""
+        return model.inference(inputs, do_postprocess=False)
 
     def decode_heads(self, outputs, image_index, rows, boxes_input, boxes, lb, mask_threshold) -> dict[str, Any]:
         """Masks of the kept detections pasted into the original image (Detectron2's paste_masks_in_image)."""
@@ -102,11 +79,7 @@ class MaskRCNN(Family):
             raise GraphMismatch("dynamic input sizes need surgery.ops=standard: PyramidROIAlign_TRT's image_size "
                                 "attribute fixes the plugin graph's input size")
         spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints,
-                         batch=batch, dynamic=dynamic)
+                         batch=batch, dynamic=dynamic, cascade=self.cascade)
         surgeon = StandardSurgeon if standard else RCNNSurgeon
         return surgeon(export_model, spec).run()
 
-
-def _in_model_format(model, image_bgr):
-    """A BGR image tensor in the channel order the model was trained on (`INPUT.FORMAT` BGR or RGB)."""
-    return image_bgr.flip(0) if model.input_format == "RGB" else image_bgr

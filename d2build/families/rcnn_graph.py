@@ -89,25 +89,67 @@ class HeadSpec:
     dynamic: bool = False  # input [B, 3, height, width] of any size (multiples of 32): anchors made in the graph
     cell_anchors: tuple[np.ndarray, ...] = ()  # per RPN level, [A, 4] (Detectron2's DefaultAnchorGenerator)
     rpn_strides: tuple[int, ...] = ()
+    #: Cascade R-CNN: one (dx, dy, dw, dh) weight per box stage (ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS), each
+    #: stage with its own box head and class-agnostic regression; () for one class-specific box stage
+    cascade_bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = ()
+
+    @property
+    def box_stages(self) -> tuple[BoxStage, ...]:
+        """The box stages in order: Detectron2's one FastRCNN head, or a cascade's heads `box_head.0`, `.1`, ..."""
+        if not self.cascade_bbox_reg_weights:
+            return (BoxStage("", self.bbox_reg_weights, agnostic=False),)
+        return tuple(BoxStage(f".{k}", tuple(w), agnostic=True, tag=f"_stage{k}")
+                     for k, w in enumerate(self.cascade_bbox_reg_weights))
 
 
-def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
-              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False) -> HeadSpec:
-    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
+@dataclass(frozen=True)
+class BoxStage:
+    """One box head + predictor: its module scope suffix, regression weights, class-agnostic or not."""
 
-    `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
-    have exactly those heads on (MODEL.MASK_ON, MODEL.KEYPOINT_ON).
-    """
+    scope: str  # "" (roi_heads.box_head) or ".k" (roi_heads.box_head.k of a cascade)
+    weights: tuple[float, float, float, float]
+    agnostic: bool
+    tag: str = ""  # node-name suffix
+
+
+STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+
+
+def anchor_facts(cfg, in_features: tuple[str, ...], input_hw: tuple[int, int]) -> dict[str, Any]:
+    """Detectron2's own anchors for the levels `in_features` at this input size (HeadSpec's anchor fields)."""
     import torch
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.anchor_generator import build_anchor_generator
 
+    if cfg.MODEL.ANCHOR_GENERATOR.NAME != "DefaultAnchorGenerator":
+        raise GraphMismatch(f"MODEL.ANCHOR_GENERATOR.NAME={cfg.MODEL.ANCHOR_GENERATOR.NAME!r} is not supported by "
+                            "surgery (supported: DefaultAnchorGenerator)")
+    h, w = input_hw
+    generator = build_anchor_generator(cfg, [ShapeSpec(channels=1, stride=STRIDES[f]) for f in in_features])
+    grids = [torch.empty(1, 1, math.ceil(h / STRIDES[f]), math.ceil(w / STRIDES[f])) for f in in_features]
+    per_loc = generator.num_anchors
+    if len(set(per_loc)) != 1:
+        raise GraphMismatch(f"levels have different anchor counts {per_loc}; not supported")
+    return {"anchors": tuple(b.tensor.numpy().astype(np.float32) for b in generator(grids)),
+            "anchors_per_location": per_loc[0],
+            "cell_anchors": tuple(c.numpy().astype(np.float32) for c in generator.cell_anchors),
+            "rpn_strides": tuple(STRIDES[f] for f in in_features)}
+
+
+def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
+              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False, cascade: bool = False) -> HeadSpec:
+    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
+
+    `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
+    have exactly those heads on (MODEL.MASK_ON, MODEL.KEYPOINT_ON). `cascade`: CascadeROIHeads (box
+    stages with class-agnostic regression, ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS) instead of StandardROIHeads.
+    """
     m = cfg.MODEL
     for key, val, ok in (
+        ("MODEL.ROI_HEADS.NAME", m.ROI_HEADS.NAME, ("CascadeROIHeads",) if cascade else ("StandardROIHeads",)),
         ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", m.ROI_BOX_HEAD.POOLER_TYPE, ("ROIAlignV2",)),
-        ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG, (False,)),
+        ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG, (cascade,)),
         ("MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR.NAME, ("RPN",)),
-        ("MODEL.ANCHOR_GENERATOR.NAME", m.ANCHOR_GENERATOR.NAME, ("DefaultAnchorGenerator",)),
         ("MODEL.RPN.BBOX_REG_WEIGHTS", tuple(m.RPN.BBOX_REG_WEIGHTS), ((1.0, 1.0, 1.0, 1.0),)),
     ):
         if val not in ok:
@@ -123,25 +165,9 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
     if with_keypoints and (kp.POOLER_TYPE != "ROIAlignV2" or kp.NAME != "KRCNNConvDeconvUpsampleHead"):
         raise GraphMismatch(f"keypoint head must be KRCNNConvDeconvUpsampleHead with ROIAlignV2 pooling "
                             f"(config: {kp.NAME}, {kp.POOLER_TYPE})")
-    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
-    rpn_feats = tuple(m.RPN.IN_FEATURES)
-    h, w = input_hw
-    generator = build_anchor_generator(cfg, [ShapeSpec(channels=1, stride=strides[f]) for f in rpn_feats])
-    grids = [torch.empty(1, 1, math.ceil(h / strides[f]), math.ceil(w / strides[f])) for f in rpn_feats]
-    anchors = tuple(b.tensor.numpy().astype(np.float32) for b in generator(grids))
-    per_loc = generator.num_anchors
-    if len(set(per_loc)) != 1:
-        raise GraphMismatch(f"levels have different anchor counts {per_loc}; not supported")
     return HeadSpec(
-        input_hw=input_hw,
-        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
-        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
-        input_format=cfg.INPUT.FORMAT,
-        rpn_in_features=rpn_feats,
+        **spec_fields(cfg, surgery, input_hw, tuple(m.RPN.IN_FEATURES), batch, dynamic),
         roi_in_features=tuple(m.ROI_HEADS.IN_FEATURES),
-        anchors=anchors,
-        anchors_per_location=per_loc[0],
-        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
         rpn_post_nms_topk=int(surgery["rpn"]["post_nms_topk"]),
         rpn_iou=float(surgery["rpn"]["iou_threshold"]),
         num_classes=int(m.ROI_HEADS.NUM_CLASSES),
@@ -149,15 +175,31 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
         box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
         mask_pooler=(int(m.ROI_MASK_HEAD.POOLER_RESOLUTION), int(m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO))
         if with_masks else None,
+        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
+        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
+        cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
+        if cascade else (),
+    )
+
+
+def spec_fields(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], levels: tuple[str, ...], batch: int,
+                dynamic: bool) -> dict[str, Any]:
+    """The HeadSpec fields every family reads alike: input and preprocessing, the dense head's levels (RPN, or
+    RetinaNet's head) with their anchors and per-level top-k, the final NMS, batch and dynamic."""
+    m = cfg.MODEL
+    return dict(
+        input_hw=input_hw,
+        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
+        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
+        input_format=cfg.INPUT.FORMAT,
+        rpn_in_features=levels,
+        **anchor_facts(cfg, levels, input_hw),
+        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
         score_threshold=float(surgery["nms"]["score_threshold"]),
         nms_iou=float(surgery["nms"]["iou_threshold"]),
         max_detections=int(surgery["nms"]["max_detections"]),
-        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
-        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
         batch=batch,
         dynamic=dynamic,
-        cell_anchors=tuple(c.numpy().astype(np.float32) for c in generator.cell_anchors),
-        rpn_strides=tuple(strides[f] for f in rpn_feats),
     )
 
 
@@ -319,8 +361,9 @@ class RCNNSurgeon:
         h, w = self.spec.input_hw
         return np.array([w, h, w, h], np.float32)
 
-    def _decode(self, deltas: gs.Variable, whwh: Any, ctr: Any, tag: str) -> gs.Variable:
-        """Box2BoxTransform.apply_deltas (weights already applied) then clip to the image."""
+    def _decode(self, deltas: gs.Variable, whwh: Any, ctr: Any, tag: str, clip: bool = True) -> gs.Variable:
+        """Box2BoxTransform.apply_deltas (weights already applied), then clip to the image (unless `clip` is
+        False: RetinaNet's boxes enter NMS unclipped)."""
         b = self.b
         limit = np.array([FLOAT_MAX, FLOAT_MAX, SCALE_CLAMP, SCALE_CLAMP], np.float32)
         clamped = b.op("Min", [deltas, limit], name=f"{tag}_clamp_dwdh")
@@ -328,7 +371,12 @@ class RCNNSurgeon:
         u = b.op("Where", [np.array([False, False, True, True]), grown, clamped], name=f"{tag}_dxy_expwh")
         center = b.op("Add", [b.op("Mul", [u, whwh], name=f"{tag}_scale"), ctr], name=f"{tag}_center_size")
         corners = b.op("MatMul", [center, _CENTER_TO_CORNERS], name=f"{tag}_corners")
-        low = b.op("Max", [corners, np.float32(0)], name=f"{tag}_clip_low")
+        return self.clip(corners, tag) if clip else corners
+
+    def clip(self, boxes: gs.Variable, tag: str) -> gs.Variable:
+        """Boxes.clip: corners into [0, W] x [0, H] of the input."""
+        b = self.b
+        low = b.op("Max", [boxes, np.float32(0)], name=f"{tag}_clip_low")
         return b.op("Min", [low, self.clip_limits()], name=f"{tag}_clip_high")
 
     def _nms_outputs(self, num, boxes, scores, classes, m: int) -> None:
@@ -351,51 +399,82 @@ class RCNNSurgeon:
         out.dtype, out.shape = np.float32, [s.batch, count, channels, pooler[0], pooler[0]]
         return out
 
-    def detections(self, rpn_scores: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
-        """Box head on the proposals, Detectron2's fast_rcnn_inference as one EfficientNMS_TRT."""
+    def box_stage(self, rois: gs.Variable, stage: BoxStage) -> tuple[gs.Variable, gs.Variable]:
+        """One box head on the proposals `rois [B, P, 4]`: (class probabilities [B, P, C+1], decoded and clipped
+        boxes [B, P, C+1, 4], or [B, P, 4] for class-agnostic regression)."""
         s, b, g = self.spec, self.b, self.graph
-        B, p, c = s.batch, s.rpn_post_nms_topk, s.num_classes
-        pooled = self.pyramid_roi_align(rois, p, s.box_pooler, "box")
-        fc1 = find_one(g, "roi_heads.box_head.fc1", "Gemm")
+        B, p, c, t = s.batch, s.rpn_post_nms_topk, s.num_classes, stage.tag
+        pooled = self.pyramid_roi_align(rois, p, s.box_pooler, f"box{t}")
+        fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
         channels = pooled.shape[2]
         fc1.inputs[0] = b.op("Reshape", [pooled, np.array([B * p, channels * s.box_pooler[0] ** 2], np.int64)],
-                             name="box_features")
-        cls = find_one(g, "roi_heads.box_predictor.cls_score", "Gemm")
-        reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
-        self._fold_regression_weights(reg, c)
-        probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")
-        if B > 1:  # at batch 1 the Where below broadcasts [P, C+1] to [1, P, C+1] by itself
-            probs = b.op("Reshape", [probs, np.array([B, p, c + 1], np.int64)], name="class_probs_3d")
+                             name=f"box_features{t}")
+        cls = find_one(g, f"roi_heads.box_predictor{stage.scope}.cls_score", "Gemm")
+        reg = find_one(g, f"roi_heads.box_predictor{stage.scope}.bbox_pred", "Gemm")
+        k = self._fold_regression_weights(reg, c, stage)
+        probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name=f"class_probs{t}")
+        if B > 1 or len(s.box_stages) > 1:  # one stage at batch 1: the Where broadcasts [P, C+1] to [1, P, C+1]
+            probs = b.op("Reshape", [probs, np.array([B, p, c + 1], np.int64)], name=f"class_probs_3d{t}")
+        deltas = b.op("Reshape", [reg.outputs[0], np.array([B, p, k, 4], np.int64)], name=f"box_deltas{t}")
+        params = b.op("MatMul", [b.op("Reshape", [rois, np.array([B, p, 1, 4], np.int64)], name=f"proposals_4d{t}"),
+                                 _CORNERS_TO_PARAMS], name=f"proposal_params{t}")
+        whwh, ctr = b.op("Split", [params, np.array([4, 4], np.int64)], {"axis": 3}, outputs=2,
+                         name=f"proposal_split{t}")
+        boxes = self._decode(deltas, whwh, ctr, f"box{t}")
+        if stage.agnostic:
+            boxes = b.op("Reshape", [boxes, np.array([B, p, 4], np.int64)], name=f"box_agnostic{t}")
+        return probs, boxes
+
+    def detections(self, rpn_scores: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
+        """Box stage(s) on the proposals, Detectron2's fast_rcnn_inference as one EfficientNMS_TRT.
+
+        A cascade (CascadeROIHeads._forward_box) runs its stages in turn, each on the previous stage's
+        clipped boxes (`_create_proposals_from_boxes`), and scores the last stage's boxes with the mean of
+        the stages' class probabilities (summed in stage order, times 1/stages, as Detectron2 does)."""
+        s, b = self.spec, self.b
+        B, p, c = s.batch, s.rpn_post_nms_topk, s.num_classes
+        stages = s.box_stages
+        total = boxes = None
+        for stage in stages:
+            probs, boxes = self.box_stage(rois if boxes is None else boxes, stage)
+            total = probs if total is None else b.op("Add", [total, probs], name=f"cascade_score_sum{stage.tag}")
+        if len(stages) > 1:
+            total = b.op("Mul", [total, np.float32(1.0 / len(stages))], name="cascade_mean_scores")
         real = b.op("Greater", [b.op("Reshape", [rpn_scores, np.array([B, p, 1], np.int64)], name="rpn_scores_3d"),
                                 np.float32(0)], name="real_proposals")
-        probs = b.op("Where", [real, probs, np.float32(0)], name="drop_padding_proposals")  # [B, P, C+1]
-        deltas = b.op("Reshape", [reg.outputs[0], np.array([B, p, c + 1, 4], np.int64)], name="box_deltas")
-        params = b.op("MatMul", [b.op("Reshape", [rois, np.array([B, p, 1, 4], np.int64)], name="proposals_4d"),
-                                 _CORNERS_TO_PARAMS], name="proposal_params")
-        whwh, ctr = b.op("Split", [params, np.array([4, 4], np.int64)], {"axis": 3}, outputs=2, name="proposal_split")
-        boxes = self._decode(deltas, whwh, ctr, "box")
+        probs = b.op("Where", [real, total, np.float32(0)], name="drop_padding_proposals")  # [B, P, C+1]
         outs = plugins.efficient_nms(b, boxes, probs, name="detection_nms", background_class=c,
                                      max_output_boxes=s.max_detections, score_threshold=s.score_threshold,
                                      iou_threshold=s.nms_iou)
+        return self.name_detections(outs)
+
+    def name_detections(self, outs: list[gs.Variable]) -> list[gs.Variable]:
+        """The four detection tensors as the graph outputs every family ends in (static shapes)."""
         for v, name in zip(outs, ("num_detections", "detection_boxes", "detection_scores", "detection_classes")):
             v.name = name
-        self._nms_outputs(*outs, s.max_detections)
+        self._nms_outputs(*outs, self.spec.max_detections)
         return list(outs)
 
-    def _fold_regression_weights(self, reg: gs.Node, num_classes: int) -> None:
-        """bbox_pred gains 4 zero outputs for the background column and divides by BBOX_REG_WEIGHTS."""
+    def _fold_regression_weights(self, reg: gs.Node, num_classes: int, stage: BoxStage) -> int:
+        """Divide bbox_pred by the stage's BBOX_REG_WEIGHTS; a class-specific one also gains 4 zero outputs for
+        the background column. Returns the boxes per proposal it predicts (C+1, or 1 when class-agnostic)."""
         if not reg.attrs.get("transB", 0):
             raise GraphMismatch("roi_heads.box_predictor.bbox_pred Gemm is expected with transB=1")
         w = np.asarray(reg.inputs[1].values, np.float32)
         bias = np.asarray(reg.inputs[2].values, np.float32)
-        if w.shape[0] != 4 * num_classes:
-            raise GraphMismatch(f"bbox_pred has {w.shape[0]} outputs, expected 4 x {num_classes} classes")
-        scale = np.tile(1.0 / np.array(self.spec.bbox_reg_weights, np.float32), num_classes + 1)
-        w = np.concatenate([w, np.zeros((4, w.shape[1]), np.float32)]) * scale[:, None]
-        bias = np.concatenate([bias, np.zeros(4, np.float32)]) * scale
-        reg.inputs[1] = gs.Constant(reg.name + "/W", w.astype(np.float32))
-        reg.inputs[2] = gs.Constant(reg.name + "/B", bias.astype(np.float32))
+        k = 1 if stage.agnostic else num_classes
+        if w.shape[0] != 4 * k:
+            raise GraphMismatch(f"bbox_pred{stage.scope} has {w.shape[0]} outputs, expected 4 x {k} "
+                                + ("(class-agnostic)" if stage.agnostic else "classes"))
+        if not stage.agnostic:
+            w = np.concatenate([w, np.zeros((4, w.shape[1]), np.float32)])
+            bias = np.concatenate([bias, np.zeros(4, np.float32)])
+            k += 1
+        scale = np.tile(1.0 / np.array(stage.weights, np.float32), k)
+        reg.inputs[1] = gs.Constant(reg.name + "/W", (w * scale[:, None]).astype(np.float32))
+        reg.inputs[2] = gs.Constant(reg.name + "/B", (bias * scale).astype(np.float32))
         reg.outputs[0].shape = None  # was [P, 4C]; shape inference recomputes it
+        return k
 
     def masks(self, det_classes: gs.Variable, det_boxes: gs.Variable) -> gs.Variable:
         """Mask head on the final boxes; each detection keeps its own class's mask, as probabilities."""
@@ -448,15 +527,20 @@ class RCNNSurgeon:
             if isinstance(t, gs.Variable) and t.name not in keep:
                 t.shape = None
 
-    def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
-        g = self.graph
-        inp = self.input_and_preprocessing()
-        outs = self.detections(*self.proposals())
+    def outputs(self) -> list[gs.Variable]:
+        """The graph outputs: proposals, box stage(s) and detections, then the family's heads."""
+        rpn_scores, rois = self.proposals()
+        outs = self.detections(rpn_scores, rois)
         if self.spec.mask_pooler is not None:
             outs.append(self.masks(outs[3], outs[1]))
         if self.spec.keypoint_pooler is not None:
             outs.append(self.keypoints(outs[1]))
-        g.inputs, g.outputs = [inp], outs
+        return outs
+
+    def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        g = self.graph
+        inp = self.input_and_preprocessing()
+        g.inputs, g.outputs = [inp], self.outputs()
         g.cleanup().toposort()
         self.forget_inner_shapes()
         self.check_graph()

@@ -36,11 +36,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from d2build.families.rcnn_graph import _CORNERS_TO_PARAMS, _CORNERS_TO_WH, BIG, RCNNSurgeon
+from d2build.families.rcnn_graph import _CORNERS_TO_PARAMS, _CORNERS_TO_WH, BIG, STRIDES, BoxStage, RCNNSurgeon
 from d2build.graph import GraphMismatch, find_calls, find_one
 
 I64 = np.int64
-LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 
 
 def _i64(*v: int) -> np.ndarray:
@@ -163,14 +162,15 @@ class StandardSurgeon(RCNNSurgeon):
 
     # ------------------------------------------------------------------ ROI pooling
 
-    def pool(self, boxes: gs.Variable, valid: gs.Variable, image: Any, pooler: tuple[int, int],
+    def pool(self, boxes: gs.Variable, valid: gs.Variable | None, image: Any, pooler: tuple[int, int],
              tag: str) -> tuple[gs.Variable, gs.Variable]:
-        """Detectron2's ROIPooler on the valid rows of `boxes [R, 4]`: (pooled [n, C, P, P], their rows [n]).
+        """Detectron2's ROIPooler on the valid rows of `boxes [R, 4]` (every row when `valid` is None):
+        (pooled [n, C, P, P], their rows [n]).
 
         Rows come out grouped by FPN level (P2 first); `image [R]` is each row's batch index."""
         s, b = self.spec, self.b
         feats = self.features(s.roi_in_features)
-        strides = [LEVEL_STRIDES[f] for f in s.roi_in_features]
+        strides = [STRIDES[f] for f in s.roi_in_features]
         if strides != [4, 8, 16, 32]:
             raise GraphMismatch(f"ROI pooling expects P2..P5; ROI_HEADS.IN_FEATURES is {list(s.roi_in_features)}")
         wh = b.op("MatMul", [boxes, _CORNERS_TO_WH], name=f"{tag}_wh")  # [R, 2]
@@ -184,8 +184,9 @@ class StandardSurgeon(RCNNSurgeon):
                                    _i64(1)], {"keepdims": 0}, name=f"{tag}_level")  # [R] 0..3
         pooled, rows = [], []
         for lvl, (feat, stride) in enumerate(zip(feats, strides)):
-            on = b.op("And", [valid, b.op("Equal", [level, _i64(lvl)], name=f"{tag}_is_p{lvl + 2}")],
-                      name=f"{tag}_take_p{lvl + 2}")
+            on = b.op("Equal", [level, _i64(lvl)], name=f"{tag}_is_p{lvl + 2}")
+            if valid is not None:
+                on = b.op("And", [valid, on], name=f"{tag}_take_p{lvl + 2}")
             idx = b.op("Reshape", [b.op("NonZero", [on], name=f"{tag}_rows_p{lvl + 2}_2d"), _i64(-1)],
                        name=f"{tag}_rows_p{lvl + 2}")
             rois = b.op("Gather", [boxes, idx], {"axis": 0}, name=f"{tag}_rois_p{lvl + 2}")
@@ -200,49 +201,92 @@ class StandardSurgeon(RCNNSurgeon):
 
     # ------------------------------------------------------------------ detections
 
-    def detections(self, valid: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
-        """Box head on the valid proposals, Detectron2's fast_rcnn_inference, static [B, D] outputs."""
+    def box_stage(self, rois: gs.Variable, valid: gs.Variable | None, image: Any,
+                  stage: BoxStage) -> tuple[gs.Variable, gs.Variable, gs.Variable, gs.Variable]:
+        """One box head on the valid rows of `rois [R, 4]` (`image [R]`: their batch indices; `valid` None: all).
+
+        Returns, for the n pooled rows in pooling order: class probabilities [n, C+1], decoded and clipped boxes
+        [n, C+1, 4] (or [n, 1, 4] when class-agnostic), their batch indices [n] and their rows in `rois` [n]."""
         s, b, g = self.spec, self.b, self.graph
-        B, P, C, D = self.batch, s.rpn_post_nms_topk, s.num_classes, s.max_detections
-        rois = b.op("Reshape", [rois, _i64(B * P, 4)], name="proposals_flat")
-        image = np.repeat(np.arange(B, dtype=I64), P)  # batch index of each proposal row
-        pooled, rows = self.pool(rois, b.op("Reshape", [valid, _i64(B * P)], name="proposal_valid_flat"),
-                                 image, s.box_pooler, "box")
-        fc1 = find_one(g, "roi_heads.box_head.fc1", "Gemm")
+        C, t = s.num_classes, stage.tag
+        pooled, rows = self.pool(rois, valid, image, s.box_pooler, f"box{t}")
+        fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
         res = s.box_pooler[0]
         channels = self.features(s.roi_in_features)[0].shape[1]
-        fc1.inputs[0] = b.op("Reshape", [pooled, _i64(-1, channels * res * res)], name="box_features")
-        cls = find_one(g, "roi_heads.box_predictor.cls_score", "Gemm")
-        reg = find_one(g, "roi_heads.box_predictor.bbox_pred", "Gemm")
-        self._fold_regression_weights(reg, C)
-        probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name="class_probs")  # [n, C+1]
-        props = b.op("Gather", [rois, rows], {"axis": 0}, name="pooled_proposals")  # [n, 4]
-        img = b.op("Gather", [image, rows], {"axis": 0}, name="pooled_images")
-        deltas = b.op("Reshape", [reg.outputs[0], _i64(-1, C + 1, 4)], name="box_deltas")
-        params = b.op("MatMul", [b.op("Unsqueeze", [props, _i64(1)], name="proposals_3d"), _CORNERS_TO_PARAMS],
-                      name="proposal_params")
-        whwh, ctr = b.op("Split", [params, _i64(4, 4)], {"axis": 2}, outputs=2, name="proposal_split")
-        boxes = self._decode(deltas, whwh, ctr, "box")  # [n, C+1, 4]
-        fg_boxes = b.op("Slice", [boxes, _i64(0), _i64(C), _i64(1)], name="class_boxes")  # [n, C, 4]
+        fc1.inputs[0] = b.op("Reshape", [pooled, _i64(-1, channels * res * res)], name=f"box_features{t}")
+        cls = find_one(g, f"roi_heads.box_predictor{stage.scope}.cls_score", "Gemm")
+        reg = find_one(g, f"roi_heads.box_predictor{stage.scope}.bbox_pred", "Gemm")
+        k = self._fold_regression_weights(reg, C, stage)
+        probs = b.op("Softmax", [cls.outputs[0]], {"axis": -1}, name=f"class_probs{t}")  # [n, C+1]
+        props = b.op("Gather", [rois, rows], {"axis": 0}, name=f"pooled_proposals{t}")  # [n, 4]
+        img = b.op("Gather", [image, rows], {"axis": 0}, name=f"pooled_images{t}")
+        deltas = b.op("Reshape", [reg.outputs[0], _i64(-1, k, 4)], name=f"box_deltas{t}")
+        params = b.op("MatMul", [b.op("Unsqueeze", [props, _i64(1)], name=f"proposals_3d{t}"), _CORNERS_TO_PARAMS],
+                      name=f"proposal_params{t}")
+        whwh, ctr = b.op("Split", [params, _i64(4, 4)], {"axis": 2}, outputs=2, name=f"proposal_split{t}")
+        return probs, self._decode(deltas, whwh, ctr, f"box{t}"), img, rows
+
+    def detections(self, valid: gs.Variable, rois: gs.Variable) -> list[gs.Variable]:
+        """Box stage(s) on the valid proposals, Detectron2's fast_rcnn_inference, static [B, D] outputs.
+
+        A cascade runs each later stage on the previous stage's boxes (all of them valid, in that stage's
+        pooling order) and carries the sum of the stages' probabilities along, re-gathered in each stage's
+        order, so the mean is Detectron2's ((s0 + s1) + s2) / 3 for every proposal."""
+        s, b = self.spec, self.b
+        B, P = self.batch, s.rpn_post_nms_topk
+        rois = b.op("Reshape", [rois, _i64(B * P, 4)], name="proposals_flat")
+        image: Any = np.repeat(np.arange(B, dtype=I64), P)  # batch index of each proposal row
+        valid = b.op("Reshape", [valid, _i64(B * P)], name="proposal_valid_flat")
+        stages = s.box_stages
+        total = boxes = None
+        for stage in stages:
+            probs, boxes, image, rows = self.box_stage(rois, valid, image, stage)
+            if total is not None:
+                total = b.op("Add", [b.op("Gather", [total, rows], {"axis": 0}, name=f"cascade_score_rows{stage.tag}"),
+                                     probs], name=f"cascade_score_sum{stage.tag}")
+            else:
+                total = probs
+            rois, valid = b.op("Reshape", [boxes, _i64(-1, 4)], name=f"cascade_proposals{stage.tag}"), None
+        if len(stages) > 1:
+            total = b.op("Mul", [total, np.float32(1.0 / len(stages))], name="cascade_mean_scores")
+        return self.class_nms(total, boxes, image)
+
+    def class_nms(self, probs: gs.Variable, boxes: gs.Variable, image: gs.Variable) -> list[gs.Variable]:
+        """fast_rcnn_inference on n rows of all images: probs [n, C+1], boxes [n, C+1 or 1, 4], image [n]."""
+        s, b = self.spec, self.b
+        B, C = self.batch, s.num_classes
         fg_scores = b.op("Slice", [probs, _i64(0), _i64(C), _i64(1)], name="class_scores")  # [n, C]
+        if s.box_stages[-1].agnostic:  # one box per row, shared by its classes
+            fg_boxes = b.op("Expand", [boxes, _i64(1, C, 1)], name="class_boxes")  # [n, C, 4]
+        else:
+            fg_boxes = b.op("Slice", [boxes, _i64(0), _i64(C), _i64(1)], name="class_boxes")  # [n, C, 4]
         # NMS batch item = (image, class): that class's boxes of all rows, scores -1 on other images' rows
         boxes_cn = b.op("Transpose", [fg_boxes], {"perm": [1, 0, 2]}, name="boxes_by_class")  # [C, n, 4]
-        n = b.op("Shape", [rows], name="pooled_count")  # [1]
+        n = b.op("Shape", [image], name="pooled_count")  # [1]
         boxes_bcn = b.op("Expand", [b.op("Unsqueeze", [boxes_cn, _i64(0)], name="boxes_by_class_4d"),
                                     b.op("Concat", [_i64(B, C), n, _i64(4)], {"axis": 0}, name="nms_boxes_shape")],
                          name="boxes_by_image_class")
-        mine = b.op("Equal", [b.op("Unsqueeze", [img, _i64(0)], name="pooled_images_row"),
+        mine = b.op("Equal", [b.op("Unsqueeze", [image, _i64(0)], name="pooled_images_row"),
                               np.arange(B, dtype=I64).reshape(B, 1)], name="row_of_image")  # [B, n]
         scores_cn = b.op("Transpose", [fg_scores], {"perm": [1, 0]}, name="scores_by_class")  # [C, n]
         scores_bcn = b.op("Where", [b.op("Unsqueeze", [mine, _i64(1)], name="row_of_image_3d"),
                                     b.op("Unsqueeze", [scores_cn, _i64(0)], name="scores_by_class_3d"),
                                     np.float32(-1)], name="scores_by_image_class")  # [B, C, n]
+        return self.name_detections(self.top_detections(boxes_bcn, scores_bcn, n, s.rpn_post_nms_topk))
+
+    def top_detections(self, boxes_bcn: gs.Variable, scores_bcn: gs.Variable, n: Any,
+                       per_class: int) -> list[gs.Variable]:
+        """One NonMaxSuppression over (image, class) batch items -- boxes [B, C, n, 4], scores [B, C, n] (-1: not
+        a candidate), a score > nms.score_threshold kept, IoU > nms.iou_threshold suppressed, at most `per_class`
+        kept per item -- then the top `max_detections` per image by score: (num, boxes, scores, classes), static."""
+        s, b = self.spec, self.b
+        B, C, D = self.batch, s.num_classes, s.max_detections
         nms_boxes = b.op("Reshape", [boxes_bcn, _i64(B * C, -1, 4)], name="nms_boxes")
         nms_scores = b.op("Reshape", [scores_bcn, _i64(B * C, 1, -1)], name="nms_scores")
-        sel = b.op("NonMaxSuppression", [nms_boxes, nms_scores, _i64(P), np.array([s.nms_iou], np.float32),
+        sel = b.op("NonMaxSuppression", [nms_boxes, nms_scores, _i64(per_class), np.array([s.nms_iou], np.float32),
                                          np.array([s.score_threshold], np.float32)],
                    {"center_point_box": 0}, name="detection_nms")
-        total = b.op("Mul", [n, _i64(B * C)], name="nms_table_size")
+        total = b.op("Mul", [n, _i64(B * C)], name="nms_table_size") if isinstance(n, gs.Variable) else B * C * n
         dense = self._kept_scores(sel, scores_bcn, n, total, -1.0, "det")  # [B*C*n]
         dense = b.op("Concat", [b.op("Reshape", [dense, _i64(B, -1)], name="kept_by_image"),
                                 np.full((B, D), -1.0, np.float32)], {"axis": 1}, name="kept_padded")
@@ -262,19 +306,8 @@ class StandardSurgeon(RCNNSurgeon):
                            {"to": onnx.TensorProto.INT32}, name="detection_classes")
         num = b.op("ReduceSum", [b.op("Cast", [ok], {"to": onnx.TensorProto.INT32}, name="detection_valid_int"),
                                  _i64(1)], {"keepdims": 1}, name="num_detections")
-        outs = [num, det_boxes, det_scores, det_classes]
-        for v, name in zip(outs, ("num_detections", "detection_boxes", "detection_scores", "detection_classes")):
-            v.name = name
-        self._nms_outputs(*outs, D)
         self._det_valid = ok
-        return outs
-
-    def _nms_outputs(self, num, boxes, scores, classes, m: int) -> None:
-        B = self.batch
-        num.dtype, num.shape = np.int32, [B, 1]
-        boxes.dtype, boxes.shape = np.float32, [B, m, 4]
-        scores.dtype, scores.shape = np.float32, [B, m]
-        classes.dtype, classes.shape = np.int32, [B, m]
+        return [num, det_boxes, det_scores, det_classes]
 
     # ------------------------------------------------------------------ heads on the detections
 

@@ -26,8 +26,13 @@ class WeightsStage(Stage):
         m = recipe.model
         cfg: dict[str, Any] = {**config_ref(m.config), "weights": m.weights}
         if m.weights == "random":
+            from d2build.families import FAMILIES, family
+
             cfg.update(seed=m.seed, bn_photo=BN_PHOTO, residual_branch_scale=RESIDUAL_BRANCH_SCALE,
                        predictor_spread=PREDICTOR_SPREAD)
+            extra = family(m.family).random_key() if m.family in FAMILIES else {}
+            if extra:  # what the family adds to random weights (none for the first R-CNN families: keys unchanged)
+                cfg.update(family=m.family, family_random=extra)
         elif not m.weights.startswith(("http://", "https://")):
             cfg["weights_sha256"] = file_digest(Path(m.weights).expanduser())
         return cfg
@@ -44,7 +49,7 @@ class WeightsStage(Stage):
             ctx.step(f"random weights (seed {cfg['seed']}), BN statistics from '{cfg['bn_photo']}'")
             photo = photos.bundled(cfg["bn_photo"])
             chw = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
-            model = detectron.random_model(d2cfg, cfg["seed"], chw)
+            model = detectron.random_model(d2cfg, cfg["seed"], chw, family=cfg.get("family"))
         else:
             ctx.step(f"loading {cfg['weights']}")
             model = detectron.build_model(d2cfg)

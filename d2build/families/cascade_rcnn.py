@@ -1,0 +1,68 @@
+"""Cascade Mask R-CNN (FPN): Detectron2's GeneralizedRCNN with CascadeROIHeads.
+
+The backbone, RPN, mask head, export (TracingAdapter around `inference(..., do_postprocess=False)`)
+and eager comparison are Mask R-CNN's (`MaskRCNN`). What differs is the box stage, which the shared
+R-CNN surgeons build from `HeadSpec.cascade_bbox_reg_weights` (rcnn_graph.py for plugin graphs,
+rcnn_standard.py for standard-op graphs), following `CascadeROIHeads._forward_box`:
+
+* three box heads and predictors (`roi_heads.box_head.0..2`, `roi_heads.box_predictor.0..2`), each
+  with its own ROI pooling, class-agnostic regression and its own `BBOX_REG_WEIGHTS`
+  ((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)), folded into its bbox_pred;
+* stage k > 0 pools the boxes stage k - 1 predicted, clipped to the image
+  (`_create_proposals_from_boxes`; at inference nothing is dropped);
+* the detection score is the mean of the three stages' softmax probabilities (summed in stage
+  order, times 1/3, as Detectron2 computes it), and the boxes are the last stage's, shared by all
+  classes: one EfficientNMS_TRT with boxes [B, P, 4], or the standard graph's class-wise
+  NonMaxSuppression on the same boxes broadcast over the classes;
+* the mask head runs on the final detections, as in Mask R-CNN.
+"""
+
+from __future__ import annotations
+
+from d2build.families.mask_rcnn import RCNN_STRUCTURE, MaskRCNN
+
+CASCADE_STAGES = 3
+
+
+def _three_stage_weights(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == CASCADE_STAGES
+            and all(isinstance(w, (list, tuple)) and len(w) == 4 for w in value))
+
+
+# R-CNN's structure with CascadeROIHeads, class-agnostic regression and three box stages.
+CASCADE_STRUCTURE = tuple(
+    {"MODEL.ROI_HEADS.NAME": ("MODEL.ROI_HEADS.NAME", "Res5ROIHeads", ("CascadeROIHeads",), "not CascadeROIHeads"),
+     "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False, (True,),
+                                                  "class-specific box regression (Detectron2's cascade is "
+                                                  "class-agnostic)")}.get(row[0], row)
+    for row in RCNN_STRUCTURE
+) + (
+    ("MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0],
+                                                     [30.0, 30.0, 15.0, 15.0]], _three_stage_weights,
+     f"not {CASCADE_STAGES} cascade stages of 4 weights"),
+)
+
+
+class CascadeRCNN(MaskRCNN):
+    name = "cascade_rcnn"
+    with_masks = True
+    structure = CASCADE_STRUCTURE
+    described_as = ("Cascade Mask R-CNN (GeneralizedRCNN, ResNet-FPN, RPN, CascadeROIHeads: three box stages with "
+                    "class-agnostic regression, mask head)")
+    cascade = True
+
+    def random_key(self):
+        return {"cascade_predictor_spread": CASCADE_PREDICTOR_SPREAD}
+
+    def adjust_random(self, model, image_chw) -> None:
+        """Each stage's classifier spreads its logits like Mask R-CNN's one (detectron.PREDICTOR_SPREAD)."""
+        from d2build import detectron
+
+        for path, target in CASCADE_PREDICTOR_SPREAD.items():
+            detectron.rescale_outputs(model, model.get_submodule(path), image_chw, target)
+
+
+# Detectron2 initialises each stage's cls_score with std 0.01: every class scores ~1/81 and nothing
+# clears 0.05. Rescaled like Mask R-CNN's predictor (std 2 of the logits on the photograph), the mean of
+# three stages gives about as many ordinary detections as Mask R-CNN.
+CASCADE_PREDICTOR_SPREAD = {f"roi_heads.box_predictor.{k}.cls_score": 2.0 for k in range(CASCADE_STAGES)}
