@@ -45,8 +45,10 @@ def main() -> None:
         val = synthetic.write_coco(dataset, "val", args.images, tmp / f"{dataset}_val")
         train = tmp / f"{dataset}_train"
         synthetic.write_coco(dataset, "train", 6, train)
+        calib = tmp / f"{dataset}_calibration"
+        synthetic.write_coco(dataset, "train", 24, calib)
         data = [f"eval.annotations={val}", f"eval.images={val.parent}", f"verify.images={train}",
-                f"calibration.images={train}"]
+                f"calibration.images={calib}"]
         for name, extra in VARIANTS.items():
             run_dir = tmp / f"run-{recipe}-{len(rows)}"
             t0 = time.perf_counter()
