@@ -26,7 +26,8 @@ VARIANTS = {
     "plugins fp32": ["surgery.ops=plugins"],
     "standard fp32": ["surgery.ops=standard"],
     "standard fp16": ["surgery.ops=standard", "precision=fp16"],
-    "standard int8": ["surgery.ops=standard", "precision=int8"],
+    "standard int8 (entropy)": ["surgery.ops=standard", "precision=int8"],
+    "standard int8 (percentile)": ["surgery.ops=standard", "precision=int8", "calibration.method=percentile"],
     "standard fp32, dynamic 384..704": ["surgery.ops=standard", "model.dynamic={min:[384,384],max:[704,704]}"],
 }
 
@@ -45,10 +46,8 @@ def main() -> None:
         val = synthetic.write_coco(dataset, "val", args.images, tmp / f"{dataset}_val")
         train = tmp / f"{dataset}_train"
         synthetic.write_coco(dataset, "train", 6, train)
-        calib = tmp / f"{dataset}_calibration"
-        synthetic.write_coco(dataset, "train", 24, calib)
         data = [f"eval.annotations={val}", f"eval.images={val.parent}", f"verify.images={train}",
-                f"calibration.images={calib}"]
+                f"calibration.images={train}"]
         for name, extra in VARIANTS.items():
             run_dir = tmp / f"run-{recipe}-{len(rows)}"
             t0 = time.perf_counter()
