@@ -168,3 +168,23 @@ def test_dynamic_graph_reaches_detectron2s_own_ap_on_mixed_orientations(trained,
     info = _eval(run)
     for t, d in info["delta_ap_native"].items():
         assert abs(d) * 100 <= 0.3, (t, info["ap"])
+
+
+def test_candidates_key_follows_the_eval_images_bytes(tmp_path):
+    """Replacing an image in the eval folder (same name, same json) rebuilds the candidates and everything after."""
+    from d2build.cache import Cache
+    from d2build.runner import plan
+
+    val = synthetic.write_coco("shapes", "val", 3, tmp_path / "val")
+    recipe = compose([*SHAPES, f"eval.annotations={val}", f"eval.images={val.parent}", f"cache.dir={tmp_path / 'c'}"])
+
+    def keys() -> dict[str, str]:
+        return {p.name: p.key for p in plan(recipe, Cache(recipe.cache.dir))}
+
+    before = keys()
+    assert keys() == before  # stable
+    other = synthetic.write_coco("shapes", "val", 4, tmp_path / "other").parent / "shapes_val_000003.png"
+    (val.parent / "shapes_val_000001.png").write_bytes(other.read_bytes())
+    after = keys()
+    assert after["candidates"] != before["candidates"] and after["eval"] != before["eval"]
+    assert after["export"] == before["export"] and after["verify"] == before["verify"]

@@ -8,7 +8,7 @@ head -- and the heads after it (a detection's mask depends on its box only) are 
 computes, so the eval stage of every variant of an NMS sweep reuses this one artifact and only re-runs
 its NMS on the candidates (d2build/evaluation.py). The key holds the export, the RPN settings, the
 flavour, the precision (and the calibration at int8), the eval images and the floor -- not
-`surgery.nms.*`.
+`surgery.nms.*`. The eval images count by their bytes, not only by the folder's path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,20 @@ from typing import Any
 from d2build.cache import Artifact, file_digest
 from d2build.schema import Recipe
 from d2build.stages.base import Context, Stage, config_ref
+
+
+def eval_images_digest(annotations: str, images: str, count: int | None) -> str:
+    """One sha256 over the names and bytes of the images the stage reads (the json's first `count` image
+    ids), so that replacing an image in the folder rebuilds the candidates; the folder's path alone would not."""
+    import hashlib
+    import json
+
+    listed = {im["id"]: im["file_name"] for im in json.loads(Path(annotations).expanduser().read_text())["images"]}
+    h = hashlib.sha256()
+    for i in sorted(listed)[: count or None]:
+        path = Path(images).expanduser() / listed[i]
+        h.update(f"{listed[i]}\0{file_digest(path) if path.is_file() else 'missing'}\0".encode())
+    return h.hexdigest()
 
 
 class CandidatesStage(Stage):
@@ -42,6 +56,7 @@ class CandidatesStage(Stage):
             "annotations": str(Path(e.annotations).expanduser().resolve()),
             "annotations_sha256": file_digest(Path(e.annotations).expanduser()),
             "images": str(Path(e.images).expanduser().resolve()), "count": e.count,
+            "images_sha256": eval_images_digest(e.annotations, e.images, e.count),
             "score_floor": e.score_floor, "max_candidates": e.max_candidates,
             "names": {k: d["model"][k] for k in ("class_names", "keypoint_names", "keypoint_skeleton")},
         }
