@@ -29,6 +29,11 @@ class EagerModel:
         self.source = f"Detectron2 eager ({resize})"
         self.path = None
 
+    def detect_batch(self, images_bgr: list[np.ndarray]):
+        """runtime.Model's batch interface: eager runs one image at a time (detections, letterboxes, seconds)."""
+        found = [self.detect(bgr) for bgr in images_bgr]
+        return [d for d, _, _ in found], [lb for _, lb, _ in found], sum(t for _, _, t in found)
+
     def detect(self, bgr: np.ndarray):
         """(Detections in original pixels, Letterbox or None, seconds)."""
         from d2build.processing import detections_from_instances, letterbox

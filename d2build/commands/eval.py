@@ -79,18 +79,14 @@ def main(argv: list[str]) -> int:
     results: dict[str, list[dict]] = {k: [] for k in models}
     with_masks: dict[str, bool] = {k: False for k in models}
     seconds: dict[str, float] = {k: 0.0 for k in models}
-    batch = getattr(model.info, "batch", 1)
+    batch = model.info.batch
     for start in range(0, len(ids), batch):  # a model built for N images per run gets N
         chunk = ids[start:start + batch]
         files = [gt.loadImgs(image_id)[0]["file_name"] for image_id in chunk]
         bgrs = [load_image_bgr(Path(images) / f) for f in files]
         counts: dict[str, list[int]] = {}
         for side, m in models.items():
-            if hasattr(m, "detect_batch"):
-                dets, _, s = m.detect_batch(bgrs)
-            else:
-                found = [m.detect(bgr) for bgr in bgrs]
-                dets, s = [d for d, _, _ in found], sum(t for _, _, t in found)
+            dets, _, s = m.detect_batch(bgrs)
             seconds[side] += s
             counts[side] = [len(d) for d in dets]
             for image_id, det in zip(chunk, dets):
