@@ -54,7 +54,7 @@ def _job(cfg) -> None:
     from d2build.commands._common import print_problems
     from d2build.compose import recipe_from_hydra
     from d2build.runner import execute
-    from d2build.schema import RecipeError
+    from d2build.recipe import RecipeError
 
     console.configure(bool(cfg.get("run", {}).get("verbose", False)))
     try:

@@ -10,6 +10,7 @@ as the compose API used by `plan` and `validate`.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.resources
 import os
 import re
@@ -23,7 +24,8 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
-from d2build.schema import Problem, Recipe, RecipeError, parse_recipe
+from d2build.recipe import MOVED, Problem, Recipe, RecipeError
+from d2build.schema import parse_recipe
 
 RECIPE_GROUP = "recipe"
 _PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -46,6 +48,21 @@ def conf_dir() -> Path:
 
 def shipped_recipes_dir() -> Path:
     return _resource_dir("d2build.recipes", "recipes")
+
+
+def conf_default(key: str) -> Any:
+    """A default as conf/config.yaml writes it ("" for the whole tree): the one place defaults are written."""
+    node: Any = _conf_tree(str(conf_dir() / "config.yaml"))
+    for part in key.split(".") if key else ():
+        node = node[part]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _conf_tree(path: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
 
 
 _EXTRA_RECIPE_DIRS: list[Path] = []  # searched before all others (`d2build validate path/to/file.yaml`)
@@ -158,7 +175,7 @@ def recipe_from_tree(tree: dict[str, Any], recipe_name: str, overrides: list[str
             if (isinstance(value, str) and f"{section}.{key}" not in given and not Path(value).is_absolute()
                     and not Path(value).expanduser().exists() and (Path(source).parent / value).exists()):
                 tree[section][key] = str((Path(source).parent / value).resolve())
-    return parse_recipe(tree, name=recipe_name, source=src, overrides=given)
+    return parse_recipe(tree, conf_default, name=recipe_name, source=src, overrides=given)
 
 
 def recipe_from_hydra(cfg: DictConfig) -> Recipe:
@@ -223,8 +240,6 @@ def _groups() -> list[str]:
 
 
 def _config_keys() -> list[str]:
-    from d2build.schema import conf_default
-
     def walk(node: Any, prefix: str) -> list[str]:
         if not isinstance(node, dict):
             return [prefix]
@@ -255,8 +270,6 @@ def _hydra_problem(src: str, e: Exception) -> Problem:
     m = re.search(r"Could not override '([^']+)'", text)
     if m and ("To append to your config" in text or "is not in struct" in str(e.__cause__)):  # an unknown key
         key = m.group(1)
-        from d2build.schema import MOVED
-
         if key in MOVED:
             return Problem(src, key, f"has moved to {MOVED[key][0]} ({MOVED[key][1]})", f"use {MOVED[key][0]} instead")
         near = difflib.get_close_matches(key, _config_keys(), n=1)

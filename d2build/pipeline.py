@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from d2build.schema import Recipe
+    from d2build.recipe import Recipe
     from d2build.stages.base import Stage
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from d2build.cache import Artifact, Cache, CacheError, make_key
 from d2build.pipeline import pipeline_for
-from d2build.schema import Recipe, RecipeError
+from d2build.recipe import Recipe, RecipeError
 from d2build.stages.base import Context, Stage, StageFailed
 
 log = logging.getLogger("d2build")

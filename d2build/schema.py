@@ -10,186 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from d2build import plugins  # the plugin contract: pure Python
+from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # names only (numpy)
 from d2build.families import FAMILIES  # a dict of names, no torch or Detectron2 import
 from d2build.photos import BUNDLED
+from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, ModelConfig, Problem, Recipe,
+                            RecipeError, SurgeryConfig)
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
 # Detectron2 model families users ask for; the ones without a module in d2build/families are
 # rejected as "not supported" rather than "unknown".
 FAMILIES_KNOWN = (*FAMILIES_SUPPORTED, *(f for f in ("retinanet", "cascade_rcnn", "panoptic_fpn", "fcos")
                                        if f not in FAMILIES_SUPPORTED))
-PRECISIONS = ("fp32", "fp16", "int8")
-SURGERY_OPS = ("plugins", "standard")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # noqa: E402 - numpy only
 RPN_LEVELS = 5  # P2..P6 for every FPN recipe d2build supports
 MAX_BATCH = 64
-#: keys that moved: old key -> (new key, why)
-MOVED = {"build.batch_size": ("model.batch_size", "the batch is part of the graph, so it is part of its cache keys")}
-
-
-@dataclass(frozen=True)
-class DynamicConfig:
-    """Input sizes a standard-op graph takes: each image is resized as Detectron2's ResizeShortestEdge does
-    (short side min_size, long side at most max_size) and padded to a multiple of 32."""
-
-    min: tuple[int, int]  # smallest [H, W] (the TensorRT optimization profile's min)
-    max: tuple[int, int]  # largest [H, W] (its max; model.input is its opt)
-    min_size: int | None = None  # None: the Detectron2 config's INPUT.MIN_SIZE_TEST
-    max_size: int | None = None  # None: INPUT.MAX_SIZE_TEST
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    family: str
-    config: str
-    weights: str
-    input: tuple[int, int]
-    batch_size: int  # images per inference: the graph's (and engine's) first input dimension
-    dynamic: DynamicConfig | None  # None: one fixed input size (model.input), images letterboxed into it
-    seed: int
-    class_names: tuple[str, ...] | None  # None: from Detectron2's dataset metadata
-    keypoint_names: tuple[str, ...] | None  # keypoint families; None: metadata, or COCO's 17
-    keypoint_skeleton: tuple[tuple[str, str], ...] | None  # limbs as pairs of keypoint names
-
-
-@dataclass(frozen=True)
-class NmsConfig:
-    iou_threshold: float
-    score_threshold: float
-    max_detections: int
-
-
-@dataclass(frozen=True)
-class RpnConfig:
-    pre_nms_topk: int
-    post_nms_topk: int
-    iou_threshold: float
-
-
-@dataclass(frozen=True)
-class SurgeryConfig:
-    ops: str  # plugins (EfficientNMS_TRT, PyramidROIAlign_TRT) | standard (NonMaxSuppression, RoiAlign)
-    nms: NmsConfig
-    rpn: RpnConfig
-
-
-@dataclass(frozen=True)
-class PrecisionConfig:
-    mode: str
-    keep_fp32: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    images: str | None
-    count: int
-    method: str
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    workspace_gib: float
-    optimization_level: int
-    required: bool
-    device: int  # CUDA device index the engine is built for (and whose lock is taken)
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
-
-    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph on CPU)
-    warmup: int
-    iterations: int
-    cuda_graph: bool
-    score_threshold: float  # infer: detections drawn in pictures (all are written to JSON)
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    images: str
-    count: int
-    iou_threshold: float
-    score_tolerance: float
-    min_recovered: float
-    min_mask_iou: float
-    min_detections: int
-    keypoint_median_px: float
-    keypoint_p95_px: float
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """COCO evaluation as a stage of the DAG (candidates + eval), when `annotations` is set."""
-
-    annotations: str | None  # COCO instances json (with keypoints for keypoint families)
-    images: str | None  # folder holding the json's file_name images
-    count: int  # the first N images of the json (by id); 0: all
-    keypoint_oks_sigmas: tuple[float, ...] | None  # per keypoint; None: the config's, or COCO's for 17
-    score_floor: float  # candidates keep every score above this (NMS variants need thresholds >= it)
-    max_candidates: int  # per image
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    dir: str
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """This run only; never part of a cache key."""
-
-    until: str | None  # stop after this stage and what it needs (`--until STAGE`)
-    verbose: bool  # `-v`: third-party warnings and notices stay on
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model: ModelConfig
-    surgery: SurgeryConfig
-    precision: PrecisionConfig
-    calibration: CalibrationConfig
-    build: BuildConfig
-    verify: VerifyConfig
-    eval: EvalConfig
-    cache: CacheConfig
-    runtime: RuntimeConfig
-    run: RunConfig
-    name: str = "?"  # recipe name (the `recipe` group choice)
-    source: str = "?"  # the recipe file, for messages
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Problem:
-    source: str  # recipe file, or "command line"
-    key: str
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.key}: {self.message}. Fix: {self.fix}"
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be built; carries every problem found, one line each."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 @dataclass
@@ -198,6 +40,7 @@ class _Checker:
 
     recipe_file: str
     overrides: dict[str, str] = field(default_factory=dict)
+    default: Callable[[str], Any] = lambda key: "?"  # a key's default as conf/ writes it
     problems: list[Problem] = field(default_factory=list)
 
     def where(self, key: str) -> str:
@@ -600,8 +443,8 @@ def _check_surgery(s: SurgeryConfig, ck: _Checker) -> None:
     _in_unit(ck, "surgery.nms.iou_threshold", s.nms.iou_threshold, 0.5)
     _in_unit(ck, "surgery.nms.score_threshold", s.nms.score_threshold, 0.05)
     _in_unit(ck, "surgery.rpn.iou_threshold", s.rpn.iou_threshold, 0.7)
-    if s.ops not in SURGERY_OPS:
-        ck.add("surgery.ops", f"unknown graph flavour {s.ops!r}", f"use surgery.ops={'|'.join(SURGERY_OPS)} (plugins: "
+    if s.ops not in OPS:
+        ck.add("surgery.ops", f"unknown graph flavour {s.ops!r}", f"use surgery.ops={'|'.join(OPS)} (plugins: "
                "EfficientNMS_TRT/PyramidROIAlign_TRT; standard: ONNX NonMaxSuppression/RoiAlign)")
         return
     if not 1 <= s.nms.max_detections <= 1000:
@@ -637,7 +480,7 @@ def _check_family(r: Recipe, ck: _Checker) -> None:
         return
     from d2build.families import family
 
-    for key, message, fix in family(r.model.family).recipe_problems(r):
+    for key, message, fix in family(r.model.family).recipe_problems(r, ck.default):
         ck.add(key, message, fix)
 
 
@@ -669,16 +512,16 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("runtime.backend", f"unknown backend {rt.backend!r}", f"use runtime.backend={'|'.join(RUNTIME_BACKENDS)}")
     if rt.warmup < 0:
         ck.add("runtime.warmup", f"{rt.warmup} is negative",
-               f"use runtime.warmup >= 0 (default {conf_default('runtime.warmup')})")
+               f"use runtime.warmup >= 0 (default {ck.default('runtime.warmup')})")
     if rt.iterations < 1:
         ck.add("runtime.iterations", f"{rt.iterations} measures nothing",
-               f"use runtime.iterations >= 1 (default {conf_default('runtime.iterations')})")
-    _in_unit(ck, "runtime.score_threshold", rt.score_threshold, conf_default("runtime.score_threshold"),
+               f"use runtime.iterations >= 1 (default {ck.default('runtime.iterations')})")
+    _in_unit(ck, "runtime.score_threshold", rt.score_threshold, ck.default("runtime.score_threshold"),
              "the default is")
     v = r.verify
     _check_images(ck, "verify.images", v.images, v.count)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
-        _in_unit(ck, f"verify.{key}", getattr(v, key), conf_default(f"verify.{key}"), "the default is")
+        _in_unit(ck, f"verify.{key}", getattr(v, key), ck.default(f"verify.{key}"), "the default is")
     if v.count < 1:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")
     if v.min_detections < 1:
@@ -686,7 +529,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     for key in ("keypoint_median_px", "keypoint_p95_px"):
         if getattr(v, key) < 0:
             ck.add(f"verify.{key}", f"{getattr(v, key)} is negative", f"use a distance >= 0 px (default "
-                   f"{conf_default(f'verify.{key}')})")
+                   f"{ck.default(f'verify.{key}')})")
     b = r.build
     if b.workspace_gib <= 0:
         ck.add("build.workspace_gib", f"{b.workspace_gib} is not positive", "use e.g. 4")
@@ -694,8 +537,6 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
         ck.add("build.optimization_level", f"{b.optimization_level} is outside 0..5", "TensorRT's default is 3")
     if b.device < 0:
         ck.add("build.device", f"{b.device} is negative", "use a CUDA device index, e.g. build.device=0")
-    from d2build.pipeline import STAGES
-
     if r.run.until is not None and r.run.until not in STAGES:
         near = difflib.get_close_matches(r.run.until, STAGES, n=1)
         ck.add("run.until", f"no stage named {r.run.until!r}", (f"did you mean {near[0]}? " if near else "")
@@ -761,27 +602,12 @@ def config_setting_notes(r: Recipe) -> list[str]:
     return notes
 
 
-def conf_default(key: str) -> Any:
-    """A default as conf/config.yaml writes it (for hints; never retyped here)."""
-    from d2build.compose import conf_dir
-
-    node: Any = _conf_tree(str(conf_dir() / "config.yaml"))
-    for part in key.split(".") if key else ():
-        node = node[part]
-    return node
-
-
-@functools.lru_cache(maxsize=None)
-def _conf_tree(path: str) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text())
-
-
-def parse_recipe(tree: dict[str, Any], *, name: str = "?", source: str = "?",
+def parse_recipe(tree: dict[str, Any], defaults: Callable[[str], Any], *, name: str = "?", source: str = "?",
                  overrides: dict[str, str] | None = None) -> Recipe:
-    """Type-check and rule-check a composed config tree; raise RecipeError listing every problem."""
-    ck = _Checker(source, dict(overrides or {}))
+    """Type-check and rule-check a composed config tree; raise RecipeError listing every problem.
+
+    `defaults(key)`: a key's default as conf/ writes it (`compose.conf_default`), for the hints."""
+    ck = _Checker(source, dict(overrides or {}), defaults)
     tree = {k: v for k, v in tree.items() if k not in ("hydra", "recipe")}
     recipe = _build(Recipe, tree, "", ck)
     if recipe is not None:

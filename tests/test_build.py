@@ -191,7 +191,7 @@ def test_doctor_reports_one_line_each_and_exits_0():
     ("precision.keep_fp32=[' ']", "precision.keep_fp32[0]", "is empty"),
 ])
 def test_schema_rejects_bad_build_runtime_and_calibration_settings(override, key, text):
-    from d2build.schema import RecipeError
+    from d2build.recipe import RecipeError
 
     extra = ["calibration=bundled"] if key.startswith("calibration") else []
     with pytest.raises(RecipeError) as info:

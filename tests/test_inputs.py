@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from d2build.compose import compose
 from d2build.inputs import checkpoint_problem, coco_problem, image_problem
-from d2build.schema import RecipeError
+from d2build.recipe import RecipeError
 
 DATA = REPO / "tests" / "data" / "broken_files"
 BASE = ["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[320,320]"]

@@ -24,7 +24,7 @@ import yaml
 
 from d2build import cli
 from d2build.compose import compose, list_recipes, shipped_recipes_dir
-from d2build.schema import Problem, RecipeError
+from d2build.recipe import Problem, RecipeError
 
 ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 DELETE = object()  # in a patch: remove this key from the base recipe
@@ -370,7 +370,7 @@ def test_rejecting_a_bad_recipe_imports_neither_torch_nor_detectron2(tmp_path):
         import json, sys, time
         t0 = time.perf_counter()
         from d2build.compose import compose
-        from d2build.schema import RecipeError
+        from d2build.recipe import RecipeError
         try:
             compose(["model.input=[640,650]", "surgery.nms.iou_threshold=2", "model.family=keypoint_rcnn"])
             rejected = []

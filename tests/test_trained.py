@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, d2build
 from d2build import synthetic
 from d2build.compose import compose
-from d2build.schema import RecipeError
+from d2build.recipe import RecipeError
 
 SHAPES = ["recipe=shapes_mask_rcnn"]
 HOUSES = ["recipe=houses_keypoint_rcnn"]

@@ -14,7 +14,7 @@ def print_problems(err) -> None:
 def compose_or_report(overrides: list[str]):
     """A checked Recipe, or None after printing why not (one line per problem)."""
     from d2build.compose import compose
-    from d2build.schema import RecipeError
+    from d2build.recipe import RecipeError
 
     try:
         return compose(overrides)

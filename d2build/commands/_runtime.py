@@ -66,7 +66,7 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
     """The recipe's precision graph (and engine for tensorrt), built through the runner if missing."""
     from d2build.runner import execute
 
-    from d2build.schema import RecipeError
+    from d2build.recipe import RecipeError
 
     until = {"tensorrt": "build", "detectron2": "weights"}.get(backend, "precision")
     try:

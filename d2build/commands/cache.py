@@ -60,7 +60,7 @@ def parse_age(text: str) -> float:
 
 
 def default_cache_dir() -> str:
-    from d2build.schema import conf_default
+    from d2build.compose import conf_default
 
     return str(conf_default("cache.dir"))
 

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else (Path("outputs") / "deploy-runs" / time.strftime("%Y-%m-%d")
                                                        / time.strftime("%H-%M-%S"))
     from d2build.commands._common import print_problems
-    from d2build.schema import RecipeError
+    from d2build.recipe import RecipeError
 
     try:
         path, status, bundle_doc = deploy(recipe, Path(args.out), run_dir, args.overrides, backend=args.backend,

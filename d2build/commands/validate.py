@@ -67,7 +67,7 @@ def targets(args: list[str]) -> tuple[list[tuple[str, Path, Path | None]], list[
 def check(name: str, file: Path, first_dir: Path | None):
     """Return (Recipe, planned stages, []) or (None, None, [Problem, ...])."""
     from d2build.compose import set_extra_recipe_dirs
-    from d2build.schema import Problem
+    from d2build.recipe import Problem
 
     src = _display(file)
     try:
@@ -104,7 +104,7 @@ def _yaml_problems(src: str, text: str):
     import yaml
     from omegaconf import OmegaConf
 
-    from d2build.schema import Problem
+    from d2build.recipe import Problem
 
     try:
         OmegaConf.create(text)  # OmegaConf's loader: YAML errors and duplicate keys, as Hydra sees them
@@ -153,7 +153,7 @@ def _key_at_line(text: str, line: int) -> str:
 def _compose_and_plan(name: str, src: str):
     from d2build.compose import RECIPE_GROUP, compose
     from d2build.runner import plan
-    from d2build.schema import Problem, RecipeError
+    from d2build.recipe import Problem, RecipeError
 
     try:
         recipe = compose([f"{RECIPE_GROUP}={name}"])

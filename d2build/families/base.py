@@ -105,8 +105,9 @@ class Family:
         keep = nonempty(boxes)
         return Detections(boxes[keep], np.asarray(outputs["scores"])[keep], np.asarray(outputs["pred_classes"])[keep])
 
-    def recipe_problems(self, recipe: Any) -> list[tuple[str, str, str]]:
-        """Family-specific recipe rules, checked by the schema (no torch): (key, message, fix) each."""
+    def recipe_problems(self, recipe: Any, default: Any) -> list[tuple[str, str, str]]:
+        """Family-specific recipe rules, checked by the schema (no torch): (key, message, fix) each.
+        `default(key)`: the key's default as conf/ writes it."""
         return []
 
     # ------------------------------------------------------------------ random weights

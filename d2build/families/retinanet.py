@@ -76,19 +76,18 @@ class RetinaNet(Family):
         features = [features[f] for f in model.head_in_features]
         return model.forward_inference(images, features, model.head(features))
 
-    def recipe_problems(self, recipe) -> list[tuple[str, str, str]]:
+    def recipe_problems(self, recipe, default) -> list[tuple[str, str, str]]:
         """RetinaNet reads surgery.rpn.pre_nms_topk only (its per-level top-k); in the standard graph the levels'
         candidates of one class meet in one NonMaxSuppression batch item, which TensorRT ranks only the top 5000 of."""
-        from d2build.schema import conf_default
         from d2build.standard_ops import NMS_TOPK
 
         out = []
         rpn = recipe.surgery.rpn
         for key in ("post_nms_topk", "iou_threshold"):
-            if getattr(rpn, key) != conf_default(f"surgery.rpn.{key}"):
+            if getattr(rpn, key) != default(f"surgery.rpn.{key}"):
                 out.append((f"surgery.rpn.{key}", "has no effect on model.family=retinanet (RetinaNet has no RPN; "
                             "surgery.rpn.pre_nms_topk is its per-level top-k before NMS)",
-                            f"remove it (default {conf_default(f'surgery.rpn.{key}')})"))
+                            f"remove it (default {default(f'surgery.rpn.{key}')})"))
         levels = len(LEVELS)
         if recipe.surgery.ops == "standard" and levels * rpn.pre_nms_topk > NMS_TOPK:
             out.append(("surgery.rpn.pre_nms_topk", f"{rpn.pre_nms_topk} x {levels} levels of one class meet in one "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from d2build.cache import Artifact, Cache
-from d2build.schema import Recipe
+from d2build.recipe import Recipe
 
 log = logging.getLogger("d2build")
 

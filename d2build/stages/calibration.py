@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.schema import Recipe
+from d2build.recipe import Recipe
 from d2build.stages.base import Context, Stage, config_ref
 
 # The final NMS of the graph calibration runs (Detectron2's test-time defaults).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact, file_digest
-from d2build.schema import Recipe
+from d2build.recipe import Recipe
 from d2build.stages.base import Context, Stage, config_ref
 
 
@@ -64,7 +64,7 @@ class CandidatesStage(Stage):
     def preflight(self, recipe: Recipe) -> list[Any]:
         """The annotation file's categories must map onto the model's classes (by name or by count)."""
         from d2build import detectron, evaluation
-        from d2build.schema import Problem
+        from d2build.recipe import Problem
 
         info = detectron.model_info(recipe.to_dict()["model"])
         try:

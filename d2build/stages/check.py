@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from d2build.cache import Artifact
-from d2build.schema import Recipe
+from d2build.recipe import Recipe
 from d2build.stages.base import Context, Stage, StageFailed
 
 ROW_OUTPUTS = ("detection_boxes", "detection_scores", "detection_masks", "detection_heatmaps")

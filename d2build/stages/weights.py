@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact, file_digest
-from d2build.schema import Recipe
+from d2build.recipe import Recipe
 from d2build.stages.base import Context, Stage, config_ref
 
 

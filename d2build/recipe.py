@@ -1,0 +1,292 @@
+"""The recipe as typed data: its sections, the slices each stage reads, the stage and artifact names.
+
+A leaf module: it imports nothing of d2build, so every layer may import it. `schema` turns a
+composed Hydra tree into a `Recipe` (and rejects what no stage could build), `compose` does the
+composing, the stages read the slices below. A stage's slice is all it reads of a recipe; its cache
+key is the sha256 of the slice (as JSON), of its upstream keys and of its VERSION, so a slice
+holds exactly what changes the stage's output and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Every stage of the DAG, in order (`run.until` names one of them). Graphs derived for one consumer
+#: run as extra nodes named `<stage>[<consumer>]` (see d2build/pipeline.py).
+STAGES = ("weights", "export", "surgery", "calibration", "precision", "verify", "build", "check", "candidates", "eval")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: graph flavours (`surgery.ops`): TensorRT plugin nodes, or ONNX ops TensorRT's parser imports natively
+OPS = ("plugins", "standard")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: keys that moved: old key -> (new key, why)
+MOVED = {"build.batch_size": ("model.batch_size", "the batch is part of the graph, so it is part of its cache keys")}
+
+
+class Files:
+    """The file names stages publish in their cache entries (one place for each)."""
+
+    WEIGHTS = "model.pth"
+    GRAPH = "model.onnx"  # export, surgery, precision
+    RANGES = "ranges.json"  # calibration
+    ENGINE = "engine.plan"
+    TIMING_CACHE = "timing.cache"
+    IO = "io.json"
+    REPORT = "report.md"
+    METRICS = "metrics.json"
+    PICTURES = "pictures"
+
+
+# ---------------------------------------------------------------------------------- recipe sections
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Input sizes a standard-op graph takes: each image is resized as Detectron2's ResizeShortestEdge does
+    (short side min_size, long side at most max_size) and padded to a multiple of 32."""
+
+    min: tuple[int, int]  # smallest [H, W] (the TensorRT optimization profile's min)
+    max: tuple[int, int]  # largest [H, W] (its max; model.input is its opt)
+    min_size: int | None = None  # None: the Detectron2 config's INPUT.MIN_SIZE_TEST
+    max_size: int | None = None  # None: INPUT.MAX_SIZE_TEST
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    config: str
+    weights: str
+    input: tuple[int, int]
+    batch_size: int  # images per inference: the graph's (and engine's) first input dimension
+    dynamic: DynamicConfig | None  # None: one fixed input size (model.input), images letterboxed into it
+    seed: int
+    class_names: tuple[str, ...] | None  # None: from Detectron2's dataset metadata
+    keypoint_names: tuple[str, ...] | None  # keypoint families; None: metadata, or COCO's 17
+    keypoint_skeleton: tuple[tuple[str, str], ...] | None  # limbs as pairs of keypoint names
+
+
+@dataclass(frozen=True)
+class NmsConfig:
+    iou_threshold: float
+    score_threshold: float
+    max_detections: int
+
+
+@dataclass(frozen=True)
+class RpnConfig:
+    pre_nms_topk: int
+    post_nms_topk: int
+    iou_threshold: float
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    ops: str  # plugins (EfficientNMS_TRT, PyramidROIAlign_TRT) | standard (NonMaxSuppression, RoiAlign)
+    nms: NmsConfig
+    rpn: RpnConfig
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    mode: str
+    keep_fp32: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    images: str | None
+    count: int
+    method: str
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    workspace_gib: float
+    optimization_level: int
+    required: bool
+    device: int  # CUDA device index the engine is built for (and whose lock is taken)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
+
+    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph on CPU)
+    warmup: int
+    iterations: int
+    cuda_graph: bool
+    score_threshold: float  # infer: detections drawn in pictures (all are written to JSON)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    images: str
+    count: int
+    iou_threshold: float
+    score_tolerance: float
+    min_recovered: float
+    min_mask_iou: float
+    min_detections: int
+    keypoint_median_px: float
+    keypoint_p95_px: float
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """COCO evaluation as a stage of the DAG (candidates + eval), when `annotations` is set."""
+
+    annotations: str | None  # COCO instances json (with keypoints for keypoint families)
+    images: str | None  # folder holding the json's file_name images
+    count: int  # the first N images of the json (by id); 0: all
+    keypoint_oks_sigmas: tuple[float, ...] | None  # per keypoint; None: the config's, or COCO's for 17
+    score_floor: float  # candidates keep every score above this (NMS variants need thresholds >= it)
+    max_candidates: int  # per image
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """This run only; never part of a cache key."""
+
+    until: str | None  # stop after this stage and what it needs (`--until STAGE`)
+    verbose: bool  # `-v`: third-party warnings and notices stay on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig
+    surgery: SurgeryConfig
+    precision: PrecisionConfig
+    calibration: CalibrationConfig
+    build: BuildConfig
+    verify: VerifyConfig
+    eval: EvalConfig
+    cache: CacheConfig
+    runtime: RuntimeConfig
+    run: RunConfig
+    name: str = "?"  # recipe name (the `recipe` group choice)
+    source: str = "?"  # the recipe file, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str  # recipe file, or "command line"
+    key: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}. Fix: {self.fix}"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built; carries every problem found, one line each."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ---------------------------------------------------------------------------------- stage slices
+
+
+@dataclass(frozen=True)
+class ConfigRef:
+    """How a key names the Detectron2 config: a model-zoo name as it is (its content is fixed by the
+    sal-detectron2 version), a local file also by the sha256 of it and of the _BASE_ files it names,
+    so editing a user's config rebuilds what depends on it."""
+
+    name: str
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, config: str) -> "ConfigRef":
+        path = Path(config).expanduser()
+        if not path.is_file():
+            return cls(config)
+        h = hashlib.sha256()
+        for p in config_chain(path):
+            h.update(p.read_bytes())
+        return cls(config, h.hexdigest())
+
+
+def config_chain(path: Path, depth: int = 0) -> list[Path]:
+    """A yacs config file and the _BASE_ files it inherits from, child first."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # Detectron2 dumps may hold !!python tags: never construct them
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    tree = yaml.load(path.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+    base = tree.get("_BASE_") if isinstance(tree, dict) else None
+    if not base or depth > 10:
+        return [path]
+    base_path = (path.parent / Path(base).expanduser()).resolve()
+    return [path, *(config_chain(base_path, depth + 1) if base_path.is_file() else [])]
+
+
+@dataclass(frozen=True)
+class Names:
+    """What a model's classes and keypoints are called (pictures, JSON, eval); None: Detectron2's metadata."""
+
+    class_names: tuple[str, ...] | None = None
+    keypoint_names: tuple[str, ...] | None = None
+    keypoint_skeleton: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a TensorRT-ready graph is made from: surgery's slice, and the graph half of a model slice."""
+
+    family: str
+    config: ConfigRef
+    input: tuple[int, int]
+    batch: int
+    dynamic: DynamicConfig | None
+    surgery: SurgeryConfig
+
+    @classmethod
+    def of(cls, recipe: "Recipe") -> "GraphSpec":
+        m = recipe.model
+        return cls(m.family, ConfigRef.of(m.config), m.input, m.batch_size, m.dynamic, recipe.surgery)
+
+    @property
+    def ops(self) -> str:
+        return self.surgery.ops
+
+
+@dataclass(frozen=True)
+class ModelSlice:
+    """A built graph as a model: the graph it is and the names of what it finds (`detectron.model_info` turns
+    it into the runtime's ModelInfo)."""
+
+    graph: GraphSpec
+    names: Names = Names()
+
+    @classmethod
+    def of(cls, recipe: "Recipe", graph: GraphSpec | None = None) -> "ModelSlice":
+        m = recipe.model
+        return cls(graph or GraphSpec.of(recipe), Names(m.class_names, m.keypoint_names, m.keypoint_skeleton))
+
+    @property
+    def family(self) -> str:
+        return self.graph.family
+
+    @property
+    def config(self) -> str:
+        return self.graph.config.name
+
+
+def as_key_data(slice_: Any) -> Any:
+    """A slice as plain JSON-able data (for cache keys and manifests)."""
+    return dataclasses.asdict(slice_) if dataclasses.is_dataclass(slice_) else slice_
