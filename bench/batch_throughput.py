@@ -37,6 +37,7 @@ def main() -> None:
     from d2build.cache import Cache
     from d2build.compose import compose
     from d2build.runner import execute, plan
+    from d2build.recipe import ModelSlice
     from d2build.runtime import Model
 
     console.configure()
@@ -56,7 +57,7 @@ def main() -> None:
             p = next(p for p in plan(recipe, cache) if p.name == "precision")
             graph = cache.lookup("precision", p.key).path("model.onnx")
             model = Model(backends.open_graph(graph, backend, threads=args.threads),
-                          detectron.model_info(recipe.to_dict()["model"]))
+                          detectron.model_info(ModelSlice.of(recipe)))
             x, _ = model.prepare(bgrs[:n])
             feeds = {model.runner.input_name: x}
             model.runner.run(feeds)  # warm-up

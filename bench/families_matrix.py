@@ -64,7 +64,7 @@ def run_one(recipe: str, size: str, extra: list[str], cache: Path) -> dict:
         row["export_nodes"] = st["export"]["info"].get("nodes")
     if "surgery" in st and st["surgery"].get("info"):
         row["graph_nodes"] = st["surgery"]["info"].get("nodes")
-        row["graph_ops"] = st["surgery"]["info"].get("ops")
+        row["graph_ops"] = st["surgery"]["info"].get("op_counts")
     v = st.get("verify", {}).get("info") or {}
     if v:
         s, imgs = v["summary"], v["images"]

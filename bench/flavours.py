@@ -60,7 +60,7 @@ def main() -> None:
         weights = cache.lookup("weights", planned["weights"].key)
     assert recipe is not None
     fam = family(recipe.model.family)
-    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(weights))
     runners = {ops: backends.open_graph(path, threads=args.threads) for ops, path in graphs.items()}
     nodes = {ops: len(__import__("onnx").load(str(p)).graph.node) for ops, p in graphs.items()}

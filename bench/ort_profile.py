@@ -33,6 +33,7 @@ def main() -> None:
     from d2build.cache import Cache
     from d2build.compose import compose
     from d2build.detectron import model_info
+    from d2build.recipe import ModelSlice
     from d2build.runner import execute, plan
     from d2build.runtime import Model
     from d2build.backends import open_graph
@@ -43,7 +44,7 @@ def main() -> None:
     cache = Cache(recipe.cache.dir)
     planned = {p.name: p for p in plan(recipe, cache)}
     graph = cache.lookup("surgery", planned["surgery"].key).path("model.onnx")
-    x, _ = Model(open_graph(graph, "onnxruntime"), model_info(recipe.to_dict()["model"])).prepare(
+    x, _ = Model(open_graph(graph, "onnxruntime"), model_info(ModelSlice.of(recipe))).prepare(
         [photos.bundled(args.photo).bgr])
 
     options = ort.SessionOptions()

@@ -34,7 +34,7 @@ def main(overrides: list[str]) -> None:
     if not arts["surgery"]:
         sys.exit("run d2build first with the same overrides (--until surgery) so the graph is cached")
     fam = family(recipe.model.family)
-    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(arts["weights"]))
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))
     extra = ["d2build/rpn_nms_out1", "d2build/rpn_nms_out2"]

@@ -68,7 +68,7 @@ def main() -> None:
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))
 
     fam = family(recipe.model.family)
-    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(arts["weights"]))
     graphs = {"surgery (fp32)": graph}
     for precision in args.precisions:

@@ -14,9 +14,13 @@ import pickle
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from d2build.recipe import ModelSlice
+    from d2build.runtime import ModelInfo
 
 BN_PHOTO = "astronaut"  # the photograph whose activations set random weights' BN statistics
 
@@ -275,22 +279,19 @@ def dataset_metadata(cfg) -> dict[str, Any]:
     return found
 
 
-def model_info(model: dict[str, Any], cfg=None):
-    """The runtime's ModelInfo for a recipe's `model` section (as a dict): the recipe's names first,
-    then Detectron2's dataset metadata, then (keypoints only) COCO's person keypoints when the model
-    has 17. `cfg`: the Detectron2 config when the caller has it loaded already."""
-    from types import SimpleNamespace
-
+def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
+    """The runtime's ModelInfo for a model slice: the recipe's names first, then Detectron2's dataset
+    metadata, then (keypoints only) COCO's person keypoints when the model has 17. `cfg`: the
+    Detectron2 config when the caller has it loaded already."""
     from d2build.families import family
     from d2build.families.keypoint_rcnn import COCO_KEYPOINT_NAMES, COCO_SKELETON
     from d2build.runtime import ModelInfo
 
-    m = SimpleNamespace(**{"class_names": None, "keypoint_names": None, "keypoint_skeleton": None, "dynamic": None,
-                           **model})
-    cfg = cfg if cfg is not None else load_cfg(m.config)
-    fam = family(m.family)
+    g, n = ms.graph, ms.names
+    cfg = cfg if cfg is not None else load_cfg(g.config.name)
+    fam = family(g.family)
     meta = dataset_metadata(cfg)
-    names = m.class_names or meta.get("thing_classes")
+    names = n.class_names or meta.get("thing_classes")
     num_classes = fam.num_classes(cfg)
     if names is not None and len(names) != num_classes:
         names = None  # a dataset registered under the config's name with other classes: not this model's
@@ -298,25 +299,24 @@ def model_info(model: dict[str, Any], cfg=None):
     skeleton: tuple[tuple[int, int], ...] = ()
     if fam.with_keypoints:
         k = int(cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS)
-        kp_names = tuple(m.keypoint_names or meta.get("keypoint_names") or
+        kp_names = tuple(n.keypoint_names or meta.get("keypoint_names") or
                          (COCO_KEYPOINT_NAMES if k == 17 else [f"keypoint{i}" for i in range(k)]))
-        index = {n: i for i, n in enumerate(kp_names)}
-        if m.keypoint_skeleton:
-            skeleton = tuple((index[a], index[b]) for a, b in m.keypoint_skeleton)
+        index = {name: i for i, name in enumerate(kp_names)}
+        if n.keypoint_skeleton:
+            skeleton = tuple((index[a], index[b]) for a, b in n.keypoint_skeleton)
         elif meta.get("keypoint_connection_rules"):
             skeleton = tuple((index[a], index[b]) for a, b, *_ in meta["keypoint_connection_rules"]
                              if a in index and b in index)
         elif k == 17:
             skeleton = COCO_SKELETON
-    dyn = getattr(m, "dynamic", None)
-    resize = {}
-    if dyn:
-        resize = {"resize": "shortest_edge", "min_size": int(dyn.get("min_size") or cfg.INPUT.MIN_SIZE_TEST),
-                  "max_size": int(dyn.get("max_size") or cfg.INPUT.MAX_SIZE_TEST),
-                  "input_min": tuple(dyn["min"]), "input_max": tuple(dyn["max"])}
+    resize: dict[str, Any] = {}
+    if g.dynamic is not None:
+        d = g.dynamic
+        resize = {"resize": "shortest_edge", "min_size": int(d.min_size or cfg.INPUT.MIN_SIZE_TEST),
+                  "max_size": int(d.max_size or cfg.INPUT.MAX_SIZE_TEST), "input_min": d.min, "input_max": d.max}
     return ModelInfo(
         **resize,
-        family=m.family, input_hw=tuple(m.input), pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
+        family=g.family, input_hw=g.input, pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
-        keypoint_skeleton=skeleton, input_format="BGR", batch=int(model.get("batch_size", 1)),
+        keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
         pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD))

@@ -202,16 +202,16 @@ class Candidates:
                           None if self.keypoints is None else self.keypoints[keep])
 
 
-def final_nms(c: Candidates, semantics: str, score_threshold: float, iou_threshold: float,
+def final_nms(c: Candidates, ops: str, score_threshold: float, iou_threshold: float,
               max_detections: int) -> np.ndarray:
     """Indices of the candidates one side's final NMS keeps, best first."""
-    if semantics == "detectron2":
+    if ops == "detectron2":
         return _nms_detectron2(c, score_threshold, iou_threshold, max_detections)
-    if semantics == "standard":
+    if ops == "standard":
         return _nms_onnxruntime(c, score_threshold, iou_threshold, max_detections)
-    if semantics == "plugins":
+    if ops == "plugins":
         return _nms_efficient(c, score_threshold, iou_threshold, max_detections)
-    raise ValueError(f"unknown NMS semantics {semantics!r}")
+    raise ValueError(f"unknown NMS {ops!r} (plugins, standard or detectron2)")
 
 
 def _nms_detectron2(c: Candidates, t: float, u: float, d: int) -> np.ndarray:

@@ -58,6 +58,6 @@ def load(ref: str) -> Photo:
     return Photo(Path(ref).name, load_image_bgr(ref))
 
 
-def source_digest(source: str, count: int) -> list[list[str]]:
+def source_digest(source: str, count: int) -> tuple[tuple[str, str], ...]:
     """What a cache key needs to know about an image source: names and pixel digests."""
-    return [[Path(r).name, load(r).digest] for r in list_images(source, count)]
+    return tuple((Path(r).name, load(r).digest) for r in list_images(source, count))

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 #: Every stage of the DAG, in order (`run.until` names one of them). Graphs derived for one consumer
 #: run as extra nodes named `<stage>[<consumer>]` (see d2build/pipeline.py).
@@ -290,3 +290,89 @@ class ModelSlice:
 def as_key_data(slice_: Any) -> Any:
     """A slice as plain JSON-able data (for cache keys and manifests)."""
     return dataclasses.asdict(slice_) if dataclasses.is_dataclass(slice_) else slice_
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """`model.weights=random`: the seed and every constant that shapes seeded weights that behave."""
+
+    seed: int
+    bn_photo: str
+    residual_branch_scale: float
+    predictor_spread: Mapping[str, float]
+    family: str | None = None  # set when the family adjusts random weights itself (family_random)
+    family_random: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class WeightsSlice:
+    config: ConfigRef
+    weights: str  # `random`, a URL or a local file
+    weights_sha256: str | None = None  # a local file's content
+    random: RandomWeights | None = None
+
+
+@dataclass(frozen=True)
+class ExportSlice:
+    family: str
+    config: ConfigRef
+    input: tuple[int, int]
+
+
+#: (name, sha256 of the decoded pixels) of each image a stage reads
+ImageDigests = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class CalibrationSlice:
+    """int8 ranges: the graph comes in as an input (its identity is in the key); this is how it is fed."""
+
+    config: ConfigRef  # pixel mean of the letterbox padding
+    input: tuple[int, int]
+    method: str
+    count: int
+    source: str  # `bundled` or a folder
+    images: ImageDigests
+
+
+@dataclass(frozen=True)
+class VerifySlice:
+    """verify (and the engine check): the model, its precision, the gates, the photographs."""
+
+    model: ModelSlice
+    precision: str
+    verify: VerifyConfig
+    images: ImageDigests
+
+
+@dataclass(frozen=True)
+class BuildSlice:
+    settings: Mapping[str, Any]  # backends.tensorrt.BuilderSettings without the device index
+    tensorrt: str | None
+    compute_capability: str | None
+
+
+@dataclass(frozen=True)
+class EvalImages:
+    """The user's annotated images, keyed by content (a replaced image rebuilds what read it)."""
+
+    annotations: str  # resolved path
+    annotations_sha256: str
+    images: str  # resolved folder
+    count: int
+    images_sha256: str
+
+
+@dataclass(frozen=True)
+class CandidatesSlice:
+    model: ModelSlice  # the candidate graph: final NMS at the score floor, suppressing nothing
+    precision: str
+    data: EvalImages
+
+
+@dataclass(frozen=True)
+class EvalSlice:
+    """The eval images come in with the candidates (their key holds them)."""
+
+    model: ModelSlice  # the recipe's final NMS, applied to the candidates
+    keypoint_oks_sigmas: tuple[float, ...] | None

@@ -22,15 +22,19 @@ log = logging.getLogger("d2build")
 @dataclass
 class PlannedStage:
     stage: Stage
+    cfg: Any  # the stage's slice of the recipe (recipe.py)
     key: str
     material: dict[str, Any]
-    needs: tuple[str, ...]
     cached: bool
     skip: str | None
 
     @property
     def name(self) -> str:
         return self.stage.name
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return self.stage.upstream
 
 
 @dataclass
@@ -48,7 +52,7 @@ class StageResult:
 def ordered_stages(recipe: Recipe) -> list[Stage]:
     """The pipeline's stages in dependency order, ties broken by the pipeline's own order."""
     listed = pipeline_for(recipe)
-    sorter = graphlib.TopologicalSorter({s.name: set(s.needs) for s in listed})
+    sorter = graphlib.TopologicalSorter({s.name: set(s.upstream) for s in listed})
     sorter.prepare()
     rank = {s.name: i for i, s in enumerate(listed)}
     by_name = {s.name: s for s in listed}
@@ -67,18 +71,19 @@ def plan(recipe: Recipe, cache: Cache | None = None) -> list[PlannedStage]:
     keys: dict[str, str] = {}
     out = []
     for stage in ordered_stages(recipe):
-        material = stage.key_material(recipe, keys)
+        cfg = stage.slice(recipe)
+        material = stage.key_material(cfg, keys)
         key = keys[stage.name] = make_key(material)
-        out.append(PlannedStage(stage, key, material, stage.needs, cache.is_published(stage.name, key),
+        out.append(PlannedStage(stage, cfg, key, material, cache.is_published(stage.kind, key),
                                 stage.skip_reason(recipe)))
     return out
 
 
 def format_plan(planned: list[PlannedStage]) -> str:
-    lines = [f"{'stage':<12} {'key':<14} {'would':<7} needs"]
+    lines = [f"{'stage':<16} {'key':<14} {'would':<7} needs"]
     for p in planned:
         would = "skip" if p.skip else ("hit" if p.cached else "build")
-        lines.append(f"{p.name:<12} {p.key[:12]:<14} {would:<7} {', '.join(p.needs) or '-'}"
+        lines.append(f"{p.name:<16} {p.key[:12]:<14} {would:<7} {', '.join(p.needs) or '-'}"
                      + (f"   ({p.skip})" if p.skip else ""))
     return "\n".join(lines)
 
@@ -113,7 +118,7 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
 
 
 def stage_line(stage: Stage, res: StageResult) -> str:
-    line = f"{res.name:<11} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
+    line = f"{res.name:<15} {res.status:<7} {res.seconds:7.1f}s  {res.key[:12]}"
     said = stage.describe(res.info, Path(res.dir)) if res.dir and res.status in ("built", "hit") else None
     if said:
         line += f"  {said}"
@@ -164,18 +169,18 @@ def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_
     if p.skip:
         return StageResult(p.name, p.key, "skipped", 0.0, reason=p.skip)
     t0 = time.monotonic()
-    inputs = {n: artifacts[n] for n in p.needs}
+    inputs = {role: artifacts[node] for role, node in p.stage.needs.items()}
     ctx = Context(p.name, cache)
 
     def build(out_dir: Path) -> dict[str, Any]:
         log.info("%s: building %s", p.name, p.key[:12])
-        return p.stage.run(p.material["config"], inputs, out_dir, ctx)
+        return p.stage.run(p.cfg, inputs, out_dir, ctx)
 
     def waiting() -> None:
         log.info("%s: another process is building %s; waiting for it", p.name, p.key[:12])
 
     try:
-        art, status = cache.get_or_build(p.name, p.key, p.material, build, on_wait=waiting)
+        art, status = cache.get_or_build(p.stage.kind, p.key, p.material, build, on_wait=waiting)
     except StageFailed as e:
         evidence = run_dir / f"{p.name}-failed"
         for name, text in e.files.items():

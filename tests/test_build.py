@@ -43,20 +43,26 @@ def build_key(env: trt.Environment, *overrides: str) -> str:
 
     r = recipe(*overrides)
     upstream = {p.name: p.key for p in plan(r) if p.name in ("precision", "verify")}
-    return make_key(BuildStage(r.build.device, env).key_material(r, upstream))
+    stage = build_stage(env, r.build.device)
+    return make_key(stage.key_material(stage.slice(r), upstream))
+
+
+def build_stage(env: trt.Environment, device: int = 0) -> BuildStage:
+    return BuildStage({"graph": "precision"}, after=("verify",), device=device, environment=env)
 
 
 # ------------------------------------------------------------------ config -> builder settings
 
 def test_builder_settings_from_config():
-    s = trt.BuilderSettings.from_config(recipe("build.workspace_gib=2.5", "build.optimization_level=5").to_dict()["build"])
+    r = recipe("build.workspace_gib=2.5", "build.optimization_level=5")
+    s = trt.BuilderSettings.from_config(r.build, r.model)
     assert s.workspace_bytes == int(2.5 * 2**30)
     assert s.optimization_level == 5
     assert s.strongly_typed is True  # precision is in the graph; never a builder flag
     assert s.profile is None and s.device == 0  # the batch is in the graph; a static graph needs no profile
     assert "device" not in s.key_material()
     r = recipe("surgery.ops=standard", "model.batch_size=2", "model.dynamic={min:[384,384],max:[704,704]}")
-    d = trt.BuilderSettings.from_config(r.to_dict()["build"], r.to_dict()["model"])
+    d = trt.BuilderSettings.from_config(r.build, r.model)
     assert d.profile == ((2, 3, 384, 384), (2, 3, 640, 640), (2, 3, 704, 704))  # min, opt (model.input), max
 
 
@@ -80,9 +86,10 @@ def test_engine_key_follows_tensorrt_gpu_settings_and_graph_only():
 def test_build_material_names_tensorrt_and_compute_capability():
     r = recipe()
     upstream = {p.name: p.key for p in plan(r)}
-    m = BuildStage(0, H100).key_material(r, upstream)
+    stage = build_stage(H100)
+    m = stage.key_material(stage.slice(r), upstream)
     assert m["config"]["tensorrt"] == "10.13.0" and m["config"]["compute_capability"] == "9.0"
-    assert set(m["upstream"]) == {"precision"}
+    assert m["upstream"] == {"graph": upstream["precision"]}  # verify gates the build; it is not in the key
 
 
 # ------------------------------------------------------------------ skip logic
@@ -106,14 +113,14 @@ def test_this_machine_has_no_tensorrt_and_says_so():
 
 def test_build_skips_unless_required_then_fails_with_the_reason(tmp_path):
     optional, required = recipe(), recipe("build.required=true")
-    assert BuildStage(0, NO_TRT).skip_reason(optional).startswith("TensorRT is not installed")
-    assert BuildStage(0, H100).skip_reason(optional) is None
-    stage = BuildStage(0, NO_TRT)
+    assert build_stage(NO_TRT).skip_reason(optional).startswith("TensorRT is not installed")
+    assert build_stage(H100).skip_reason(optional) is None
+    stage = build_stage(NO_TRT)
     assert stage.skip_reason(required) is None  # not skipped: run() fails instead
     with pytest.raises(StageFailed, match="build.required=true, but TensorRT is not installed"):
-        stage.run({"settings": {}}, {}, tmp_path, None)
+        stage.run(stage.slice(required), {}, tmp_path, None)
     with pytest.raises(StageFailed, match="no usable NVIDIA GPU"):
-        BuildStage(0, NO_GPU).run({"settings": {}}, {}, tmp_path, None)
+        build_stage(NO_GPU).run(stage.slice(required), {}, tmp_path, None)
 
 
 # ------------------------------------------------------------------ the DAG
@@ -124,14 +131,21 @@ def test_pipeline_has_calibration_only_at_int8_and_build_after_verify():
         assert [p.name for p in plan(recipe(f"precision={precision}"))] == stages
     planned = plan(recipe("precision=int8", "calibration=bundled"))
     names = [p.name for p in planned]
-    assert names == ["weights", "export", "surgery", "calibration", "precision", "verify", "build", "check"]
+    assert names == ["weights", "export", "surgery", "surgery[cal]", "calibration", "precision", "verify", "build",
+                     "check"]
     needs = {p.name: p.needs for p in planned}
-    assert needs["calibration"] == ("export",)  # not surgery: NMS thresholds do not reach it
+    # not the recipe's graph: its NMS thresholds do not reach calibration (the default NMS graph does)
+    assert needs["surgery[cal]"] == ("export",) and needs["calibration"] == ("surgery[cal]",)
     assert needs["precision"] == ("surgery", "calibration")
     assert needs["build"] == ("precision", "verify")
     assert needs["check"] == ("weights", "precision", "build")
+    keys = {p.name: p.key for p in planned}
+    assert keys["surgery[cal]"] == keys["surgery"]  # the recipe's NMS is the default: one graph, one entry
+    swept = {p.name: p.key for p in plan(recipe("precision=int8", "calibration=bundled", "surgery.nms.iou_threshold=0.6"))}
+    assert swept["surgery"] != keys["surgery"] and swept["surgery[cal]"] == keys["surgery[cal]"]
+    assert swept["calibration"] == keys["calibration"]
     text = format_plan(planned)
-    assert "calibration" in text.splitlines()[4] and "TensorRT is not installed" in text.splitlines()[-1]
+    assert "calibration" in text.splitlines()[5] and "TensorRT is not installed" in text.splitlines()[-1]
 
 
 def test_calibration_key_ignores_final_nms_but_not_rpn_images_or_method():

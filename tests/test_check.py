@@ -34,13 +34,16 @@ def setup(cache_320_dir, tmp_path_factory):
     cfg = doc["recipe"]["config"]
     fam = family(cfg["model"]["family"])
     weights = Cache(cache_320_dir).lookup("weights", doc["cache_keys"]["weights"])
-    d2cfg = detectron.load_cfg(cfg["model"]["config"], fam.eager_overrides(cfg["surgery"]))
+    from d2build.recipe import NmsConfig, RpnConfig, SurgeryConfig, VerifyConfig
+
+    surgery = SurgeryConfig(cfg["surgery"]["ops"], NmsConfig(**cfg["surgery"]["nms"]), RpnConfig(**cfg["surgery"]["rpn"]))
+    d2cfg = detectron.load_cfg(cfg["model"]["config"], fam.eager_overrides(surgery))
     model = detectron.build_model(d2cfg, load_state(weights))
     from d2build import backends
 
     proto = onnx.load(str(bundle / "model.onnx"))
     return {"bundle": bundle, "graph": proto, "runner": backends.open_graph(proto, "reference"),
-            "info": ModelInfo.from_dict(doc["model"]), "v": cfg["verify"], "fam": fam, "d2": model,
+            "info": ModelInfo.from_dict(doc["model"]), "v": VerifyConfig(**cfg["verify"]), "fam": fam, "d2": model,
             "photo": photos.bundled("astronaut")}
 
 
@@ -145,14 +148,18 @@ def test_check_stage_skips_without_tensorrt_and_is_keyed_on_the_engine():
     recipe = compose(["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[320,320]"])
     no_trt = trt.Environment(None, "TensorRT is not installed (...)", False, None, 0, None, None, "not probed")
     h100 = trt.Environment("10.13.0", None, True, "13.0", 0, "NVIDIA H100 80GB HBM3", "9.0")
-    assert EngineCheckStage(0, no_trt).skip_reason(recipe).startswith("TensorRT is not installed")
-    assert EngineCheckStage(0, h100).skip_reason(recipe) is None
-    stage = EngineCheckStage(0, h100)
+    def check_stage(env):
+        return EngineCheckStage({"weights": "weights", "graph": "precision", "engine": "build"}, environment=env)
+
+    assert check_stage(no_trt).skip_reason(recipe).startswith("TensorRT is not installed")
+    assert check_stage(h100).skip_reason(recipe) is None
+    stage = check_stage(h100)
     keys = {"weights": "w", "precision": "p", "build": "b1"}
-    a = stage.key_material(recipe, keys)
-    b = stage.key_material(recipe, {**keys, "build": "b2"})
-    assert a != b and a["upstream"]["build"] == "b1" and a["config"]["verify"]["iou_threshold"] == 0.98
-    assert EngineCheckStage(0, no_trt).skip_reason(recipe) == trt.skip_reason(no_trt)
+    a = stage.key_material(stage.slice(recipe), keys)
+    b = stage.key_material(stage.slice(recipe), {**keys, "build": "b2"})
+    assert a != b and a["upstream"]["engine"] == "b1" and a["config"]["verify"]["iou_threshold"] == 0.98
+    assert a["config"]["model"]["graph"]["batch"] == 1  # the engine's batch and dynamic range reach its check
+    assert check_stage(no_trt).skip_reason(recipe) == trt.skip_reason(no_trt)
 
 
 # ------------------------------------------------------------------ cuda.py and the engine runner here

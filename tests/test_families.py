@@ -58,7 +58,7 @@ def test_recipe_passes_verify(shared_cache, tmp_path, recipe, size):
     assert info["io"]["inputs"] == {"input_tensor": [1, 3, h, w]}
     assert outputs == {"num_detections": [1, 1], "detection_boxes": [1, 100, 4], "detection_scores": [1, 100],
                        "detection_classes": [1, 100], **HEADS[fam]}
-    ops = info["ops"]
+    ops = info["op_counts"]
     assert ops["EfficientNMS_TRT"] == 2
     assert ops["PyramidROIAlign_TRT"] == 1 + len(HEADS[fam])  # box pooler + one per extra head
     assert not {"If", "Loop", "NonZero", "Scan"} & set(ops)
@@ -177,7 +177,7 @@ def test_keypoint_agreement_and_verify_extra():
     stats = keypoint_agreement(ref, got, m.pairs)
     assert stats["keypoints"] == 51 and stats["keypoint_median_px"] == 0.0
     assert stats["keypoint_max_px"] == pytest.approx(30.0) and stats["keypoint_p95_px"] < 1.0
-    verify = {"keypoint_median_px": 1.0, "keypoint_p95_px": 3.0}
+    verify = verify_config(keypoint_median_px=1.0, keypoint_p95_px=3.0)
     extra, problems = family("keypoint_rcnn").verify_extra(ref, got, m, verify)
     assert problems == [] and extra["keypoints"] == 51
     got.keypoints[:, :, 0] += 5.0
@@ -195,19 +195,32 @@ def test_report_shows_family_metrics():
     got = Detections(ref.boxes, ref.scores, ref.classes, keypoints=ref.keypoints.copy())
     got.keypoints[:, :, 1] += 0.25
     m = match_detections(ref, got)
-    extra, _ = family("keypoint_rcnn").verify_extra(ref, got, m, {"keypoint_median_px": 1.0,
-                                                                   "keypoint_p95_px": 3.0})
+    extra, _ = family("keypoint_rcnn").verify_extra(ref, got, m, verify_config())
     row = {"image": "people", "detectron2": 3, "graph": 3, "matched": 3, "recovered": 1.0,
            "mean_box_iou": 1.0, "mean_mask_iou": None, "max_score_diff": 0.0, "mean_score_shift": 0.0,
            "mean_abs_score_diff": 0.0, "eager_s": 1.0, "graph_s": 0.5, "picture": "pictures/people.png",
            "match": {}, **extra}
-    cfg = {"family": "keypoint_rcnn", "input": [640, 640], "verify": {"iou_threshold": 0.9, "score_tolerance": 0.02,
-                                                                      "min_recovered": 0.97, "min_mask_iou": 0.9}}
-    report = render_report(cfg, [row], summarize([row]), [])
+    report = render_report(verify_slice("keypoint_rcnn"), [row], summarize([row]), [])
     assert "| image | keypoints | keypoint median px | keypoint p95 px |" in report
     assert "| people | 51 | 0.2500 | 0.2500 |" in report
     plain = {k: v for k, v in row.items() if k not in extra}
-    assert "keypoint" not in render_report({**cfg, "family": "mask_rcnn"}, [plain], summarize([plain]), [])
+    assert "keypoint" not in render_report(verify_slice("mask_rcnn"), [plain], summarize([plain]), [])
+
+
+def verify_config(**kw):
+    from d2build.recipe import VerifyConfig
+
+    return VerifyConfig(**{"images": "bundled", "count": 1, "iou_threshold": 0.9, "score_tolerance": 0.02,
+                           "min_recovered": 0.97, "min_mask_iou": 0.9, "min_detections": 1, "keypoint_median_px": 1.0,
+                           "keypoint_p95_px": 3.0, **kw})
+
+
+def verify_slice(family_name: str):
+    from d2build.recipe import ConfigRef, GraphSpec, ModelSlice, NmsConfig, RpnConfig, SurgeryConfig, VerifySlice
+
+    surgery = SurgeryConfig("plugins", NmsConfig(0.5, 0.05, 100), RpnConfig(1000, 1000, 0.7))
+    graph = GraphSpec(family_name, ConfigRef("x.yaml"), (640, 640), 1, None, surgery)
+    return VerifySlice(ModelSlice(graph), "fp32", verify_config(), ())
 
 
 def test_pictures_draw_the_coco_skeleton():

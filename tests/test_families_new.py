@@ -45,7 +45,7 @@ def test_new_family_recipe_passes_verify(shared_cache, tmp_path, recipe, size, o
     assert info["io"]["inputs"] == {"input_tensor": [1, 3, h, w]}
     assert info["io"]["outputs"] == {"num_detections": [1, 1], "detection_boxes": [1, 100, 4],
                                      "detection_scores": [1, 100], "detection_classes": [1, 100], **MASKS[recipe]}
-    ops_used = info["ops"]
+    ops_used = info["op_counts"]
     if ops == "plugins":
         assert {k: ops_used.get(k, 0) for k in ("EfficientNMS_TRT", "PyramidROIAlign_TRT")
                 if k in PLUGINS[recipe]} == PLUGINS[recipe]
@@ -75,7 +75,7 @@ def test_retinanet_random_weights_keep_the_focal_loss_prior(shared_cache, tmp_pa
                   tmp_path / "r", until="weights")
     stage = run.stage("weights")
     material = json.loads((Path(stage["dir"]) / "manifest.json").read_text())["material"]["config"]
-    assert material["family"] == "retinanet" and "retinanet_spread" in material["family_random"]
+    assert material["random"]["family"] == "retinanet" and "retinanet_spread" in material["random"]["family_random"]
     state = torch.load(Path(stage["dir"]) / "model.pth", weights_only=True)
     bias = state["head.cls_score.bias"]
     assert torch.allclose(bias, torch.full_like(bias, -math.log(99)), atol=1e-5)

@@ -45,7 +45,7 @@ def test_standard_graph_verifies_and_runs_in_plain_onnxruntime(cache_320, tmp_pa
     assert {n.domain for n in model.graph.node} <= {""} and standard_ops.problems(model) == []
     for o in model.graph.output:  # static outputs, like the plugin graph's
         assert all(d.HasField("dim_value") for d in o.type.tensor_type.shape.dim), o
-    assert run.stage("surgery")["info"]["flavour"] == "standard"
+    assert run.stage("surgery")["info"]["ops"] == "standard"
     session = ort.InferenceSession(str(_graph(run)), providers=["CPUExecutionProvider"])  # no custom ops
     chw, _ = letterbox(photos.bundled("coffee").bgr, (320, 320), PIXEL_MEAN)
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_tensor": chw[None]})))

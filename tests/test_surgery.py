@@ -13,10 +13,11 @@ from conftest import d2build
 from d2build import detectron, photos
 from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
 from d2build.graph import GraphMismatch
+from d2build.recipe import NmsConfig, RpnConfig, SurgeryConfig
 
 CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
-SURGERY = {"nms": {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100},
-           "rpn": {"pre_nms_topk": 1000, "post_nms_topk": 1000, "iou_threshold": 0.7}}
+SURGERY = SurgeryConfig("plugins", NmsConfig(iou_threshold=0.5, score_threshold=0.05, max_detections=100),
+                        RpnConfig(pre_nms_topk=1000, post_nms_topk=1000, iou_threshold=0.7))
 SMALL = ["recipe=mask_rcnn_r50", "model.weights=random", "model.input=[640,640]"]
 
 

@@ -17,6 +17,7 @@ whether and why a build is skipped) is plain Python here and unit-tested without
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from d2build.backends.base import Runner, RunnerError
+from d2build.recipe import BuildConfig, Files, ModelConfig
 
 INSTALL_HINT = ("pip install 'd2build[trt]' on a machine that can reach NVIDIA's package index "
                 "(pypi.nvidia.com), or run d2build in NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
@@ -95,8 +97,10 @@ def _gpu_cudart(device: int, why_not_torch: str) -> tuple[bool, str | None, str 
     return bool(d.get("devices")), None, None, None, f"{why_not_torch}; {d.get('error', 'no CUDA device')}"
 
 
+@functools.lru_cache(maxsize=None)
 def environment(device: int = 0, *, probe_gpu: bool | None = None) -> Environment:
-    """Probe TensorRT, then (only if TensorRT imports, unless `probe_gpu`) the GPU through torch."""
+    """Probe TensorRT, then (only if TensorRT imports, unless `probe_gpu`) the GPU through torch; once per
+    process and device."""
     version, error = _tensorrt()
     if probe_gpu is None:
         probe_gpu = version is not None
@@ -131,15 +135,13 @@ class BuilderSettings:
     device: int = 0
 
     @classmethod
-    def from_config(cls, build: dict[str, Any], model: dict[str, Any] | None = None) -> "BuilderSettings":
+    def from_config(cls, build: BuildConfig, model: ModelConfig) -> "BuilderSettings":
         profile = None
-        dynamic = (model or {}).get("dynamic")
-        if dynamic:
-            batch = int(model.get("batch_size", 1))
-            profile = tuple((batch, 3, *map(int, hw)) for hw in (dynamic["min"], model["input"], dynamic["max"]))
-        return cls(workspace_bytes=int(round(float(build["workspace_gib"]) * GIB)),
-                   optimization_level=int(build["optimization_level"]), profile=profile,
-                   device=int(build.get("device", 0)))
+        d = model.dynamic
+        if d is not None:
+            profile = tuple((model.batch_size, 3, *hw) for hw in (d.min, model.input, d.max))
+        return cls(workspace_bytes=int(round(build.workspace_gib * GIB)), optimization_level=build.optimization_level,
+                   profile=profile, device=build.device)
 
     def key_material(self) -> dict[str, Any]:
         """What changes the engine (the device index does not: the GPU model enters the key)."""
@@ -197,12 +199,12 @@ def build_engine(onnx_path: Path, settings: BuilderSettings, out_dir: Path,
         raise BuildError("build_serialized_network returned nothing; TensorRT's log above says why")
     seconds = time.monotonic() - t0
     engine_bytes = bytes(memoryview(serialized))
-    (out_dir / "engine.plan").write_bytes(engine_bytes)
-    (out_dir / "timing.cache").write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    (out_dir / Files.ENGINE).write_bytes(engine_bytes)
+    (out_dir / Files.TIMING_CACHE).write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     io = engine_io(trt, engine)
-    (out_dir / "io.json").write_text(json.dumps(io, indent=2))
+    (out_dir / Files.IO).write_text(json.dumps(io, indent=2))
     return {"tensorrt": trt.__version__, "build_seconds": round(seconds, 1), "engine_bytes": len(engine_bytes),
             "layers": network.num_layers, "io": io}
 

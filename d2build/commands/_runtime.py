@@ -94,6 +94,7 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
     """The recipe's model (cached graph or engine; what is missing is built) or an explicit file,
     opened with `backend` (default `runtime.backend`); `detectron2` is the eager model it came from."""
     from d2build import backends, detectron
+    from d2build.recipe import ModelSlice
     from d2build.runtime import Model
 
     backend = backend or recipe.runtime.backend
@@ -116,7 +117,7 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
         if reason:
             raise ModelUnavailable(f"{reason}. On this machine, runtime.backend=reference (or onnxruntime for "
                                    "surgery.ops=standard) runs the same graph on the CPU")
-    info = detectron.model_info(recipe.to_dict()["model"])
+    info = detectron.model_info(ModelSlice.of(recipe))
     if engine or graph:
         path = Path(engine or graph).expanduser()
         if not path.is_file():
@@ -140,13 +141,14 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
 
     from d2build import detectron
     from d2build.backends.detectron2 import EagerModel
+    from d2build.recipe import ModelSlice
     from d2build.families import family
 
     weights = artifacts_for(recipe, "detectron2", run_dir, overrides)["weights"]
     fam = family(recipe.model.family)
-    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, torch.load(weights, map_location="cpu", weights_only=True))
-    info = detectron.model_info(recipe.to_dict()["model"], cfg)
+    info = detectron.model_info(ModelSlice.of(recipe), cfg)
     return EagerModel(model, fam, info, cfg, resize)
 
 

@@ -100,46 +100,10 @@ def _check_backend(recipe, backend: str) -> None:
 
 
 def _results(recipe, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Every stage's result through the engine check (which runs here when the pipeline lacks it)."""
-    from d2build.pipeline import STAGES
+    """Every stage's result through the engine check."""
     from d2build.runner import execute
 
-    last = "check" if "check" in STAGES else "build"
-    results = {r.name: r for r in execute(recipe, run_dir, overrides, until=last)}
-    if "check" not in results:
-        results["check"] = run_check(recipe, results, run_dir)
-    return results
-
-
-def run_check(recipe, results: dict[str, Any], run_dir: Path):
-    """The engine check through the cache, for a pipeline that does not list it yet (same key, same
-    evidence folder `<run dir>/check-failed/` as when the runner runs it)."""
-    from d2build.cache import Cache, make_key
-    from d2build.runner import PlannedStage, StageResult, _run_one, stage_line
-    from d2build.stages.check import EngineCheckStage
-
-    stage = EngineCheckStage(recipe.build.device)
-    keys = {name: r.key for name, r in results.items()}
-    material = stage.key_material(recipe, keys)
-    key = make_key(material)
-    skip = stage.skip_reason(recipe)
-    cache = Cache(recipe.cache.dir)
-    artifacts = {}
-    for need in stage.needs:
-        r = results.get(need)
-        art = cache.lookup(need, r.key) if r is not None and r.status in ("built", "hit") else None
-        if art is not None:
-            artifacts[need] = art
-    build = results.get("build")
-    if build is None or build.status not in ("built", "hit"):  # say why there is no engine, not "needs build"
-        res = StageResult("check", key, "skipped", 0.0, reason=skip or (build.reason if build else None)
-                          or "no engine was built")
-        log.info(stage_line(stage, res))
-        return res
-    planned = PlannedStage(stage, key, material, stage.needs, cache.is_published("check", key), skip)
-    res: StageResult = _run_one(planned, cache, artifacts, run_dir)
-    (log.error if res.status == "failed" else log.info)(stage_line(stage, res))
-    return res
+    return {r.name: r for r in execute(recipe, run_dir, overrides, until="check")}
 
 
 def deploy(recipe, out: Path, run_dir: Path, overrides: list[str], *, backend: str = "auto",
@@ -147,6 +111,7 @@ def deploy(recipe, out: Path, run_dir: Path, overrides: list[str], *, backend: s
     """Build what is missing, refuse what failed, write the bundle; (path, status, model.json)."""
     from d2build import detectron
     from d2build.deploy import bundle as b
+    from d2build.recipe import ModelSlice
     from d2build.deploy.triton import sanitize
 
     _check_backend(recipe, backend)
@@ -186,7 +151,7 @@ def deploy(recipe, out: Path, run_dir: Path, overrides: list[str], *, backend: s
     src = b.BundleSource(
         name=f"{sanitize(recipe.name)}-{h}x{w}-{recipe.precision.mode}-{recipe.surgery.ops}",
         graph=Path(results["precision"].dir) / "model.onnx",
-        info=detectron.model_info(d["model"]),
+        info=detectron.model_info(ModelSlice.of(recipe)),
         recipe={"name": recipe.name, "file": recipe.source, "overrides": [o for o in overrides if not o.lstrip("+~")
                                                                           .startswith(LOCAL_KEYS)],
                 "config": {k: v for k, v in d.items() if k not in ("cache", "run", "runtime")}},

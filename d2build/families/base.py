@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from d2build.processing import Detections, Letterbox, boxes_to_original, nonempty
+from d2build.recipe import GraphSpec, SurgeryConfig, VerifyConfig
 
 #: The four outputs every graph ends in (EfficientNMS_TRT's, or the standard-op graph's equivalent).
 DETECTION_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
@@ -52,7 +53,7 @@ class Family:
             node = getattr(node, part)
         return int(node)
 
-    def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
+    def eager_overrides(self, surgery: SurgeryConfig) -> dict[str, Any]:
         """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
         raise NotImplementedError
 
@@ -122,10 +123,9 @@ class Family:
 
     # ------------------------------------------------------------------ graph side
 
-    def surgery(self, export_model: Any, cfg: Any, surgery: dict[str, Any], input_hw: tuple[int, int],
-                batch: int = 1, dynamic: bool = False) -> tuple[Any, dict[str, Any]]:
-        """The TensorRT-ready graph (ModelProto) for `batch` images (of any size when `dynamic`) and facts
-        for the manifest."""
+    def surgery(self, export_model: Any, cfg: Any, graph: GraphSpec) -> tuple[Any, dict[str, Any]]:
+        """The TensorRT-ready graph (ModelProto) `graph` describes (its batch; any input size when dynamic) and
+        facts for the manifest."""
         raise NotImplementedError
 
     def decode(self, outputs: Mapping[str, np.ndarray], lb: Letterbox, image_index: int = 0,
@@ -156,7 +156,7 @@ class Family:
     # ------------------------------------------------------------------ verify
 
     def verify_extra(self, ref: Detections, got: Detections, match: Any,
-                     verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+                     verify: VerifyConfig) -> tuple[dict[str, Any], list[str]]:
         """Family-specific verify metrics and failures beyond boxes and masks (none by default)."""
         return {}, []
 

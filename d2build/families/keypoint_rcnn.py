@@ -80,18 +80,18 @@ class KeypointRCNN(MaskRCNN):
         maps = np.asarray(outputs["detection_heatmaps"])[image_index, rows]
         return {"keypoints": keypoints_to_original(decode_keypoints(maps, boxes_input), lb)}
 
-    def verify_extra(self, ref, got, match, verify: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def verify_extra(self, ref, got, match, verify) -> tuple[dict[str, Any], list[str]]:
         """Keypoints of matched detections: distance to Detectron2's in original pixels, score agreement."""
         stats = keypoint_agreement(ref, got, match.pairs)
         problems = []
         if stats["keypoint_median_px"] is None:
             return stats, problems
-        if stats["keypoint_median_px"] > verify["keypoint_median_px"]:
+        if stats["keypoint_median_px"] > verify.keypoint_median_px:
             problems.append(f"median keypoint distance {stats['keypoint_median_px']:.2f} px "
-                            f"(> verify.keypoint_median_px={verify['keypoint_median_px']})")
-        if stats["keypoint_p95_px"] > verify["keypoint_p95_px"]:
+                            f"(> verify.keypoint_median_px={verify.keypoint_median_px})")
+        if stats["keypoint_p95_px"] > verify.keypoint_p95_px:
             problems.append(f"95th percentile keypoint distance {stats['keypoint_p95_px']:.2f} px "
-                            f"(> verify.keypoint_p95_px={verify['keypoint_p95_px']})")
+                            f"(> verify.keypoint_p95_px={verify.keypoint_p95_px})")
         return stats, problems
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from d2build.families.base import Family
+from d2build.recipe import GraphSpec, SurgeryConfig
 from d2build.processing import paste_masks
 
 EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "pred_masks", "scores", "image_size")
@@ -43,15 +44,15 @@ class MaskRCNN(Family):
     #: CascadeROIHeads instead of StandardROIHeads (cascade_rcnn.py)
     cascade = False
 
-    def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
+    def eager_overrides(self, surgery: SurgeryConfig) -> dict[str, Any]:
         """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
         return {
-            "MODEL.ROI_HEADS.NMS_THRESH_TEST": surgery["nms"]["iou_threshold"],
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": surgery["nms"]["score_threshold"],
-            "TEST.DETECTIONS_PER_IMAGE": surgery["nms"]["max_detections"],
-            "MODEL.RPN.PRE_NMS_TOPK_TEST": surgery["rpn"]["pre_nms_topk"],
-            "MODEL.RPN.POST_NMS_TOPK_TEST": surgery["rpn"]["post_nms_topk"],
-            "MODEL.RPN.NMS_THRESH": surgery["rpn"]["iou_threshold"],
+            "MODEL.ROI_HEADS.NMS_THRESH_TEST": surgery.nms.iou_threshold,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": surgery.nms.score_threshold,
+            "TEST.DETECTIONS_PER_IMAGE": surgery.nms.max_detections,
+            "MODEL.RPN.PRE_NMS_TOPK_TEST": surgery.rpn.pre_nms_topk,
+            "MODEL.RPN.POST_NMS_TOPK_TEST": surgery.rpn.post_nms_topk,
+            "MODEL.RPN.NMS_THRESH": surgery.rpn.iou_threshold,
         }
 
     def inference(self, model, inputs):
@@ -65,21 +66,14 @@ class MaskRCNN(Family):
         raw = np.asarray(outputs["detection_masks"], dtype=np.float32)[image_index, rows]
         return {"masks": paste_masks(raw, boxes, lb.original_hw, threshold=mask_threshold)}
 
-    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1,
-                dynamic: bool = False):
+    def surgery(self, export_model, cfg, graph: GraphSpec):
         """The TensorRT-ready graph: plugin nodes (`surgery.ops=plugins`) or standard ONNX ops (`standard`,
-        which may also take inputs of any size)."""
+        which may also take inputs of any size: the schema refuses model.dynamic with plugins)."""
         from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
         from d2build.families.rcnn_standard import StandardSurgeon
 
-        standard = surgery.get("ops", "plugins") == "standard"
-        if dynamic and not standard:
-            from d2build.graph import GraphMismatch
-
-            raise GraphMismatch("dynamic input sizes need surgery.ops=standard: PyramidROIAlign_TRT's image_size "
-                                "attribute fixes the plugin graph's input size")
-        spec = head_spec(cfg, surgery, input_hw, with_masks=self.with_masks, with_keypoints=self.with_keypoints,
-                         batch=batch, dynamic=dynamic, cascade=self.cascade)
-        surgeon = StandardSurgeon if standard else RCNNSurgeon
+        spec = head_spec(cfg, graph.surgery, graph.input, with_masks=self.with_masks, with_keypoints=self.with_keypoints,
+                         batch=graph.batch, dynamic=graph.dynamic is not None, cascade=self.cascade)
+        surgeon = StandardSurgeon if graph.ops == "standard" else RCNNSurgeon
         return surgeon(export_model, spec).run()
 

@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 
 from d2build import plugins
 from d2build.graph import OPSET, Builder, GraphMismatch, find_calls, find_one
+from d2build.recipe import SurgeryConfig
 
 BIG = 1.0e4  # a logit no real proposal reaches; rows/columns holding -BIG are never selected
 # EfficientNMS_TRT with score_activation=1 compares logits against logit(score_threshold):
@@ -136,7 +137,7 @@ def anchor_facts(cfg, in_features: tuple[str, ...], input_hw: tuple[int, int]) -
             "rpn_strides": tuple(STRIDES[f] for f in in_features)}
 
 
-def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_masks: bool,
+def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks: bool,
               with_keypoints: bool = False, batch: int = 1, dynamic: bool = False, cascade: bool = False) -> HeadSpec:
     """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
 
@@ -168,8 +169,8 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
     return HeadSpec(
         **spec_fields(cfg, surgery, input_hw, tuple(m.RPN.IN_FEATURES), batch, dynamic),
         roi_in_features=tuple(m.ROI_HEADS.IN_FEATURES),
-        rpn_post_nms_topk=int(surgery["rpn"]["post_nms_topk"]),
-        rpn_iou=float(surgery["rpn"]["iou_threshold"]),
+        rpn_post_nms_topk=int(surgery.rpn.post_nms_topk),
+        rpn_iou=float(surgery.rpn.iou_threshold),
         num_classes=int(m.ROI_HEADS.NUM_CLASSES),
         bbox_reg_weights=tuple(float(v) for v in m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
         box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
@@ -182,7 +183,7 @@ def head_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], with_mask
     )
 
 
-def spec_fields(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], levels: tuple[str, ...], batch: int,
+def spec_fields(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], levels: tuple[str, ...], batch: int,
                 dynamic: bool) -> dict[str, Any]:
     """The HeadSpec fields every family reads alike: input and preprocessing, the dense head's levels (RPN, or
     RetinaNet's head) with their anchors and per-level top-k, the final NMS, batch and dynamic."""
@@ -194,10 +195,10 @@ def spec_fields(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], levels:
         input_format=cfg.INPUT.FORMAT,
         rpn_in_features=levels,
         **anchor_facts(cfg, levels, input_hw),
-        rpn_pre_nms_topk=int(surgery["rpn"]["pre_nms_topk"]),
-        score_threshold=float(surgery["nms"]["score_threshold"]),
-        nms_iou=float(surgery["nms"]["iou_threshold"]),
-        max_detections=int(surgery["nms"]["max_detections"]),
+        rpn_pre_nms_topk=int(surgery.rpn.pre_nms_topk),
+        score_threshold=float(surgery.nms.score_threshold),
+        nms_iou=float(surgery.nms.iou_threshold),
+        max_detections=int(surgery.nms.max_detections),
         batch=batch,
         dynamic=dynamic,
     )

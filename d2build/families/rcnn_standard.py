@@ -375,4 +375,3 @@ class StandardSurgeon(RCNNSurgeon):
         from d2build import standard_ops
 
         standard_ops.check(model)
-        self.facts["flavour"] = "standard"

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from d2build.families.base import Family
+from d2build.recipe import GraphSpec, SurgeryConfig
 
 EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "scores", "image_size")
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -61,12 +62,12 @@ class RetinaNet(Family):
     structure = RETINANET_STRUCTURE
     described_as = "RetinaNet (ResNet-FPN P3-P7, RetinaNetHead)"
 
-    def eager_overrides(self, surgery: dict[str, Any]) -> dict[str, Any]:
+    def eager_overrides(self, surgery: SurgeryConfig) -> dict[str, Any]:
         return {
-            "MODEL.RETINANET.SCORE_THRESH_TEST": surgery["nms"]["score_threshold"],
-            "MODEL.RETINANET.NMS_THRESH_TEST": surgery["nms"]["iou_threshold"],
-            "MODEL.RETINANET.TOPK_CANDIDATES_TEST": surgery["rpn"]["pre_nms_topk"],
-            "TEST.DETECTIONS_PER_IMAGE": surgery["nms"]["max_detections"],
+            "MODEL.RETINANET.SCORE_THRESH_TEST": surgery.nms.score_threshold,
+            "MODEL.RETINANET.NMS_THRESH_TEST": surgery.nms.iou_threshold,
+            "MODEL.RETINANET.TOPK_CANDIDATES_TEST": surgery.rpn.pre_nms_topk,
+            "TEST.DETECTIONS_PER_IMAGE": surgery.nms.max_detections,
         }
 
     def inference(self, model, inputs):
@@ -95,16 +96,11 @@ class RetinaNet(Family):
                         f"use <= {NMS_TOPK // levels} (Detectron2 uses 1000)"))
         return out
 
-    def surgery(self, export_model, cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1,
-                dynamic: bool = False):
-        if dynamic and surgery.get("ops", "plugins") != "standard":
-            from d2build.graph import GraphMismatch
-
-            raise GraphMismatch("dynamic input sizes need surgery.ops=standard")
-        spec = dense_spec(cfg, surgery, input_hw, batch=batch, dynamic=dynamic)
+    def surgery(self, export_model, cfg, graph: GraphSpec):
+        spec = dense_spec(cfg, graph.surgery, graph.input, batch=graph.batch, dynamic=graph.dynamic is not None)
         from d2build.families.retinanet_graph import surgeon
 
-        return surgeon(surgery.get("ops", "plugins"))(export_model, spec).run()
+        return surgeon(graph.ops)(export_model, spec).run()
 
     # ------------------------------------------------------------------ random weights
 
@@ -149,7 +145,7 @@ class RetinaNet(Family):
             head.cls_score.bias.copy_(prior)
 
 
-def dense_spec(cfg, surgery: dict[str, Any], input_hw: tuple[int, int], batch: int = 1, dynamic: bool = False):
+def dense_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], batch: int = 1, dynamic: bool = False):
     """HeadSpec for a dense detector: the `rpn_*` fields describe RetinaNet's head (its levels, anchors and
     per-level top-k), the ROI fields are empty."""
     from d2build.families.rcnn_graph import HeadSpec, spec_fields

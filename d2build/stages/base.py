@@ -1,9 +1,10 @@
 """The stage contract.
 
-A stage is a small object: a name, a VERSION bumped by hand whenever its output for the same
-inputs would change, the slice of the recipe it reads, the stages it consumes and the packages
-whose versions change its output. `run` writes files only into the fresh `out_dir` it is given and
-returns JSON-able facts for the manifest. Stages never see the whole Hydra config.
+A stage is a small object: a kind, a VERSION bumped by hand whenever its output for the same
+inputs would change, the typed slice of the recipe it reads (recipe.py), the nodes it consumes and
+the packages whose versions change its output. `run` gets its slice and its inputs, writes files
+only into the fresh `out_dir` it is given and returns JSON-able facts for the manifest. Stages never
+see the whole Hydra config.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import logging
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from d2build.cache import Artifact, Cache
-from d2build.recipe import Recipe
+from d2build.recipe import Problem, Recipe, as_key_data
 
 log = logging.getLogger("d2build")
 
@@ -41,76 +42,66 @@ class Context:
         self.t0 = time.monotonic()
 
     def step(self, what: str) -> None:
-        log.info("  %-11s %6.1fs  %s", self.stage, time.monotonic() - self.t0, what)
+        log.info("  %-15s %6.1fs  %s", self.stage, time.monotonic() - self.t0, what)
 
     def count(self, i: int, n: int, what: str) -> None:
         self.step(f"[{i}/{n}] {what}")
 
 
 class Stage:
-    name: ClassVar[str]
+    """One node of the DAG.
+
+    `kind` names what the stage does (its cache folder, the key's "stage"); `name` names the node
+    (the kind, or `kind[consumer]` for a graph derived for one consumer, see pipeline.py). `needs`
+    maps the roles `run` reads (`inputs["graph"]`) to the nodes that produce them: their keys are part
+    of this node's key. `after` names nodes that must succeed first without feeding it (not keyed).
+    """
+
+    kind: ClassVar[str]
     VERSION: ClassVar[int]
-    needs: ClassVar[tuple[str, ...]] = ()
     tools: ClassVar[tuple[str, ...]] = ()
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+    def __init__(self, needs: Mapping[str, str] | None = None, *, name: str | None = None,
+                 after: tuple[str, ...] = ()):
+        self.name = name or self.kind
+        self.needs: dict[str, str] = dict(needs or {})
+        self.after = after
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """Every node this one waits for."""
+        return (*self.needs.values(), *self.after)
+
+    def slice(self, recipe: Recipe) -> Any:
+        """What the stage reads of the recipe: a frozen dataclass of recipe.py (hashed for the key)."""
         raise NotImplementedError
 
     def skip_reason(self, recipe: Recipe) -> str | None:
         """Why this stage cannot run here (e.g. no TensorRT); None when it can."""
         return None
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
+    def run(self, cfg: Any, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        """Build the entry from `cfg` (this stage's slice) and `inputs` (role -> artifact) into `out_dir`;
+        return JSON-able facts for the manifest."""
         raise NotImplementedError
 
-    def preflight(self, recipe: Recipe) -> list[Any]:
-        """Problems (schema.Problem) this stage can see in the recipe's inputs before anything runs, where
-        the schema cannot (they need Detectron2, say); [] when none."""
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        """Problems this stage can see in the recipe's inputs before anything runs, where the schema
+        cannot (they need Detectron2, say); [] when none."""
         return []
 
     def describe(self, info: dict[str, Any], folder: Path) -> str | None:
         """One line for the console about a built or reused entry (its verdict, say); None: its folder."""
         return None
 
-    def key_material(self, recipe: Recipe, upstream_keys: dict[str, str]) -> dict[str, Any]:
+    def key_material(self, cfg: Any, upstream_keys: Mapping[str, str]) -> dict[str, Any]:
         return {
-            "stage": self.name,
+            "stage": self.kind,
             "version": self.VERSION,
-            "config": self.config_slice(recipe),
-            "upstream": {n: upstream_keys[n] for n in self.needs},
+            "config": as_key_data(cfg),
+            "upstream": {role: upstream_keys[node] for role, node in self.needs.items()},
             "tools": {t: tool_version(t) for t in self.tools},
         }
-
-
-def config_ref(config: str) -> dict[str, Any]:
-    """How a stage's key names the Detectron2 config: a model-zoo name as it is (its content is fixed by
-    the sal-detectron2 version), a local .yaml also by the sha256 of it and its _BASE_ chain, so editing
-    a user's config rebuilds what depends on it."""
-    import hashlib
-
-    path = Path(config).expanduser()
-    if not path.is_file():
-        return {"config": config}
-    h = hashlib.sha256()
-    for p in _config_chain(path):
-        h.update(p.read_bytes())
-    return {"config": config, "config_sha256": h.hexdigest()}
-
-
-def _config_chain(path: Path, depth: int = 0) -> list[Path]:
-    import yaml
-
-    class Loader(yaml.SafeLoader):  # Detectron2 dumps may hold !!python tags: never construct them
-        pass
-
-    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
-    tree = yaml.load(path.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
-    base = tree.get("_BASE_") if isinstance(tree, dict) else None
-    if not base or depth > 10:
-        return [path]
-    base_path = (path.parent / Path(base).expanduser()).resolve()
-    return [path, *(_config_chain(base_path, depth + 1) if base_path.is_file() else [])]
 
 
 def tool_version(dist: str) -> str:

@@ -13,50 +13,36 @@ A build takes `<cache root>/.gpu-<host>-<GPU UUID>.lock`, so GPU stages of concu
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
+from d2build.recipe import BuildSlice, Files, Recipe
 from d2build.stages.base import Context, Stage, StageFailed
 
 
-@lru_cache(maxsize=None)
-def _environment(device: int):
-    from d2build.backends import tensorrt
-
-    return tensorrt.environment(device)
-
-
 class BuildStage(Stage):
-    name = "build"
-    VERSION = 1
-    needs = ("precision", "verify")
-    keyed_needs = ("precision",)  # verify orders and gates the build; it does not change the engine
+    """Reads `graph` (the precision graph); runs after verify, which gates it without shaping the engine."""
 
-    def __init__(self, device: int = 0, environment=None):
+    kind = "build"
+    VERSION = 1
+
+    def __init__(self, needs=None, *, device: int = 0, environment=None, **kw):
+        super().__init__(needs, **kw)
         self.device = device  # where to build; not keyed (the GPU's compute capability is)
         self._env = environment  # tests pass a real Environment; runs probe this machine once
 
     def environment(self):
-        return self._env if self._env is not None else _environment(self.device)
+        from d2build.backends import tensorrt
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+        return self._env if self._env is not None else tensorrt.environment(self.device)
+
+    def slice(self, recipe: Recipe) -> BuildSlice:
         from d2build.backends.tensorrt import BuilderSettings
 
         env = self.environment()
-        return {
-            "settings": BuilderSettings.from_config(recipe.to_dict()["build"],
-                                                    recipe.to_dict()["model"]).key_material(),
-            "tensorrt": env.tensorrt,
-            "compute_capability": env.compute_capability,
-        }
-
-    def key_material(self, recipe: Recipe, upstream_keys: dict[str, str]) -> dict[str, Any]:
-        material = super().key_material(recipe, upstream_keys)
-        material["upstream"] = {n: upstream_keys[n] for n in self.keyed_needs}
-        return material
+        return BuildSlice(BuilderSettings.from_config(recipe.build, recipe.model).key_material(), env.tensorrt,
+                          env.compute_capability)
 
     def skip_reason(self, recipe: Recipe) -> str | None:
         if recipe.build.required:
@@ -65,18 +51,17 @@ class BuildStage(Stage):
 
         return skip_reason(self.environment())
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
+    def run(self, cfg: BuildSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         from d2build.backends import tensorrt as trt
 
         env = self.environment()
         reason = trt.skip_reason(env)
         if reason:
             raise StageFailed(f"build.required=true, but {reason}")
-        settings = trt.BuilderSettings(**cfg["settings"], device=self.device)
+        settings = trt.BuilderSettings(**cfg.settings, device=self.device)
         lock = ctx.cache.gpu_lock(trt.gpu_identity(settings.device))
         ctx.step(f"waiting for GPU {settings.device} ({lock.lock_file})")
         with lock:
-            facts = trt.build_engine(inputs["precision"].path("model.onnx"), settings, out_dir, ctx.step)
+            facts = trt.build_engine(inputs["graph"].path(Files.GRAPH), settings, out_dir, ctx.step)
         return {**facts, "gpu": env.gpu, "compute_capability": env.compute_capability,
-                "precision": inputs["precision"].info.get("mode")}
+                "precision": inputs["graph"].info.get("mode")}

@@ -1,72 +1,59 @@
 """calibration: activation ranges for int8, from the FP32 graph run on real images.
 
 Its own cached artifact, so one calibration serves every int8 build it is valid for. Which graph
-the ranges come from decides that: the key holds the export (model, weights, input size), the RPN
-settings, the images' pixel digests, their count and the method -- not `surgery.nms.*`. The ranges
-are computed on the graph surgery makes from the export with the recipe's RPN settings and
-Detectron2's default final NMS (IoU 0.5, score 0.05, 100 detections). Everything before the final
-NMS (backbone, FPN, RPN head, box head) is the same graph whatever `surgery.nms.*` says; the mask
-head sees the detections of that default NMS. A sweep of NMS thresholds at int8 therefore
-calibrates once. The ranges are keyed by tensor name: the precision stage checks that the graph it
-quantizes has every calibrated tensor, and fails if not.
+the ranges come from decides that: it reads `surgery[cal]`, the graph surgery makes from the export
+with the recipe's RPN settings and the default final NMS (conf/config.yaml's surgery.nms), at batch
+1 and the fixed input size -- not the recipe's `surgery.nms.*`. Everything before the final NMS
+(backbone, FPN, RPN head, box head) is the same graph whatever `surgery.nms.*` says; the mask head
+sees the detections of that default NMS. A sweep of NMS thresholds at int8 therefore calibrates
+once. The key holds that graph's key, the images' pixel digests, their count and the method. The
+ranges are keyed by tensor name: the precision stage checks that the graph it quantizes has every
+calibrated tensor, and fails if not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
-from d2build.stages.base import Context, Stage, config_ref
+from d2build.recipe import CalibrationSlice, ConfigRef, Files, GraphSpec, NmsConfig, Recipe
+from d2build.stages.base import Context, Stage
 
-# The final NMS of the graph calibration runs (Detectron2's test-time defaults).
-CALIBRATION_NMS = {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100}
+
+def calibration_graph(recipe: Recipe, spec: GraphSpec) -> GraphSpec:
+    """The graph calibration runs: the recipe's, with the default final NMS, batch 1 and the fixed input."""
+    from d2build.compose import conf_default
+
+    nms = NmsConfig(**conf_default("surgery.nms"))
+    return dataclasses.replace(spec, batch=1, dynamic=None, surgery=dataclasses.replace(spec.surgery, nms=nms))
 
 
 class CalibrationStage(Stage):
-    name = "calibration"
-    VERSION = 1
-    needs = ("export",)
-    tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "onnxruntime-extensions", "sal-detectron2", "numpy")
+    kind = "calibration"
+    VERSION = 2  # 2: reads the surgery[cal] graph instead of rebuilding it
+    tools = ("onnxruntime", "onnxruntime-extensions", "numpy")
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+    def slice(self, recipe: Recipe) -> CalibrationSlice:
         from d2build import photos
-        from d2build.stages.surgery import SurgeryStage
 
         m, c = recipe.model, recipe.calibration
-        return {
-            "surgery_version": SurgeryStage.VERSION,  # the calibration graph is surgery's, rebuilt here
-            "family": m.family,
-            **config_ref(m.config),
-            "input": list(m.input),
-            "ops": recipe.surgery.ops,
-            "rpn": recipe.to_dict()["surgery"]["rpn"],
-            "nms": CALIBRATION_NMS,
-            "method": c.method,
-            "count": c.count,
-            "images": photos.source_digest(c.images, c.count) if c.images else None,
-            "source": c.images,
-        }
+        return CalibrationSlice(ConfigRef.of(m.config), m.input, c.method, c.count, c.images,
+                                photos.source_digest(c.images, c.count))
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
+    def run(self, cfg: CalibrationSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import onnx
 
-        from d2build import detectron, photos
-        from d2build.families import family
+        from d2build import backends, detectron, photos
         from d2build.processing import letterbox
         from d2build.quantize import RangeCollector, targets
-        from d2build import backends
 
-        d2cfg = detectron.load_cfg(cfg["config"])
-        hw = tuple(cfg["input"])
-        ctx.step("surgery for the calibration graph (recipe RPN, default final NMS)")
-        export = onnx.load(str(inputs["export"].path("model.onnx")))
-        surgery = {"ops": cfg["ops"], "nms": cfg["nms"], "rpn": cfg["rpn"]}
-        graph, _ = family(cfg["family"]).surgery(export, d2cfg, surgery, hw)
+        d2cfg = detectron.load_cfg(cfg.config.name)
+        hw = cfg.input
+        graph = onnx.load(str(inputs["graph"].path(Files.GRAPH)))
         found = targets(graph)
         tensors = list(dict.fromkeys(t.activation for t in found))
         consumers: dict[str, list[str]] = {}
@@ -75,7 +62,7 @@ class CalibrationStage(Stage):
         probe = with_outputs(graph, tensors)
         runner = backends.open_graph(probe)
         collector = RangeCollector()
-        refs = photos.list_images(cfg["source"], cfg["count"])
+        refs = photos.list_images(cfg.source, cfg.count)
         seconds = []
         for i, ref in enumerate(refs, 1):
             photo = photos.load(ref)
@@ -86,21 +73,21 @@ class CalibrationStage(Stage):
             for name in tensors:
                 collector.add(name, outs[name])
             seconds.append(time.perf_counter() - t0)
-        ctx.step(f"{cfg['method']} ranges from {len(refs)} image(s)")
+        ctx.step(f"{cfg.method} ranges from {len(refs)} image(s)")
         ranges = {}
         for name in tensors:
-            ranges[name] = {"amax": collector.amax(name, cfg["method"]), "absmax": collector.absmax[name],
+            ranges[name] = {"amax": collector.amax(name, cfg.method), "absmax": collector.absmax[name],
                             "consumers": consumers[name]}
         zero = sorted(n for n, r in ranges.items() if r["amax"] <= 0)
         if zero:
             raise ValueError(f"{len(zero)} activation(s) are zero on every calibration image, e.g. {zero[:3]}; "
                              "int8 cannot be calibrated from these images")
-        doc = {"method": cfg["method"], "images": [Path(r).name for r in refs], "input": list(hw),
-               "nms": cfg["nms"], "tensors": ranges}
-        (out_dir / "ranges.json").write_text(json.dumps(doc, indent=1))
+        doc = {"method": cfg.method, "images": [Path(r).name for r in refs], "input": list(hw),
+               "graph": inputs["graph"].key, "tensors": ranges}
+        (out_dir / Files.RANGES).write_text(json.dumps(doc, indent=1))
         clip = [r["amax"] / r["absmax"] for r in ranges.values()]
         return {
-            "method": cfg["method"],
+            "method": cfg.method,
             "images": doc["images"],
             "tensors": len(ranges),
             "quantized_nodes": len(found),

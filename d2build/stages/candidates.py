@@ -1,25 +1,27 @@
 """candidates: every image of the eval set through the graph and through Detectron2, once, before the final NMS.
 
-In the DAG when `eval.annotations` is set. The graph is the recipe's (flavour, RPN settings, precision,
-calibration) rebuilt from the export with a final NMS that keeps every (proposal, class) above
-`eval.score_floor` and suppresses nothing (IoU threshold 1.0), up to `eval.max_candidates` per image;
-Detectron2 eager runs with the same settings. Everything before the final NMS -- backbone, RPN, box
-head -- and the heads after it (a detection's mask depends on its box only) are what any NMS variant
-computes, so the eval stage of every variant of an NMS sweep reuses this one artifact and only re-runs
-its NMS on the candidates (d2build/evaluation.py). The key holds the export, the RPN settings, the
-flavour, the precision (and the calibration at int8), the eval images and the floor -- not
+In the DAG when `eval.annotations` is set. The graph is `precision[eval]`: the recipe's (flavour, RPN
+settings, precision, calibration) with a final NMS that keeps every (proposal, class) above
+`eval.score_floor` and suppresses nothing (IoU threshold 1.0), up to `eval.max_candidates` per image
+(`surgery[eval]`, see `candidate_graph`); Detectron2 eager runs with the same settings. Everything
+before the final NMS -- backbone, RPN, box head -- and the heads after it (a detection's mask depends
+on its box only) are what any NMS variant computes, so the eval stage of every variant of an NMS sweep
+reuses this one artifact and only re-runs its NMS on the candidates (d2build/evaluation.py). The key
+holds the candidate graph's key (so the export, surgery's and precision's versions, the RPN settings,
+the flavour, the precision and the calibration at int8), the eval images and the floor -- not
 `surgery.nms.*`. The eval images count by their bytes, not only by the folder's path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact, file_digest
-from d2build.recipe import Recipe
-from d2build.stages.base import Context, Stage, config_ref
+from d2build.recipe import CandidatesSlice, EvalImages, Files, GraphSpec, ModelSlice, NmsConfig, Problem, Recipe
+from d2build.stages.base import Context, Stage
 
 
 def eval_images_digest(annotations: str, images: str, count: int | None) -> str:
@@ -36,37 +38,39 @@ def eval_images_digest(annotations: str, images: str, count: int | None) -> str:
     return h.hexdigest()
 
 
+def eval_images(recipe: Recipe) -> EvalImages:
+    e = recipe.eval
+    assert e.annotations is not None and e.images is not None
+    return EvalImages(str(Path(e.annotations).expanduser().resolve()), file_digest(Path(e.annotations).expanduser()),
+                      str(Path(e.images).expanduser().resolve()), e.count,
+                      eval_images_digest(e.annotations, e.images, e.count))
+
+
+def candidate_graph(recipe: Recipe, spec: GraphSpec) -> GraphSpec:
+    """The recipe's graph at batch 1 with a final NMS that keeps every score above eval.score_floor, up to
+    eval.max_candidates per image, and suppresses nothing."""
+    e = recipe.eval
+    nms = NmsConfig(iou_threshold=1.0, score_threshold=e.score_floor, max_detections=e.max_candidates)
+    return dataclasses.replace(spec, batch=1, surgery=dataclasses.replace(spec.surgery, nms=nms))
+
+
 class CandidatesStage(Stage):
-    name = "candidates"
-    VERSION = 2  # 2: Detectron2 with its own resize as a third side; dynamic graphs
-    tools = ("torch", "torchvision", "sal-detectron2", "onnx", "onnx-graphsurgeon", "onnxruntime",
-             "onnxruntime-extensions", "pycocotools", "numpy")
+    """Reads `weights` and `graph` (precision[eval], the candidate graph in the recipe's precision)."""
 
-    def __init__(self, mode: str = "fp32"):
-        self.needs = ("weights", "export", "calibration") if mode == "int8" else ("weights", "export")
+    kind = "candidates"
+    VERSION = 3  # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input
+    tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions", "pycocotools",
+             "numpy")
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        m, e = recipe.model, recipe.eval
-        d = recipe.to_dict()
-        return {
-            "family": m.family, **config_ref(m.config), "input": list(m.input), "dynamic": d["model"]["dynamic"],
-            "ops": recipe.surgery.ops, "rpn": d["surgery"]["rpn"],
-            "precision": recipe.precision.mode,
-            "keep_fp32": [] if recipe.precision.mode == "fp32" else list(recipe.precision.keep_fp32),
-            "annotations": str(Path(e.annotations).expanduser().resolve()),
-            "annotations_sha256": file_digest(Path(e.annotations).expanduser()),
-            "images": str(Path(e.images).expanduser().resolve()), "count": e.count,
-            "images_sha256": eval_images_digest(e.annotations, e.images, e.count),
-            "score_floor": e.score_floor, "max_candidates": e.max_candidates,
-            "names": {k: d["model"][k] for k in ("class_names", "keypoint_names", "keypoint_skeleton")},
-        }
+    def slice(self, recipe: Recipe) -> CandidatesSlice:
+        return CandidatesSlice(ModelSlice.of(recipe, candidate_graph(recipe, GraphSpec.of(recipe))),
+                               recipe.precision.mode, eval_images(recipe))
 
-    def preflight(self, recipe: Recipe) -> list[Any]:
+    def preflight(self, recipe: Recipe) -> list[Problem]:
         """The annotation file's categories must map onto the model's classes (by name or by count)."""
         from d2build import detectron, evaluation
-        from d2build.recipe import Problem
 
-        info = detectron.model_info(recipe.to_dict()["model"])
+        info = detectron.model_info(ModelSlice.of(recipe))
         try:
             evaluation.category_map(evaluation.load_coco(recipe.eval.annotations), info)
         except ValueError as e:
@@ -75,44 +79,33 @@ class CandidatesStage(Stage):
                             "classes")]
         return []
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
-        import json
-
-        import onnx
+    def run(self, cfg: CandidatesSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import torch
 
         from d2build import backends, detectron, evaluation
         from d2build.families import family
         from d2build.processing import load_image_bgr
         from d2build.runtime import Model
-        from d2build.stages.precision import transform
         from d2build.stages.weights import load_state
 
-        fam = family(cfg["family"])
-        hw = tuple(cfg["input"])
-        nms = {"score_threshold": cfg["score_floor"], "iou_threshold": 1.0, "max_detections": cfg["max_candidates"]}
-        surgery = {"ops": cfg["ops"], "nms": nms, "rpn": cfg["rpn"]}
-        d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(surgery))
-        ctx.step(f"candidate graph ({cfg['ops']}, {cfg['precision']}): final NMS keeps every score > "
-                 f"{cfg['score_floor']}, suppresses nothing")
-        export = onnx.load(str(inputs["export"].path("model.onnx")))
-        graph, _ = fam.surgery(export, d2cfg, surgery, hw, dynamic=bool(cfg["dynamic"]))
-        ranges = (json.loads(inputs["calibration"].path("ranges.json").read_text())
-                  if cfg["precision"] == "int8" else None)
-        graph, _ = transform(graph, cfg["precision"], cfg["keep_fp32"], ranges)
-        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
-                                     "dynamic": cfg["dynamic"], **cfg["names"]}, d2cfg)
-        graph_model = Model(backends.open_graph(graph), info)
+        g = cfg.model.graph
+        fam = family(g.family)
+        nms = g.surgery.nms
+        d2cfg = detectron.load_cfg(g.config.name, fam.eager_overrides(g.surgery))
+        ctx.step(f"candidate graph ({g.ops}, {cfg.precision}): final NMS keeps every score > "
+                 f"{nms.score_threshold}, suppresses nothing")
+        graph_model = Model(backends.open_graph(inputs["graph"].path(Files.GRAPH)),
+                            detectron.model_info(cfg.model, d2cfg))
         runner = graph_model.runner
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        gt = evaluation.load_coco(cfg["annotations"])
-        ids = sorted(gt.getImgIds())[: cfg["count"] or None]
-        cap = cfg["max_candidates"]
+        gt = evaluation.load_coco(cfg.data.annotations)
+        ids = sorted(gt.getImgIds())[: cfg.data.count or None]
+        cap = nms.max_detections
         sides: dict[str, dict[int, evaluation.Candidates]] = {s: {} for s in SIDES}
         seconds = {s: 0.0 for s in SIDES}
         for i, image_id in enumerate(ids, 1):
             info = gt.loadImgs(image_id)[0]
-            bgr = load_image_bgr(Path(cfg["images"]) / info["file_name"])
+            bgr = load_image_bgr(Path(cfg.data.images) / info["file_name"])
             ctx.count(i, len(ids), f"{info['file_name']}: graph and Detectron2, every candidate")
             x, (lb,) = graph_model.prepare([bgr])
             chw = x[0]
@@ -132,14 +125,15 @@ class CandidatesStage(Stage):
             seconds["graph"] += t1 - t0
             seconds["detectron2"] += t2 - t1
             seconds["detectron2_native"] += time.perf_counter() - t2
-        facts: dict[str, Any] = {"images": len(ids), "score_floor": cfg["score_floor"]}
+        facts: dict[str, Any] = {"images": len(ids), "annotations": cfg.data.annotations,
+                                 "score_floor": nms.score_threshold}
         for side, per_image in sides.items():
             evaluation.save_candidates(out_dir / f"{side}.json", per_image)
             counts = [len(c.scores) for c in per_image.values()]
             facts[side] = {"candidates_per_image": sum(counts) / max(1, len(counts)),
                            "truncated_images": sum(c.truncated for c in per_image.values()),
                            "seconds_per_image": seconds[side] / max(1, len(ids))}
-        facts["flavour"] = cfg["ops"]
+        facts["ops"] = g.ops
         return facts
 
 

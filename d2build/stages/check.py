@@ -36,79 +36,76 @@ from typing import Any, Callable
 import numpy as np
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
+from d2build.recipe import Files, Recipe, VerifyConfig, VerifySlice
 from d2build.stages.base import Context, Stage, StageFailed
 
 ROW_OUTPUTS = ("detection_boxes", "detection_scores", "detection_masks", "detection_heatmaps")
 
 
 class EngineCheckStage(Stage):
-    name = "check"
-    VERSION = 1
-    needs = ("weights", "precision", "build")
+    """Reads `weights`, `graph` (the precision graph) and `engine` (the build)."""
+
+    kind = "check"
+    VERSION = 2  # 2: the engine's batch and dynamic range in its ModelInfo (as verify's)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
-    def __init__(self, device: int = 0, environment=None):
+    def __init__(self, needs=None, *, device: int = 0, environment=None, **kw):
+        super().__init__(needs, **kw)
         self.device = device
         self._env = environment
 
     def environment(self):
         if self._env is not None:
             return self._env
-        from d2build.stages.build import _environment
+        from d2build.backends.tensorrt import environment
 
-        return _environment(self.device)
+        return environment(self.device)
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        from d2build.stages.verify import VerifyStage
+    def slice(self, recipe: Recipe) -> VerifySlice:
+        from d2build.stages.verify import verify_slice
 
-        return VerifyStage().config_slice(recipe)  # the engine's identity comes in through build's key
+        return verify_slice(recipe)  # the engine's identity comes in through build's key
 
     def skip_reason(self, recipe: Recipe) -> str | None:
         from d2build.backends.tensorrt import skip_reason
 
         return skip_reason(self.environment())
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
-        from d2build import backends, detectron, photos
+    def run(self, cfg: VerifySlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        from d2build import backends, photos
         from d2build.backends import tensorrt as trt
-        from d2build.families import family
-        from d2build.stages.weights import load_state
+        from d2build.stages.verify import eager_and_info
 
-        fam = family(cfg["family"])
-        v = cfg["verify"]
-        d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(cfg["surgery"]))
-        model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
-                                     **cfg["names"]}, d2cfg)
-        graph = backends.open_graph(inputs["precision"].path("model.onnx"))
-        refs = photos.list_images(v["images"], v["count"])
+        v = cfg.verify
+        fam, model, info = eager_and_info(cfg, inputs["weights"])
+        graph = backends.open_graph(inputs["graph"].path(Files.GRAPH))
+        refs = photos.list_images(v.images, v.count)
         lock = ctx.cache.gpu_lock(trt.gpu_identity(self.device)) if ctx.cache is not None else None
         if lock is not None:
             ctx.step(f"waiting for GPU {self.device} ({lock.lock_file})")
             lock.acquire()
         try:
-            engine = backends.open_engine(inputs["build"].path("engine.plan"), self.device)
+            engine = backends.open_engine(inputs["engine"].path(Files.ENGINE), self.device)
             outcome = check_engine(engine, graph, info, [photos.load(r) for r in refs], v, out_dir,
                                    fam=fam, d2_model=model, progress=ctx.count)
         finally:
             if lock is not None:
                 lock.release()
-        meta = {"family": cfg["family"], "input": cfg["input"], "precision": cfg.get("precision", "fp32"),
-                "engine": inputs["build"].info.get("tensorrt"), "gpu": inputs["build"].info.get("gpu")}
+        meta = {"family": cfg.model.family, "input": list(cfg.model.graph.input), "precision": cfg.precision,
+                "engine": inputs["engine"].info.get("tensorrt"), "gpu": inputs["engine"].info.get("gpu")}
         report = render_report(meta, outcome, v)
         metrics = outcome.metrics()
-        (out_dir / "report.md").write_text(report)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out_dir / Files.REPORT).write_text(report)
+        (out_dir / Files.METRICS).write_text(json.dumps(metrics, indent=2))
         if outcome.failures:
             raise StageFailed(outcome.headline() + "\n" + "\n".join(outcome.failures),
-                              files={"report.md": report, "metrics.json": json.dumps(metrics, indent=2)})
+                              files={Files.REPORT: report, Files.METRICS: json.dumps(metrics, indent=2)})
         return {"summary": outcome.summary()}
 
     def describe(self, info: dict[str, Any], folder: Path) -> str:
         s = info["summary"]
         return (f"passed: engine vs graph {s['paired']}/{s['rows']} rows paired, vs Detectron2 "
-                f"{s['matched']}/{s['detectron2']} matched on {s['images']} images; report {folder / 'report.md'}")
+                f"{s['matched']}/{s['detectron2']} matched on {s['images']} images; report {folder / Files.REPORT}")
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -166,7 +163,7 @@ def _rows_as_detections(out: dict[str, np.ndarray], b: int = 0, mask_threshold: 
                       np.asarray(out["detection_classes"])[b, :n], masks=masks), n
 
 
-def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.ndarray], v: dict[str, Any],
+def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.ndarray], v: VerifyConfig,
                     class_names=None, b: int = 0) -> tuple[dict[str, Any], list[str]]:
     """Engine outputs against the precision graph's, per output tensor, on the valid rows of image `b`.
 
@@ -182,7 +179,7 @@ def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.n
             f"the engine lacks output(s) {', '.join(missing)} of the graph"]
     ref, n_ref = _rows_as_detections(graph_out, b)
     got, n_got = _rows_as_detections(engine_out, b)
-    m = match_detections(ref, got, iou_min=v["iou_threshold"], score_tol=v["score_tolerance"])
+    m = match_detections(ref, got, iou_min=v.iou_threshold, score_tol=v.score_tolerance)
     ii = np.array([i for i, _ in m.pairs], dtype=np.int64)
     jj = np.array([j for _, j in m.pairs], dtype=np.int64)
     rows = max(n_ref, n_got)
@@ -205,20 +202,20 @@ def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.n
     problems = []
     if n_ref > 0 and n_got == 0:
         problems.append(f"the engine detects nothing where the precision graph finds {n_ref} detections")
-    elif share < v["min_recovered"]:
+    elif share < v.min_recovered:
         problems.append(f"engine and graph pair only {len(m.pairs)} of {rows} detection rows ({share:.3f} < "
-                        f"verify.min_recovered={v['min_recovered']}; same class, IoU >= {v['iou_threshold']}, "
-                        f"|score diff| <= {v['score_tolerance']})")
-    if out.get("mask_iou_28") is not None and m.pairs and out["mask_iou_28"] < v["min_mask_iou"]:
+                        f"verify.min_recovered={v.min_recovered}; same class, IoU >= {v.iou_threshold}, "
+                        f"|score diff| <= {v.score_tolerance})")
+    if out.get("mask_iou_28") is not None and m.pairs and out["mask_iou_28"] < v.min_mask_iou:
         problems.append(f"mean IoU of paired 28x28 masks {out['mask_iou_28']:.3f} < "
-                        f"verify.min_mask_iou={v['min_mask_iou']}")
+                        f"verify.min_mask_iou={v.min_mask_iou}")
     if problems:
         problems += ["  " + line for line in describe_mismatches(m, ref, got, class_names, ref_label="graph",
                                                                   got_label="engine")]
     return out, problems
 
 
-def check_engine(engine, graph, info, photos: list[Any], v: dict[str, Any], out_dir: Path, *, fam=None,
+def check_engine(engine, graph, info, photos: list[Any], v: VerifyConfig, out_dir: Path, *, fam=None,
                  d2_model=None, progress: Callable[[int, int, str], None] | None = None) -> CheckOutcome:
     """Run `engine` (any Runner: TensorRT in the stage, graph backends in tests) and `graph` (the
     precision graph's runner) on each photograph's letterboxed tensor and compare them per output
@@ -263,7 +260,7 @@ def _f(x: Any, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
 
-def render_report(meta: dict[str, Any], outcome: CheckOutcome, v: dict[str, Any]) -> str:
+def render_report(meta: dict[str, Any], outcome: CheckOutcome, v: VerifyConfig) -> str:
     h, w = meta["input"]
     lines = [
         f"# engine check: {meta['family']} at {h}x{w}, {meta.get('precision', 'fp32')}"
@@ -271,8 +268,8 @@ def render_report(meta: dict[str, Any], outcome: CheckOutcome, v: dict[str, Any]
         "",
         "The engine against the precision graph (reference outputs, per output tensor) and against Detectron2 "
         "eager (as verify compares the graph), on verify's photographs letterboxed alike. Rows pair when class, "
-        f"box IoU >= {v['iou_threshold']} and |score difference| <= {v['score_tolerance']} agree; each image "
-        f"must pair >= {v['min_recovered']:.0%} of its rows.",
+        f"box IoU >= {v.iou_threshold} and |score difference| <= {v.score_tolerance} agree; each image "
+        f"must pair >= {v.min_recovered:.0%} of its rows.",
         "",
         "**Verdict: " + ("FAILED" if outcome.failures else "passed") + "**",
         "",

@@ -12,43 +12,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import asdict as dataclasses_asdict
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
-from d2build.stages.base import Context, Stage, config_ref
-
+from d2build.recipe import EvalSlice, Files, GraphSpec, ModelSlice, Recipe
+from d2build.stages.base import Context, Stage
 from d2build.stages.candidates import SIDES  # graph, detectron2 (same input), detectron2_native (own resize)
 
 
 class EvalStage(Stage):
-    name = "eval"
-    VERSION = 2  # 2: Detectron2 with its own resize beside
-    needs = ("candidates",)
+    """Reads `candidates`."""
+
+    kind = "eval"
+    VERSION = 3  # 2: Detectron2 with its own resize beside; 3: the annotations come from the slice
     tools = ("pycocotools", "onnxruntime", "torchvision", "numpy")
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        d = recipe.to_dict()
-        return {"family": recipe.model.family, **config_ref(recipe.model.config), "ops": recipe.surgery.ops,
-                "dynamic": d["model"]["dynamic"],
-                "nms": d["surgery"]["nms"], "keypoint_oks_sigmas": d["eval"]["keypoint_oks_sigmas"],
-                "names": {k: d["model"][k] for k in ("class_names", "keypoint_names", "keypoint_skeleton")},
-                "input": list(recipe.model.input)}
+    def slice(self, recipe: Recipe) -> EvalSlice:
+        import dataclasses
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        graph = dataclasses.replace(GraphSpec.of(recipe), batch=1)  # scores candidates: the batch plays no part
+        return EvalSlice(ModelSlice.of(recipe, graph), recipe.eval.keypoint_oks_sigmas)
+
+    def run(self, cfg: EvalSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         from d2build import detectron, evaluation
 
         cand = inputs["candidates"]
-        annotations = cand.manifest["material"]["config"]["annotations"]
+        g = cfg.model.graph
+        annotations = cand.info["annotations"]  # the file the candidates were made for (their key holds it)
         gt = evaluation.load_coco(annotations)
-        d2cfg = detectron.load_cfg(cfg["config"])
-        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
-                                     "dynamic": cfg["dynamic"], **cfg["names"]}, d2cfg)
+        d2cfg = detectron.load_cfg(g.config.name)
+        info = detectron.model_info(cfg.model, d2cfg)
         category_of, note = evaluation.category_map(gt, info)
         if note:
             ctx.step(note)
-        nms = cfg["nms"]
-        semantics = {"graph": cfg["ops"], "detectron2": "detectron2", "detectron2_native": "detectron2"}
+        nms = g.surgery.nms
+        ops = {"graph": g.ops, "detectron2": "detectron2", "detectron2_native": "detectron2"}
         iou_types = ["bbox"]
         sigmas = None
         metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -57,8 +56,7 @@ class EvalStage(Stage):
             candidates = evaluation.load_candidates(cand.path(f"{side}.json"))
             results: list[dict] = []
             for image_id, c in candidates.items():
-                keep = evaluation.final_nms(c, semantics[side], nms["score_threshold"], nms["iou_threshold"],
-                                            nms["max_detections"])
+                keep = evaluation.final_nms(c, ops[side], nms.score_threshold, nms.iou_threshold, nms.max_detections)
                 results += c.results(keep, image_id, category_of)
             first = next(iter(candidates.values()), None)
             if side == "graph":
@@ -66,7 +64,7 @@ class EvalStage(Stage):
                     iou_types.append("segm")
                 if info.keypoint_names and evaluation.has(gt, "keypoints"):
                     iou_types.append("keypoints")
-                    sigmas = evaluation.keypoint_sigmas(info, cfg["keypoint_oks_sigmas"],
+                    sigmas = evaluation.keypoint_sigmas(info, cfg.keypoint_oks_sigmas,
                                                         tuple(d2cfg.TEST.KEYPOINT_OKS_SIGMAS))
                 (out_dir / "detections_coco.json").write_text(json.dumps(results))
             ids = sorted(candidates)
@@ -77,12 +75,13 @@ class EvalStage(Stage):
                  for t in iou_types}
         delta_native = {t: {k: metrics["graph"][t][k] - metrics["detectron2_native"][t][k]
                             for k in metrics["graph"][t]} for t in iou_types}
-        doc = {"annotations": annotations, "images": len(ids), "nms": nms, "category_mapping_note": note,
+        nms_doc = dataclasses_asdict(nms)
+        doc = {"annotations": annotations, "images": len(ids), "nms": nms_doc, "category_mapping_note": note,
                "metrics": metrics, "delta": delta, "delta_native": delta_native, "detections_per_image": per_image,
                "truncated_images": {s: cand.info.get(s, {}).get("truncated_images", 0) for s in SIDES}}
-        (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
-        (out_dir / "report.md").write_text(render(doc, cfg))
-        return {"images": len(ids), "nms": nms, "ap": {t: {s: metrics[s][t]["AP"] for s in SIDES} for t in iou_types},
+        (out_dir / Files.METRICS).write_text(json.dumps(doc, indent=2))
+        (out_dir / Files.REPORT).write_text(render(doc, cfg))
+        return {"images": len(ids), "nms": nms_doc, "ap": {t: {s: metrics[s][t]["AP"] for s in SIDES} for t in iou_types},
                 "metrics": metrics, "delta_ap": {t: delta[t]["AP"] for t in iou_types},
                 "delta_ap_native": {t: delta_native[t]["AP"] for t in iou_types},
                 "detections_per_image": per_image}
@@ -90,15 +89,15 @@ class EvalStage(Stage):
     def describe(self, info: dict[str, Any], folder: Path) -> str:
         parts = [f"{t} AP {v['graph'] * 100:.2f} (Detectron2 on the same input {v['detectron2'] * 100:.2f}, "
                  f"with its own resize {v['detectron2_native'] * 100:.2f})" for t, v in info["ap"].items()]
-        return f"{'; '.join(parts)} on {info['images']} images; report {folder / 'report.md'}"
+        return f"{'; '.join(parts)} on {info['images']} images; report {folder / Files.REPORT}"
 
 
 NAMES = {"bbox": "box", "segm": "mask", "keypoints": "keypoint (OKS)"}
 
 
-def render(doc: dict[str, Any], cfg: dict[str, Any]) -> str:
+def render(doc: dict[str, Any], cfg: EvalSlice) -> str:
     nms = doc["nms"]
-    lines = [f"# eval: {cfg['family']} ({cfg['ops']} graph) on {doc['images']} images", "",
+    lines = [f"# eval: {cfg.model.family} ({cfg.model.graph.ops} graph) on {doc['images']} images", "",
              f"Annotations: `{doc['annotations']}`. Final NMS: score > {nms['score_threshold']}, IoU "
              f"{nms['iou_threshold']}, at most {nms['max_detections']} per image; each side with its own NMS "
              "(the graph's flavour, Detectron2's batched_nms) on the same letterboxed input.", ""]

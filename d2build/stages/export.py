@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
-from d2build.stages.base import Context, Stage, StageFailed, config_ref
+from d2build.recipe import ConfigRef, ExportSlice, Files, Recipe
+from d2build.stages.base import Context, Stage, StageFailed
 
 # One photograph, the one traced, keeps a cold export cheap: its reference values come from the trace
 # itself, so the check costs one ONNX Runtime run (~5 s at 1344 on 2 cores) instead of that plus a
@@ -23,17 +23,15 @@ CHECK_IOU, CHECK_SCORE = 0.99, 1e-3
 
 
 class ExportStage(Stage):
-    name = "export"
+    kind = "export"
     VERSION = 3  # 3: checked against the traced forward's own outputs
-    needs = ("weights",)
     tools = ("torch", "torchvision", "sal-detectron2", "onnx", "onnxruntime")
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+    def slice(self, recipe: Recipe) -> ExportSlice:
         m = recipe.model
-        return {"family": m.family, **config_ref(m.config), "input": list(m.input)}
+        return ExportSlice(m.family, ConfigRef.of(m.config), m.input)
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
+    def run(self, cfg: ExportSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import onnx
 
         from d2build import detectron, photos
@@ -42,21 +40,21 @@ class ExportStage(Stage):
         from d2build.processing import letterbox
         from d2build.stages.weights import load_state
 
-        fam = family(cfg["family"])
-        d2cfg = detectron.load_cfg(cfg["config"])
+        fam = family(cfg.family)
+        d2cfg = detectron.load_cfg(cfg.config.name)
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        hw = tuple(cfg["input"])
+        hw = cfg.input
         pad = d2cfg.MODEL.PIXEL_MEAN
         chw, lb = letterbox(photos.bundled(CHECK_PHOTO).bgr, hw, pad)
         ctx.step(f"tracing at {hw[0]}x{hw[1]}")
-        path = out_dir / "model.onnx"
+        path = out_dir / Files.GRAPH
         traced = fam.export(model, chw, path)
         proto = onnx.load(str(path), load_external_data=False)
         ctx.count(1, 1, f"checking the export against Detectron2 on '{CHECK_PHOTO}'")
         return {
             "input": list(hw),
             "nodes": len(proto.graph.node),
-            "ops": op_histogram(proto),
+            "op_counts": op_histogram(proto),
             "check": [check_export(fam, model, path, CHECK_PHOTO, chw, lb, reference=traced)],
         }
 

@@ -19,29 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
+from d2build.recipe import Files, PrecisionConfig, Recipe
 from d2build.stages.base import Context, Stage
 
 
 class PrecisionStage(Stage):
-    name = "precision"
+    """Reads `graph` (a surgery node) and, at int8, `ranges` (the calibration node)."""
+
+    kind = "precision"
     VERSION = 1
     tools = ("onnx", "onnx-graphsurgeon", "numpy")
 
-    def __init__(self, mode: str = "fp32"):
-        self.mode = mode
-        # int8 reads calibration ranges; fp32 and fp16 need only the graph
-        self.needs = ("surgery", "calibration") if mode == "int8" else ("surgery",)
-
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
+    def slice(self, recipe: Recipe) -> PrecisionConfig:
         p = recipe.precision
-        return {"mode": p.mode, "keep_fp32": [] if p.mode == "fp32" else list(p.keep_fp32)}
+        return PrecisionConfig(p.mode, () if p.mode == "fp32" else p.keep_fp32)
 
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
-        src = inputs["surgery"].path("model.onnx")
-        dst = out_dir / "model.onnx"
-        if cfg["mode"] == "fp32":
+    def run(self, cfg: PrecisionConfig, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        src = inputs["graph"].path(Files.GRAPH)
+        dst = out_dir / Files.GRAPH
+        if cfg.mode == "fp32":
             try:
                 os.link(src, dst)
             except OSError:
@@ -52,15 +48,15 @@ class PrecisionStage(Stage):
         import onnx
 
         model = onnx.load(str(src))
-        ranges = json.loads(inputs["calibration"].path("ranges.json").read_text()) if cfg["mode"] == "int8" else None
-        out, facts = transform(model, cfg["mode"], cfg["keep_fp32"], ranges, ctx.step)
+        ranges = json.loads(inputs["ranges"].path(Files.RANGES).read_text()) if cfg.mode == "int8" else None
+        out, facts = transform(model, cfg.mode, cfg.keep_fp32, ranges, ctx.step)
         onnx.save(out, str(dst))
         return facts
 
 
 def transform(model, mode: str, keep_fp32, ranges: dict[str, Any] | None, say=lambda _: None):
     """The graph in `mode` (fp32 as is; fp16 with FP32 islands; int8 with Q/DQ from calibration `ranges`)
-    and facts for the manifest. Also used by stages that rebuild a graph of their own (candidates)."""
+    and facts for the manifest."""
     if mode == "fp32":
         return model, {"mode": "fp32", "fp32": "every node (surgery's graph unchanged)"}
     if mode == "fp16":

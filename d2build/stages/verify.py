@@ -16,56 +16,56 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Recipe
-from d2build.stages.base import Context, Stage, StageFailed, config_ref
+from d2build.recipe import Files, ModelSlice, Recipe, VerifyConfig, VerifySlice
+from d2build.stages.base import Context, Stage, StageFailed
+
+
+def verify_slice(recipe: Recipe) -> VerifySlice:
+    """What verify (and the engine check) read: the model (names too: the pictures show them; the resize
+    rule of a dynamic graph: which inputs are fed), its precision, the gates, the photographs' pixels."""
+    from d2build import photos
+
+    v = recipe.verify
+    return VerifySlice(ModelSlice.of(recipe), recipe.precision.mode, v, photos.source_digest(v.images, v.count))
+
+
+def eager_and_info(cfg: VerifySlice, weights: Artifact):
+    """(family, Detectron2 eager with the recipe's thresholds, the graph's ModelInfo) for verify and check."""
+    from d2build import detectron
+    from d2build.families import family
+    from d2build.stages.weights import load_state
+
+    fam = family(cfg.model.family)
+    d2cfg = detectron.load_cfg(cfg.model.config, fam.eager_overrides(cfg.model.graph.surgery))
+    model = detectron.build_model(d2cfg, load_state(weights))
+    return fam, model, detectron.model_info(cfg.model, d2cfg)
 
 
 class VerifyStage(Stage):
-    name = "verify"
+    """Reads `weights` and `graph` (the precision graph: fp32 = surgery's graph, fp16, int8)."""
+
+    kind = "verify"
     VERSION = 5  # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check)
-    needs = ("weights", "precision")  # the precision graph (fp32 = surgery's graph, fp16, int8)
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
-    def config_slice(self, recipe: Recipe) -> dict[str, Any]:
-        from d2build import photos
+    def slice(self, recipe: Recipe) -> VerifySlice:
+        return verify_slice(recipe)
 
-        d = recipe.to_dict()
-        return {
-            "family": recipe.model.family,
-            **config_ref(recipe.model.config),
-            "input": list(recipe.model.input),
-            "batch": recipe.model.batch_size,
-            "dynamic": d["model"]["dynamic"],  # the resize rule: which inputs verify feeds
-            "names": {k: d["model"][k] for k in NAME_KEYS},  # the pictures show them
-            "surgery": d["surgery"],
-            "precision": recipe.precision.mode,
-            "verify": d["verify"],
-            "images": photos.source_digest(recipe.verify.images, recipe.verify.count),
-        }
-
-    def run(self, cfg: dict[str, Any], inputs: dict[str, Artifact], out_dir: Path,
-            ctx: Context) -> dict[str, Any]:
-        from d2build import backends, detectron, photos
-        from d2build.families import family
+    def run(self, cfg: VerifySlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
+        from d2build import backends, photos
         from d2build.runtime import Model
-        from d2build.stages.weights import load_state
 
-        fam = family(cfg["family"])
-        v = cfg["verify"]
-        d2cfg = detectron.load_cfg(cfg["config"], fam.eager_overrides(cfg["surgery"]))
-        model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
-        info = detectron.model_info({"family": cfg["family"], "config": cfg["config"], "input": cfg["input"],
-                                     "batch_size": cfg.get("batch", 1), "dynamic": cfg.get("dynamic"),
-                                     **cfg["names"]}, d2cfg)
-        graph = Model(backends.open_graph(inputs["precision"].path("model.onnx")), info)
+        v = cfg.verify
+        fam, model, info = eager_and_info(cfg, inputs["weights"])
+        graph = Model(backends.open_graph(inputs["graph"].path(Files.GRAPH)), info)
         emulated = graph.runner.emulated
-        refs = photos.list_images(v["images"], v["count"])
-        (out_dir / "pictures").mkdir()
+        refs = photos.list_images(v.images, v.count)
+        (out_dir / Files.PICTURES).mkdir()
         rows, failures = [], []
         for i, ref in enumerate(refs, 1):
             photo = photos.load(ref)
             ctx.count(i, len(refs), f"'{photo.name}': Detectron2 eager vs TensorRT-ready graph")
-            row, problem = compare_one(fam, model, graph, photo, v, out_dir / "pictures")
+            row, problem = compare_one(fam, model, graph, photo, v, out_dir / Files.PICTURES)
             rows.append(row)
             if problem:
                 failures.append(problem)
@@ -78,16 +78,16 @@ class VerifyStage(Stage):
                 failures.append(f"  batch of {info.batch}: {batch['problem']}")
                 for r in rows:
                     r["failed"] = r["failed"] or r["image"] in batch["differs"]
-        precision = precision_facts(cfg.get("precision", "fp32"), inputs["precision"].info, emulated)
-        (out_dir / "metrics.json").write_text(json.dumps({"images": rows, "summary": summary,
-                                                          "precision": precision}, indent=2))
+        precision = precision_facts(cfg.precision, inputs["graph"].info, emulated)
+        (out_dir / Files.METRICS).write_text(json.dumps({"images": rows, "summary": summary,
+                                                         "precision": precision}, indent=2))
         report = render_report(cfg, rows, summary, failures, graph.backend) + render_precision(precision)
-        (out_dir / "report.md").write_text(report)
+        (out_dir / Files.REPORT).write_text(report)
         if failures:
             bad = [r for r in rows if r["failed"]]
             head = (f"FAILED on {len(bad)} of {len(rows)} images: "
                     + "; ".join(f"{r['image']} {r['matched']}/{r['detectron2']} matched" for r in bad))
-            raise StageFailed(head + "\n" + "\n".join(failures), files={"report.md": report})
+            raise StageFailed(head + "\n" + "\n".join(failures), files={Files.REPORT: report})
         return {"summary": summary, "images": [{k: r[k] for k in SUMMARY_KEYS} for r in rows],
                 "precision": {k: v for k, v in precision.items() if k != "emulated_nodes"}}
 
@@ -103,7 +103,6 @@ class VerifyStage(Stage):
                 f"{s['mean_box_iou']:.4f}{masks}{batch}; report {folder / 'report.md'}")
 
 
-NAME_KEYS = ("class_names", "keypoint_names", "keypoint_skeleton")
 SUMMARY_KEYS = ("image", "input", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
                 "mean_mask_iou", "max_score_diff", "mean_score_shift", "eager_s", "graph_s")
 
@@ -152,7 +151,7 @@ def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, st
     return out
 
 
-def compare_one(fam, model, graph, photo, v: dict[str, Any], pictures: Path) -> tuple[dict[str, Any], str | None]:
+def compare_one(fam, model, graph, photo, v: VerifyConfig, pictures: Path) -> tuple[dict[str, Any], str | None]:
     """Detectron2 eager and the graph (a runtime Model) on one photograph, letterboxed alike."""
     from d2build.compare import describe_mismatches, match_detections
     from d2build.processing import detections_from_instances
@@ -164,7 +163,7 @@ def compare_one(fam, model, graph, photo, v: dict[str, Any], pictures: Path) -> 
     t1 = time.perf_counter()
     got, _, graph_s = graph.detect(photo.bgr)
     ref = detections_from_instances(inst, lb)
-    m = match_detections(ref, got, iou_min=v["iou_threshold"], score_tol=v["score_tolerance"])
+    m = match_detections(ref, got, iou_min=v.iou_threshold, score_tol=v.score_tolerance)
     stem = Path(photo.name).stem
     info = graph.info
     side_by_side(photo.bgr, ref, got, info.class_names, path=pictures / f"{stem}.png", highlight=m,
@@ -178,13 +177,13 @@ def compare_one(fam, model, graph, photo, v: dict[str, Any], pictures: Path) -> 
     }
     extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
     row.update(extra)
-    if len(ref) < v["min_detections"]:
-        problems.append(f"Detectron2 found {len(ref)} detections (< verify.min_detections={v['min_detections']})")
-    if m.recovered < v["min_recovered"]:
+    if len(ref) < v.min_detections:
+        problems.append(f"Detectron2 found {len(ref)} detections (< verify.min_detections={v.min_detections})")
+    if m.recovered < v.min_recovered:
         problems.append(f"recovered {m.recovered:.3f} of Detectron2's detections "
-                        f"(< verify.min_recovered={v['min_recovered']})")
-    if m.mean_mask_iou is not None and m.mean_mask_iou < v["min_mask_iou"]:
-        problems.append(f"mean mask IoU {m.mean_mask_iou:.3f} (< verify.min_mask_iou={v['min_mask_iou']})")
+                        f"(< verify.min_recovered={v.min_recovered})")
+    if m.mean_mask_iou is not None and m.mean_mask_iou < v.min_mask_iou:
+        problems.append(f"mean mask IoU {m.mean_mask_iou:.3f} (< verify.min_mask_iou={v.min_mask_iou})")
     row["failed"] = bool(problems)
     if not problems:
         return row, None
@@ -251,17 +250,17 @@ BACKEND_WORDS = {"reference": "plugins run by d2build's CPU reference implementa
                  "onnxruntime": "standard ONNX ops only, run by ONNX Runtime's own kernels"}
 
 
-def render_report(cfg: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any],
+def render_report(cfg: VerifySlice, rows: list[dict[str, Any]], summary: dict[str, Any],
                   failures: list[str], backend: str = "reference") -> str:
-    v = cfg["verify"]
-    h, w = cfg["input"]
+    v = cfg.verify
+    h, w = cfg.model.graph.input
     lines = [
-        f"# verify: {cfg['family']} at {h}x{w}, {cfg.get('precision', 'fp32')}",
+        f"# verify: {cfg.model.family} at {h}x{w}, {cfg.precision}",
         "",
-        f"TensorRT-ready {cfg.get('precision', 'fp32')} graph ({BACKEND_WORDS.get(backend, backend)}) vs "
+        f"TensorRT-ready {cfg.precision} graph ({BACKEND_WORDS.get(backend, backend)}) vs "
         f"Detectron2 eager on the same letterboxed input. A match needs the same class, box IoU >= "
-        f"{v['iou_threshold']} and |score difference| <= {v['score_tolerance']}; each image must recover >= "
-        f"{v['min_recovered']:.0%} of Detectron2's detections with mean mask IoU >= {v['min_mask_iou']}.",
+        f"{v.iou_threshold} and |score difference| <= {v.score_tolerance}; each image must recover >= "
+        f"{v.min_recovered:.0%} of Detectron2's detections with mean mask IoU >= {v.min_mask_iou}.",
         "",
         "**Verdict: " + ("FAILED" if failures else "passed") + "**",
         "",
