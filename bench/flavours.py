@@ -42,7 +42,7 @@ def main() -> None:
     from d2build.cache import Cache
     from d2build.compare import match_detections
     from d2build.compose import compose
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import letterbox
     from d2build.runner import execute, plan
     from d2build.stages.weights import load_state
@@ -59,7 +59,7 @@ def main() -> None:
         graphs[ops] = cache.lookup("surgery", planned["surgery"].key).path("model.onnx")
         weights = cache.lookup("weights", planned["weights"].key)
     assert recipe is not None
-    fam = family(recipe.model.family)
+    fam = builder(recipe.model.family)
     cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(weights))
     runners = {ops: backends.open_graph(path, threads=args.threads) for ops, path in graphs.items()}
@@ -72,7 +72,7 @@ def main() -> None:
         feeds = {"input_tensor": chw[None]}
         fam.eager(model, chw)  # warm-up
         outs = {ops: r.run(feeds) for ops, r in runners.items()}
-        dets = {ops: fam.decode(o, lb) for ops, o in outs.items()}
+        dets = {ops: fam.family.decode(o, lb) for ops, o in outs.items()}
         m = match_detections(dets["plugins"], dets["standard"], iou_min=0.999, score_tol=1e-4)
         times: dict[str, list[float]] = {"eager": [], **{ops: [] for ops in runners}}
         for _ in range(args.repeat):

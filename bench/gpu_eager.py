@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from d2build import detectron, photos
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import letterbox
 
     dev = args.device
@@ -126,7 +126,7 @@ def main() -> None:
     configs = []  # (model name, size, precision, path) -> callable
     for name in args.models:
         config, fam_name = MODELS[name]
-        fam = family(fam_name)
+        fam = builder(fam_name)
         cfg = detectron.load_cfg(config)
         model = detectron.random_model(cfg, 0, chw0, family=fam).to(dev).eval()
         print(f"{name}: random weights ready", flush=True)

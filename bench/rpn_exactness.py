@@ -22,7 +22,7 @@ def main(overrides: list[str]) -> None:
     from d2build import detectron, photos
     from d2build.cache import Cache
     from d2build.compose import compose
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import letterbox
     from d2build.reference import ReferenceSession
     from d2build.runner import plan
@@ -33,7 +33,7 @@ def main(overrides: list[str]) -> None:
     arts = {p.name: cache.lookup(p.name, p.key) for p in plan(recipe, cache)}
     if not arts["surgery"]:
         sys.exit("run d2build first with the same overrides (--until surgery) so the graph is cached")
-    fam = family(recipe.model.family)
+    fam = builder(recipe.model.family)
     cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(arts["weights"]))
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))

@@ -42,7 +42,7 @@ def main() -> None:
     from d2build import detectron, photos
     from d2build.cache import Cache
     from d2build.compose import compose
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import letterbox
     from d2build.reference import ReferenceSession
     from d2build.runner import execute, plan
@@ -67,7 +67,7 @@ def main() -> None:
     export_nodes = len(onnx.load(str(arts["export"].path("model.onnx")), load_external_data=False).graph.node)
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))
 
-    fam = family(recipe.model.family)
+    fam = builder(recipe.model.family)
     cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, load_state(arts["weights"]))
     graphs = {"surgery (fp32)": graph}

@@ -144,9 +144,9 @@ def random_model(cfg, seed: int, image_chw, family: Any = None):
     torch.set_num_threads(1)
     try:
         if isinstance(family, str):
-            from d2build.families import family as family_of
+            from d2build.families import builder
 
-            family = family_of(family)
+            family = builder(family)
         return _random_model(cfg, seed, image_chw, family)
     finally:
         torch.set_num_threads(threads)

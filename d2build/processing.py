@@ -89,7 +89,7 @@ class Letterbox:
         return self.input_hw[0] - self.resized_hw[0], self.input_hw[1] - self.resized_hw[1]
 
 
-def _fit_size(h: int, w: int, size: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+def fit_size(h: int, w: int, size: tuple[int, int]) -> tuple[float, tuple[int, int]]:
     """Scale and rounded size that fit (h, w) inside ``size``, keeping aspect.
 
     Rounds half up (``int(x + 0.5)``) like Detectron2's
@@ -135,7 +135,7 @@ def letterbox(
 
     h, w = image_bgr.shape[:2]
     H, W = int(size[0]), int(size[1])
-    scale, (rh, rw) = _fit_size(h, w, (H, W))
+    scale, (rh, rw) = fit_size(h, w, (H, W))
 
     # Detectron2's ResizeTransform: PIL bilinear on the uint8 array.  PIL treats
     # the BGR array as "RGB" but resamples each channel independently, so the
@@ -198,7 +198,7 @@ def load_image_bgr(path: str | PathLike[str]) -> np.ndarray:
     alpha is dropped rather than composited, exactly as Detectron2 does.
     """
     with Image.open(path) as im:
-        rgb = np.asarray(_apply_exif_orientation(im).convert("RGB"))
+        rgb = np.asarray(apply_exif_orientation(im).convert("RGB"))
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
@@ -214,11 +214,11 @@ _EXIF_TRANSPOSE = {
 }
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF orientation tag says; broken EXIF is ignored.
 
     Same table and the same tolerance of unreadable EXIF as Detectron2's
-    ``_apply_exif_orientation`` (``ImageOps.exif_transpose`` raises on some files).
+    ``apply_exif_orientation`` (``ImageOps.exif_transpose`` raises on some files).
     """
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)

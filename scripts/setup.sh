@@ -16,7 +16,7 @@ fi
 [ -n "$PY" ] || { echo "setup: need Python 3.11-3.13 (hydra-core 1.3.8 does not run on 3.14)" >&2; exit 1; }
 
 stamp=.venv/.d2build-setup
-want=$(cat pyproject.toml scripts/setup.sh tools/repack_detectron2.py | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml setup.py scripts/setup.sh tools/repack_detectron2.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import d2build, detectron2' 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0

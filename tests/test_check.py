@@ -25,14 +25,14 @@ def setup(cache_320_dir, tmp_path_factory):
     """(bundle doc, graph proto, ModelInfo, verify config, family, Detectron2 model, photograph)."""
     from d2build import detectron, photos
     from d2build.cache import Cache
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.runtime import ModelInfo
     from d2build.stages.weights import load_state
 
     bundle = ensure_bundle(cache_320_dir, bundles_root(tmp_path_factory), "plugins")
     doc = json.loads((bundle / "model.json").read_text())
     cfg = doc["recipe"]["config"]
-    fam = family(cfg["model"]["family"])
+    fam = builder(cfg["model"]["family"])
     weights = Cache(cache_320_dir).lookup("weights", doc["cache_keys"]["weights"])
     from d2build.recipe import NmsConfig, RpnConfig, SurgeryConfig, VerifyConfig
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import d2build
 from d2build.compare import match_detections
 from d2build.compose import compose, shipped_recipes_dir
-from d2build.families import FAMILIES, family
+from d2build.families import FAMILIES, builder, family
 from d2build.families.keypoint_rcnn import keypoint_agreement
 from d2build.processing import Detections
 from d2build.schema import FAMILIES_SUPPORTED, RecipeError
@@ -106,8 +106,8 @@ def test_every_registered_family_is_supported_and_has_a_shipped_recipe():
     shipped = {compose([f"recipe={p.stem}"]).model.family for p in shipped_recipes_dir().glob("*.yaml")}
     assert shipped == set(FAMILIES)
     for name in FAMILIES:
-        fam = family(name)
-        assert fam.name == name
+        fam = builder(name)
+        assert fam.name == name == family(name).name and type(fam.family) is type(family(name))
         fields = list(fam.export_outputs[:-1])  # TracingAdapter flattens Instances fields sorted by name
         assert fam.export_outputs[-1] == "image_size" and fields == sorted(fields)
 

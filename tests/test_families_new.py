@@ -162,11 +162,11 @@ def test_export_check_drops_boxes_lying_in_the_letterbox_padding():
     back, on both sides of the export check alike, and must be dropped (it could never match by IoU)."""
     import numpy as np
 
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import Letterbox
 
     lb = Letterbox(original_hw=(512, 512), resized_hw=(480, 480), scale=480 / 512, input_hw=(480, 640))
     outputs = {"pred_boxes": np.array([[10, 10, 100, 100], [560, 250, 600, 270]], np.float32),
                "scores": np.array([0.9, 0.2], np.float32), "pred_classes": np.array([1, 3])}
-    det = family("retinanet").export_detections(outputs, lb)
+    det = builder("retinanet").export_detections(outputs, lb)
     assert len(det) == 1 and det.classes.tolist() == [1]

@@ -66,7 +66,7 @@ def test_export_matches_detectron2_on_two_photographs(shared_cache, tmp_path):
     assert [c["image"] for c in checks] == ["astronaut"]  # the stage checks one; a second one here
     from d2build import detectron, photos
     from d2build.cache import Artifact
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import letterbox
     from d2build.stages.export import check_export
     from d2build.stages.weights import load_state
@@ -77,7 +77,7 @@ def test_export_matches_detectron2_on_two_photographs(shared_cache, tmp_path):
     model = detectron.build_model(cfg, load_state(weights))
     chw, lb = letterbox(photos.bundled("coffee").bgr, (640, 640), cfg.MODEL.PIXEL_MEAN)
     export = Path(run.stage("export")["dir"]) / "model.onnx"
-    checks.append(check_export(family("mask_rcnn"), model, export, "coffee", chw, lb))
+    checks.append(check_export(builder("mask_rcnn"), model, export, "coffee", chw, lb))
     assert [c["against"] for c in checks] == ["trace", "eager"]  # the traced forward's values, then eager
     for c in checks:
         assert c["detections"] >= 20 and c["matched"] == c["detections"], c

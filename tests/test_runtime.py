@@ -92,7 +92,7 @@ def make_coco_from_detectron2(weights_dir: Path, images: Path, names: list[str])
     from pycocotools import mask as mask_util
 
     from d2build import detectron, photos
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.processing import detections_from_instances, letterbox
 
     d2cfg = detectron.load_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
@@ -107,7 +107,7 @@ def make_coco_from_detectron2(weights_dir: Path, images: Path, names: list[str])
 
         Image.fromarray(photo.bgr[:, :, ::-1]).save(images / f"{name}.png")
         chw, lb = letterbox(photo.bgr, (640, 640), d2cfg.MODEL.PIXEL_MEAN)
-        det = detections_from_instances(family("mask_rcnn").eager(model, chw), lb)
+        det = detections_from_instances(builder("mask_rcnn").eager(model, chw), lb)
         h, w = photo.bgr.shape[:2]
         images_json.append({"id": image_id, "file_name": f"{name}.png", "height": h, "width": w})
         for k in range(len(det)):

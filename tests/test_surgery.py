@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import d2build
 from d2build import detectron, photos
-from d2build.families.rcnn_graph import RCNNSurgeon, head_spec
+from d2build.families.surgery.rcnn import rcnn_surgeon
+from d2build.families.surgery.spec import head_spec
 from d2build.graph import GraphMismatch
 from d2build.recipe import NmsConfig, RpnConfig, SurgeryConfig
 
@@ -31,7 +32,7 @@ def test_anchors_for_another_size_are_refused(export_640):
     spec = head_spec(detectron.load_cfg(CONFIG), SURGERY, (1344, 1344), with_masks=True)
     with pytest.raises(GraphMismatch, match=r"RPN level 0 predicts 76800 anchors .* but 338688 anchors were "
                                             r"generated for input 1344x1344"):
-        RCNNSurgeon(export_640, spec).run()
+        rcnn_surgeon(export_640, spec, "plugins").run()
 
 
 def test_missing_module_is_named(export_640):
@@ -42,7 +43,7 @@ def test_missing_module_is_named(export_640):
     broken.graph.node.extend(keep)
     spec = head_spec(detectron.load_cfg(CONFIG), SURGERY, (640, 640), with_masks=True)
     with pytest.raises(GraphMismatch, match=r"module 'roi_heads.box_predictor.bbox_pred'"):
-        RCNNSurgeon(broken, spec).run()
+        rcnn_surgeon(broken, spec, "plugins").run()
 
 
 def test_unsupported_pooler_is_refused():

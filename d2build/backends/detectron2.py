@@ -21,10 +21,10 @@ RESIZES = ("letterbox", "shortest_edge")
 class EagerModel:
     backend = "detectron2"
 
-    def __init__(self, model: Any, family: Any, info: Any, cfg: Any, resize: str = "letterbox"):
+    def __init__(self, model: Any, build: Any, info: Any, cfg: Any, resize: str = "letterbox"):
         if resize not in RESIZES:
             raise ValueError(f"unknown resize {resize!r}; use one of {RESIZES}")
-        self.model, self.family, self.info, self.cfg, self.resize = model, family, info, cfg, resize
+        self.model, self.build, self.info, self.cfg, self.resize = model, build, info, cfg, resize
         self.input_hw = info.input_hw
         self.source = f"Detectron2 eager ({resize})"
         self.path = None
@@ -41,7 +41,7 @@ class EagerModel:
         if self.resize == "letterbox":
             chw, lb = letterbox(bgr, self.info.input_hw, self.info.pixel_mean)
             t0 = time.perf_counter()
-            inst = self.family.eager(self.model, chw)
+            inst = self.build.eager(self.model, chw)
             return detections_from_instances(inst, lb), lb, time.perf_counter() - t0
         return self._native(bgr)
 

@@ -142,10 +142,10 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
     from d2build import detectron
     from d2build.backends.detectron2 import EagerModel
     from d2build.recipe import ModelSlice
-    from d2build.families import family
+    from d2build.families import builder
 
     weights = artifacts_for(recipe, "detectron2", run_dir, overrides)["weights"]
-    fam = family(recipe.model.family)
+    fam = builder(recipe.model.family)
     cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, torch.load(weights, map_location="cpu", weights_only=True))
     info = detectron.model_info(ModelSlice.of(recipe), cfg)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from d2build.backends.base import Runner, RunnerError
+from d2build.families.base import Outputs
 from d2build.runtime.info import ModelInfo
 
 FORMAT = "d2build-bundle"
@@ -47,14 +48,14 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "reference")
 
 #: What each graph output holds (model.json "outputs"[].meaning).
 OUTPUT_MEANING = {
-    "num_detections": "valid rows per image in the outputs below; rows past it are zero padding",
-    "detection_boxes": "x1, y1, x2, y2 in input_tensor pixels (letterboxed canvas); map back with the "
+    Outputs.NUM: "valid rows per image in the outputs below; rows past it are zero padding",
+    Outputs.BOXES: "x1, y1, x2, y2 in input_tensor pixels (letterboxed canvas); map back with the "
                        "letterbox (x / (resized_w / w), y / (resized_h / h)), then clip to the image",
-    "detection_scores": "class probability, descending across classes",
-    "detection_classes": "contiguous class id (index into model.class_names)",
-    "detection_masks": "per detection, its class's 28x28 mask probabilities over its box: paste into the box "
+    Outputs.SCORES: "class probability, descending across classes",
+    Outputs.CLASSES: "contiguous class id (index into model.class_names)",
+    Outputs.MASKS: "per detection, its class's 28x28 mask probabilities over its box: paste into the box "
                        "bilinearly (Detectron2's paste_masks_in_image), keep >= mask_threshold",
-    "detection_heatmaps": "per detection, K x 56 x 56 keypoint logits over its box: decode with "
+    Outputs.HEATMAPS: "per detection, K x 56 x 56 keypoint logits over its box: decode with "
                           "d2build.families.keypoint_rcnn.decode_keypoints (Detectron2's heatmaps_to_keypoints)",
 }
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from d2build.processing import Detections, Letterbox, _apply_exif_orientation, _fit_size, letterbox
+from d2build.processing import Detections, Letterbox, apply_exif_orientation, fit_size, letterbox
 from d2build.runtime.info import ModelInfo
 
 
@@ -42,7 +42,7 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, name: str = 
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()  # decode everything now: a truncated file fails here, not later
-            rgb = np.asarray(_apply_exif_orientation(im).convert("RGB"))
+            rgb = np.asarray(apply_exif_orientation(im).convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise ImageError(f"{name}: cannot be decoded as an image ({type(e).__name__}: {e}); send the encoded "
                          f"file's bytes (JPEG, PNG, BMP, WebP, TIFF), {len(raw)} bytes received") from None
@@ -72,7 +72,7 @@ def letterbox_for(original_hw: tuple[int, int], info: ModelInfo) -> Letterbox:
     """The letterbox `preprocess` used for an image of `original_hw`, rebuilt from the size alone
     (post-processing in another process, e.g. Triton's, gets only the size)."""
     h, w = int(original_hw[0]), int(original_hw[1])
-    scale, resized = _fit_size(h, w, tuple(info.input_hw))
+    scale, resized = fit_size(h, w, tuple(info.input_hw))
     return Letterbox(original_hw=(h, w), input_hw=tuple(info.input_hw), scale=float(scale), resized_hw=resized)
 
 

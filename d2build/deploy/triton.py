@@ -36,14 +36,13 @@ from typing import Any
 
 import d2build
 
-#: d2build modules the Python-backend models import (numpy and Pillow only below them).
-VENDORED = (
-    "__init__.py", "processing.py",
-    "runtime/__init__.py", "runtime/info.py", "runtime/model.py",
-    "families/__init__.py", "families/base.py", "families/mask_rcnn.py", "families/faster_rcnn.py",
-    "families/keypoint_rcnn.py", "families/cascade_rcnn.py", "families/retinanet.py",
-    "deploy/__init__.py", "deploy/runtime.py", "deploy/triton_model.py",
-)
+def runtime_files() -> list[str]:
+    """The d2build modules (relative to d2build/) the Python-backend models import: numpy and Pillow only below
+    them. The families' runtime halves come from the family registry (families/<name>/__init__.py)."""
+    from d2build.families import runtime_modules
+
+    return ["__init__.py", "processing.py", "runtime/__init__.py", "runtime/info.py", "runtime/model.py",
+            *runtime_modules(), "deploy/__init__.py", "deploy/runtime.py", "deploy/triton_model.py"]
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
                 "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 IMAGE, ORIGINAL_HW, DETECTIONS = "IMAGE", "ORIGINAL_HW", "DETECTIONS"
@@ -167,7 +166,7 @@ def _python_model(folder: Path, bundle: Path, doc: dict[str, Any], config: str) 
     package = Path(d2build.__file__).parent
     _link_or_copy(bundle / "model.json", folder / "1" / "model.json")
     shutil.copyfile(package / "deploy" / "triton_model.py", folder / "1" / "model.py")
-    for rel in VENDORED:
+    for rel in runtime_files():
         dst = folder / "1" / "d2build" / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(package / rel, dst)

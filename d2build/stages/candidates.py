@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact, file_digest
+from d2build.families.base import Outputs
 from d2build.recipe import CandidatesSlice, EvalImages, Files, GraphSpec, ModelSlice, NmsConfig, Problem, Recipe
 from d2build.stages.base import Context, Stage
 
@@ -83,13 +84,13 @@ class CandidatesStage(Stage):
         import torch
 
         from d2build import backends, detectron, evaluation
-        from d2build.families import family
+        from d2build.families import builder
         from d2build.processing import load_image_bgr
         from d2build.runtime import Model
         from d2build.stages.weights import load_state
 
         g = cfg.model.graph
-        fam = family(g.family)
+        fam = builder(g.family)
         nms = g.surgery.nms
         d2cfg = detectron.load_cfg(g.config.name, fam.eager_overrides(g.surgery))
         ctx.step(f"candidate graph ({g.ops}, {cfg.precision}): final NMS keeps every score > "
@@ -111,10 +112,10 @@ class CandidatesStage(Stage):
             chw = x[0]
             t0 = time.perf_counter()
             out = runner.run({runner.input_name: x})
-            n = int(out["num_detections"][0, 0])
+            n = int(out[Outputs.NUM][0, 0])
             sides["graph"][image_id] = evaluation.Candidates.from_rows(
-                out["detection_boxes"][0, :n], out["detection_scores"][0, :n], out["detection_classes"][0, :n], lb,
-                lambda rows, b_in, b: fam.decode_heads(out, 0, rows, b_in, b, lb, 0.5), cap)
+                out[Outputs.BOXES][0, :n], out[Outputs.SCORES][0, :n], out[Outputs.CLASSES][0, :n], lb,
+                lambda rows, b_in, b: fam.family.decode_heads(out, 0, rows, b_in, b, lb, 0.5), cap)
             t1 = time.perf_counter()
             inst = fam.eager(model, chw)
             sides["detectron2"][image_id] = evaluation.Candidates.from_rows(

@@ -36,10 +36,10 @@ from typing import Any, Callable
 import numpy as np
 
 from d2build.cache import Artifact
+from d2build.families.base import Outputs
 from d2build.recipe import Files, Recipe, VerifyConfig, VerifySlice
 from d2build.stages.base import Context, Stage, StageFailed
 
-ROW_OUTPUTS = ("detection_boxes", "detection_scores", "detection_masks", "detection_heatmaps")
 
 
 class EngineCheckStage(Stage):
@@ -154,13 +154,13 @@ def _rows_as_detections(out: dict[str, np.ndarray], b: int = 0, mask_threshold: 
     """The valid rows of one image's raw outputs as Detections in input pixels (28x28 masks thresholded)."""
     from d2build.processing import Detections
 
-    n = int(np.asarray(out["num_detections"])[b].reshape(-1)[0])
-    n = max(0, min(n, np.asarray(out["detection_boxes"]).shape[1]))
+    n = int(np.asarray(out[Outputs.NUM])[b].reshape(-1)[0])
+    n = max(0, min(n, np.asarray(out[Outputs.BOXES]).shape[1]))
     masks = None
-    if "detection_masks" in out:
-        masks = np.asarray(out["detection_masks"])[b, :n] >= mask_threshold
-    return Detections(np.asarray(out["detection_boxes"])[b, :n], np.asarray(out["detection_scores"])[b, :n],
-                      np.asarray(out["detection_classes"])[b, :n], masks=masks), n
+    if Outputs.MASKS in out:
+        masks = np.asarray(out[Outputs.MASKS])[b, :n] >= mask_threshold
+    return Detections(np.asarray(out[Outputs.BOXES])[b, :n], np.asarray(out[Outputs.SCORES])[b, :n],
+                      np.asarray(out[Outputs.CLASSES])[b, :n], masks=masks), n
 
 
 def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.ndarray], v: VerifyConfig,
@@ -187,10 +187,10 @@ def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.n
     out: dict[str, Any] = {"graph_rows": n_ref, "engine_rows": n_got, "paired": len(m.pairs),
                            "paired_share": share, "num_detections_equal": n_ref == n_got}
     k = min(n_ref, n_got)
-    aligned_classes = (np.asarray(graph_out["detection_classes"])[b, :k]
-                       == np.asarray(engine_out["detection_classes"])[b, :k])
+    aligned_classes = (np.asarray(graph_out[Outputs.CLASSES])[b, :k]
+                       == np.asarray(engine_out[Outputs.CLASSES])[b, :k])
     out["aligned_class_equal"] = float(aligned_classes.mean()) if k else 1.0
-    for name in ROW_OUTPUTS:
+    for name in (o for o in Outputs.ROWS if o != Outputs.CLASSES):
         if name not in graph_out:
             continue
         g, e = np.asarray(graph_out[name])[b], np.asarray(engine_out[name])[b]

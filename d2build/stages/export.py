@@ -35,12 +35,12 @@ class ExportStage(Stage):
         import onnx
 
         from d2build import detectron, photos
-        from d2build.families import family
+        from d2build.families import builder
         from d2build.graph import op_histogram
         from d2build.processing import letterbox
         from d2build.stages.weights import load_state
 
-        fam = family(cfg.family)
+        fam = builder(cfg.family)
         d2cfg = detectron.load_cfg(cfg.config.name)
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         hw = cfg.input

@@ -39,13 +39,13 @@ class SurgeryStage(Stage):
         import onnx
 
         from d2build import detectron
-        from d2build.families import family
+        from d2build.families import builder
         from d2build.graph import io_shapes, op_histogram, plugin_attributes
 
         d2cfg = detectron.load_cfg(cfg.config.name)
         export = onnx.load(str(inputs["export"].path(Files.GRAPH)))
         ctx.step(f"rewriting {len(export.graph.node)} export nodes")
-        model, facts = family(cfg.family).surgery(export, d2cfg, cfg)
+        model, facts = builder(cfg.family).surgery(export, d2cfg, cfg)
         onnx.save(model, str(out_dir / Files.GRAPH))
         ctx.step(f"{len(model.graph.node)} nodes, checked with onnx.checker (full shape inference)")
         return {

@@ -30,15 +30,16 @@ def verify_slice(recipe: Recipe) -> VerifySlice:
 
 
 def eager_and_info(cfg: VerifySlice, weights: Artifact):
-    """(family, Detectron2 eager with the recipe's thresholds, the graph's ModelInfo) for verify and check."""
+    """(the family's build half, Detectron2 eager with the recipe's thresholds, the graph's ModelInfo) for
+    verify and check."""
     from d2build import detectron
-    from d2build.families import family
+    from d2build.families import builder
     from d2build.stages.weights import load_state
 
-    fam = family(cfg.model.family)
-    d2cfg = detectron.load_cfg(cfg.model.config, fam.eager_overrides(cfg.model.graph.surgery))
+    build = builder(cfg.model.family)
+    d2cfg = detectron.load_cfg(cfg.model.config, build.eager_overrides(cfg.model.graph.surgery))
     model = detectron.build_model(d2cfg, load_state(weights))
-    return fam, model, detectron.model_info(cfg.model, d2cfg)
+    return build, model, detectron.model_info(cfg.model, d2cfg)
 
 
 class VerifyStage(Stage):
@@ -175,7 +176,7 @@ def compare_one(fam, model, graph, photo, v: VerifyConfig, pictures: Path) -> tu
         "mean_abs_score_diff": m.mean_score_diff, "eager_s": round(t1 - t0, 3), "graph_s": round(graph_s, 3),
         "picture": f"pictures/{stem}.png", "match": m.to_dict(), "input": list(lb.input_hw),
     }
-    extra, problems = fam.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
+    extra, problems = fam.family.verify_extra(ref, got, m, v)  # family-specific metrics (e.g. keypoints)
     row.update(extra)
     if len(ref) < v.min_detections:
         problems.append(f"Detectron2 found {len(ref)} detections (< verify.min_detections={v.min_detections})")

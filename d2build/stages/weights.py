@@ -26,9 +26,9 @@ class WeightsStage(Stage):
         m = recipe.model
         config = ConfigRef.of(m.config)
         if m.weights == "random":
-            from d2build.families import FAMILIES, family
+            from d2build.families import FAMILIES, builder
 
-            extra = family(m.family).random_key() if m.family in FAMILIES else {}
+            extra = builder(m.family).random_key() if m.family in FAMILIES else {}
             # what the family adds to random weights (none for the first R-CNN families: keys unchanged)
             return WeightsSlice(config, m.weights, random=RandomWeights(
                 m.seed, BN_PHOTO, RESIDUAL_BRANCH_SCALE, PREDICTOR_SPREAD, m.family if extra else None, extra or None))

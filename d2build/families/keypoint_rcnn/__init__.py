@@ -3,7 +3,7 @@
 The same GeneralizedRCNN as Mask R-CNN (backbone, RPN, box head: `MaskRCNN` supplies all of
 that) with a keypoint head instead of a mask head. Three things are specific:
 
-* Export. Detectron2's keypoint head ends in `keypoint_rcnn_inference` -> `heatmaps_to_keypoints`,
+* Export (build.py). Detectron2's keypoint head ends in `keypoint_rcnn_inference` -> `heatmaps_to_keypoints`,
   a per-detection loop of data-dependent bicubic resizes that the TorchScript exporter cannot trace
   (`aten::index ... unknown rank`). During tracing only, `keypoint_rcnn_inference` is replaced by a
   function that attaches the raw heatmaps as `pred_keypoint_heatmaps` (the field Detectron2 itself
@@ -22,17 +22,14 @@ Also here: COCO's person keypoint names and skeleton (the default for a 17-keypo
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from d2build.families.base import Outputs
 from d2build.families.mask_rcnn import MaskRCNN
 from d2build.processing import keypoints_to_original
 
-EXPORT_OUTPUTS = ("pred_boxes", "pred_classes", "pred_keypoint_heatmaps", "scores", "image_size")
 
 # COCO person keypoints in Detectron2's order, and the limbs Detectron2 connects (0-based).
 COCO_KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
@@ -46,38 +43,17 @@ COCO_SKELETON: tuple[tuple[int, int], ...] = (
 COCO_OKS_SIGMAS = (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
 
 
-@contextlib.contextmanager
-def raw_heatmaps() -> Iterator[None]:
-    """While active, Detectron2's keypoint head returns heatmaps instead of decoding them."""
-    from unittest import mock
-
-    from detectron2.modeling.roi_heads import keypoint_head
-
-    def attach(pred_keypoint_logits, pred_instances) -> None:
-        counts = [len(i) for i in pred_instances]
-        for inst, maps in zip(pred_instances, pred_keypoint_logits.split(counts, dim=0), strict=True):
-            inst.pred_keypoint_heatmaps = maps
-
-    with mock.patch.object(keypoint_head, "keypoint_rcnn_inference", attach):
-        yield
-
-
 class KeypointRCNN(MaskRCNN):
     name = "keypoint_rcnn"
     with_masks = False
     with_keypoints = True
-    export_outputs = EXPORT_OUTPUTS
-    head_outputs = ("detection_heatmaps",)
+    head_outputs = (Outputs.HEATMAPS,)
     described_as = "Keypoint R-CNN (GeneralizedRCNN, ResNet-FPN, RPN, StandardROIHeads, keypoint head)"
-
-    def export(self, model, image_chw: np.ndarray, path: Path) -> dict[str, np.ndarray]:
-        with raw_heatmaps():
-            return super().export(model, image_chw, path)
 
     def decode_heads(self, outputs, image_index, rows, boxes_input, boxes, lb, mask_threshold) -> dict[str, Any]:
         """Keypoints of the kept detections, decoded against their boxes in input pixels (as Detectron2
         decodes them) and mapped to the original image."""
-        maps = np.asarray(outputs["detection_heatmaps"])[image_index, rows]
+        maps = np.asarray(outputs[Outputs.HEATMAPS])[image_index, rows]
         return {"keypoints": keypoints_to_original(decode_keypoints(maps, boxes_input), lb)}
 
     def verify_extra(self, ref, got, match, verify) -> tuple[dict[str, Any], list[str]]:
@@ -302,3 +278,6 @@ def _eval_cells(roi: np.ndarray, kp: np.ndarray, cell: np.ndarray, ctx: tuple) -
         best[sel] = top
         where[sel] = np.minimum.reduceat(lin, starts)
     return best, where
+
+
+FAMILY = KeypointRCNN

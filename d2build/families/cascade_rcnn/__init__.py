@@ -2,8 +2,8 @@
 
 The backbone, RPN, mask head, export (TracingAdapter around `inference(..., do_postprocess=False)`)
 and eager comparison are Mask R-CNN's (`MaskRCNN`). What differs is the box stage, which the shared
-R-CNN surgeons build from `HeadSpec.cascade_bbox_reg_weights` (rcnn_graph.py for plugin graphs,
-rcnn_standard.py for standard-op graphs), following `CascadeROIHeads._forward_box`:
+R-CNN surgeon (families/surgery/rcnn.py, both flavours) builds from `HeadSpec.cascade_bbox_reg_weights`,
+following `CascadeROIHeads._forward_box`:
 
 * three box heads and predictors (`roi_heads.box_head.0..2`, `roi_heads.box_predictor.0..2`), each
   with its own ROI pooling, class-agnostic regression and its own `BBOX_REG_WEIGHTS`
@@ -49,20 +49,6 @@ class CascadeRCNN(MaskRCNN):
     structure = CASCADE_STRUCTURE
     described_as = ("Cascade Mask R-CNN (GeneralizedRCNN, ResNet-FPN, RPN, CascadeROIHeads: three box stages with "
                     "class-agnostic regression, mask head)")
-    cascade = True
-
-    def random_key(self):
-        return {"cascade_predictor_spread": CASCADE_PREDICTOR_SPREAD}
-
-    def adjust_random(self, model, image_chw) -> None:
-        """Each stage's classifier spreads its logits like Mask R-CNN's one (detectron.PREDICTOR_SPREAD)."""
-        from d2build import detectron
-
-        for path, target in CASCADE_PREDICTOR_SPREAD.items():
-            detectron.rescale_outputs(model, model.get_submodule(path), image_chw, target)
 
 
-# Detectron2 initialises each stage's cls_score with std 0.01: every class scores ~1/81 and nothing
-# clears 0.05. Rescaled like Mask R-CNN's predictor (std 2 of the logits on the photograph), the mean of
-# three stages gives about as many ordinary detections as Mask R-CNN.
-CASCADE_PREDICTOR_SPREAD = {f"roi_heads.box_predictor.{k}.cls_score": 2.0 for k in range(CASCADE_STAGES)}
+FAMILY = CascadeRCNN

@@ -1,9 +1,9 @@
 """Surgery for RetinaNet, both graph flavours (see families/retinanet.py for what the graph computes).
 
-Reuses the R-CNN surgeons' pieces: input and preprocessing, the anchor rows and (dynamic inputs) the
-in-graph anchor tables, Box2BoxTransform's decode, the clip, and the standard flavour's class-wise
-NonMaxSuppression + top-k (`StandardSurgeon.top_detections`). What is RetinaNet's own is the dense
-candidate selection:
+Reuses the surgeon's shared pieces (surgery/surgeon.py): input and preprocessing, the anchor rows and
+(dynamic inputs) the in-graph anchor tables, Box2BoxTransform's decode, the clip, and the standard
+flavour's class-wise NonMaxSuppression + top-k (`StandardOps.top_detections`). What is RetinaNet's
+own is the dense candidate selection:
 
 * per level, one TopK over the cls_score conv's raw output reshaped to [B, A*K*H*W]: channel a*K + k
   at location y*W + x, so a flat index i is anchor a = i // (K*H*W), class k = (i // (H*W)) % K and
@@ -23,21 +23,27 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from d2build import plugins
-from d2build.families.rcnn_graph import BIG, RCNNSurgeon
-from d2build.families.rcnn_standard import StandardSurgeon, _i64
+from d2build.families.surgery.spec import HeadSpec
+from d2build.families.surgery.surgeon import BIG, PluginOps, StandardOps, Surgeon, flavour_of, i64
 from d2build.graph import GraphMismatch, find_calls
 
 
-class RetinaNetSurgeon(RCNNSurgeon):
-    """Plugin flavour: the dense candidates, then one EfficientNMS_TRT (class-wise, all levels together)."""
+def dense_surgeon(export: onnx.ModelProto, spec: HeadSpec, ops: str) -> "DenseSurgeon":
+    """The RetinaNet surgeon for `surgery.ops`."""
+    return DenseSurgeon(export, spec, flavour_of(ops, PluginDense, StandardDense))
+
+
+class DenseSurgeon(Surgeon):
+    """The dense candidates of every level (both flavours), then the flavour's class-wise NMS (`ops`)."""
+
+    ops: "PluginDense | StandardDense"
 
     def outputs(self) -> list[gs.Variable]:
-        return self.detections(*self.candidates())
-
-    # ------------------------------------------------------------------ candidates
+        return self.ops.detections(self, *self.candidates())
 
     def _level_size(self, conv: gs.Node, lvl: int) -> tuple[Any, Any]:
         """(H*W, anchors table [A*H*W, 8]) of one level: constants for a fixed input, tensors for a dynamic one."""
@@ -45,10 +51,10 @@ class RetinaNetSurgeon(RCNNSurgeon):
         a, k = s.anchors_per_location, s.num_classes
         if s.dynamic:
             shape = b.op("Shape", [conv.inputs[0]], name=f"{self._tag(lvl)}_shape")
-            hw = b.op("Mul", [b.op("Gather", [shape, _i64(2)], {"axis": 0}, name=f"{self._tag(lvl)}_h"),
-                              b.op("Gather", [shape, _i64(3)], {"axis": 0}, name=f"{self._tag(lvl)}_w")],
+            hw = b.op("Mul", [b.op("Gather", [shape, i64(2)], {"axis": 0}, name=f"{self._tag(lvl)}_h"),
+                              b.op("Gather", [shape, i64(3)], {"axis": 0}, name=f"{self._tag(lvl)}_w")],
                       name=f"{self._tag(lvl)}_hw")  # [1]
-            return hw, self._anchor_table(conv.inputs[0], lvl)
+            return hw, self.anchor_table(conv.inputs[0], lvl)
         shape = conv.outputs[0].shape
         if shape is None or any(not isinstance(v, int) for v in shape):
             raise GraphMismatch(f"RetinaNet level {lvl}: cls_score output has no static shape ({shape})")
@@ -58,7 +64,7 @@ class RetinaNetSurgeon(RCNNSurgeon):
                 f"RetinaNet level {s.rpn_in_features[lvl]} predicts {ak // max(k, 1)}x{h}x{w} anchors x classes but "
                 f"{s.anchors[lvl].shape[0]} anchors were generated for input {s.input_hw[0]}x{s.input_hw[1]} "
                 f"({a} per location, {k} classes): the export and the recipe's model.input disagree")
-        return h * w, np.ascontiguousarray(self._anchor_rows(s.anchors[lvl], a).T)
+        return h * w, np.ascontiguousarray(self.anchor_rows(s.anchors[lvl], a).T)
 
     def _tag(self, lvl: int) -> str:
         return f"retinanet_{self.spec.rpn_in_features[lvl]}"
@@ -77,22 +83,22 @@ class RetinaNetSurgeon(RCNNSurgeon):
         for lvl, (c, r) in enumerate(zip(cls, reg)):
             t = self._tag(lvl)
             hw, table = self._level_size(c, lvl)
-            flat = b.op("Reshape", [c.outputs[0], _i64(B, -1)], name=f"{t}_logits")  # [B, A*K*H*W]
+            flat = b.op("Reshape", [c.outputs[0], i64(B, -1)], name=f"{t}_logits")  # [B, A*K*H*W]
             if s.dynamic:  # a level may hold fewer than k pairs: pad, pick, clamp the padding's index into the level
                 flat = b.op("Concat", [flat, np.full((B, k), -BIG, np.float32)], {"axis": 1}, name=f"{t}_padded")
                 kl = k
             else:
                 kl = min(k, A * K * hw)
-            top, idx = b.op("TopK", [flat, _i64(kl)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
+            top, idx = b.op("TopK", [flat, i64(kl)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
                             name=f"{t}_topk")  # [B, kl]
             if s.dynamic:
-                last = b.op("Sub", [b.op("Mul", [hw, _i64(A * K)], name=f"{t}_pairs"), _i64(1)], name=f"{t}_last")
+                last = b.op("Sub", [b.op("Mul", [hw, i64(A * K)], name=f"{t}_pairs"), i64(1)], name=f"{t}_last")
                 idx = b.op("Min", [idx, last], name=f"{t}_index_in_level")
-                hw_of.append(b.op("Expand", [hw, _i64(kl)], name=f"{t}_hw_per_pick"))
-                offset_of.append(b.op("Expand", [offset if isinstance(offset, gs.Variable) else _i64(offset),
-                                                 _i64(kl)], name=f"{t}_offset_per_pick"))
-                offset = b.op("Add", [offset if isinstance(offset, gs.Variable) else _i64(offset),
-                                      b.op("Mul", [hw, _i64(A)], name=f"{t}_anchors")], name=f"{t}_next_offset")
+                hw_of.append(b.op("Expand", [hw, i64(kl)], name=f"{t}_hw_per_pick"))
+                offset_of.append(b.op("Expand", [offset if isinstance(offset, gs.Variable) else i64(offset),
+                                                 i64(kl)], name=f"{t}_offset_per_pick"))
+                offset = b.op("Add", [offset if isinstance(offset, gs.Variable) else i64(offset),
+                                      b.op("Mul", [hw, i64(A)], name=f"{t}_anchors")], name=f"{t}_next_offset")
             else:
                 hw_of.append(np.full(kl, hw, np.int64))
                 offset_of.append(np.full(kl, offset, np.int64))
@@ -100,9 +106,9 @@ class RetinaNetSurgeon(RCNNSurgeon):
                 sizes.append(A * hw)
             logits.append(top)
             index.append(idx)
-            d = b.op("Reshape", [r.outputs[0], _i64(B, A, 4, -1)], name=f"{t}_deltas_4d")
+            d = b.op("Reshape", [r.outputs[0], i64(B, A, 4, -1)], name=f"{t}_deltas_4d")
             d = b.op("Transpose", [d], {"perm": [0, 1, 3, 2]}, name=f"{t}_deltas_by_anchor")  # [B, A, H*W, 4]
-            deltas.append(b.op("Reshape", [d, _i64(B, -1, 4)], name=f"{t}_deltas"))  # rows a*H*W + loc
+            deltas.append(b.op("Reshape", [d, i64(B, -1, 4)], name=f"{t}_deltas"))  # rows a*H*W + loc
             tables.append(table)
         self._fold_dense_regression_weights(reg)
         self.facts["anchors"] = {"per_level": sizes or "from each feature map's size (dynamic input)",
@@ -115,19 +121,19 @@ class RetinaNetSurgeon(RCNNSurgeon):
         off = cat(offset_of, "retinanet_offset_per_pick") if s.dynamic else np.concatenate(offset_of)
         channel = b.op("Div", [idx, hw], name="retinanet_channel")  # a*K + class
         loc = b.op("Sub", [idx, b.op("Mul", [channel, hw], name="retinanet_channel_start")], name="retinanet_location")
-        anchor = b.op("Div", [channel, _i64(K)], name="retinanet_anchor_of_cell")
-        classes = b.op("Sub", [channel, b.op("Mul", [anchor, _i64(K)], name="retinanet_class_start")],
+        anchor = b.op("Div", [channel, i64(K)], name="retinanet_anchor_of_cell")
+        classes = b.op("Sub", [channel, b.op("Mul", [anchor, i64(K)], name="retinanet_class_start")],
                        name="retinanet_class")  # [B, N]
         row = b.op("Add", [b.op("Add", [b.op("Mul", [anchor, hw], name="retinanet_anchor_start"), loc],
                                 name="retinanet_row_in_level"), off], name="retinanet_row")  # [B, N]
         table = (b.op("Concat", tables, {"axis": 0}, name="retinanet_anchor_table") if s.dynamic
                  else np.ascontiguousarray(np.concatenate(tables)))
         anchors = b.op("Gather", [table, row], {"axis": 0}, name="retinanet_anchors")  # [B, N, 8]
-        whwh, ctr = b.op("Split", [anchors, _i64(4, 4)], {"axis": 2}, outputs=2, name="retinanet_anchor_split")
+        whwh, ctr = b.op("Split", [anchors, i64(4, 4)], {"axis": 2}, outputs=2, name="retinanet_anchor_split")
         all_deltas = b.op("Concat", deltas, {"axis": 1}, name="retinanet_all_deltas")  # [B, anchors, 4]
-        picked = b.op("GatherND", [all_deltas, b.op("Unsqueeze", [row, _i64(2)], name="retinanet_row_3d")],
+        picked = b.op("GatherND", [all_deltas, b.op("Unsqueeze", [row, i64(2)], name="retinanet_row_3d")],
                       {"batch_dims": 1}, name="retinanet_picked_deltas")  # [B, N, 4]
-        boxes = self._decode(picked, whwh, ctr, "retinanet", clip=False)
+        boxes = self.decode(picked, whwh, ctr, "retinanet", clip=False)
         scores = b.op("Sigmoid", [logits], name="retinanet_scores")
         keep = b.op("Greater", [scores, np.float32(s.score_threshold)], name="retinanet_above_threshold")
         return scores, keep, classes, boxes
@@ -144,49 +150,47 @@ class RetinaNetSurgeon(RCNNSurgeon):
             conv.inputs[1] = gs.Constant(conv.name + "/W", (weight * scale[:, None, None, None]).astype(np.float32))
             conv.inputs[2] = gs.Constant(conv.name + "/B", (bias * scale).astype(np.float32))
 
-    # ------------------------------------------------------------------ detections
 
-    def detections(self, scores, keep, classes, boxes) -> list[gs.Variable]:
+class PluginDense(PluginOps):
+    """Plugin flavour: one EfficientNMS_TRT over all levels' candidates, class-wise."""
+
+    def detections(self, sg: DenseSurgeon, scores, keep, classes, boxes) -> list[gs.Variable]:
         """Class-wise NMS over all levels: one EfficientNMS_TRT whose scores [B, N, K] hold each candidate's score
         in its class's column (0 elsewhere and below the threshold); kept boxes clipped to the input."""
-        s, b = self.spec, self.b
+        s, b = sg.spec, sg.b
         K = s.num_classes
-        own = b.op("Equal", [b.op("Unsqueeze", [classes, _i64(2)], name="retinanet_class_3d"),
+        own = b.op("Equal", [b.op("Unsqueeze", [classes, i64(2)], name="retinanet_class_3d"),
                              np.arange(K, dtype=np.int64)], name="retinanet_class_columns")  # [B, N, K]
-        own = b.op("And", [own, b.op("Unsqueeze", [keep, _i64(2)], name="retinanet_keep_3d")],
+        own = b.op("And", [own, b.op("Unsqueeze", [keep, i64(2)], name="retinanet_keep_3d")],
                    name="retinanet_candidate_columns")
-        table = b.op("Where", [own, b.op("Unsqueeze", [scores, _i64(2)], name="retinanet_scores_3d"), np.float32(0)],
+        table = b.op("Where", [own, b.op("Unsqueeze", [scores, i64(2)], name="retinanet_scores_3d"), np.float32(0)],
                      name="retinanet_class_scores")
         num, det_boxes, det_scores, det_classes = plugins.efficient_nms(
             b, boxes, table, name="detection_nms", max_output_boxes=s.max_detections,
             score_threshold=s.score_threshold, iou_threshold=s.nms_iou)
-        return self.name_detections([num, self.clip(det_boxes, "detection"), det_scores, det_classes])
+        return sg.name_detections([num, sg.clip(det_boxes, "detection"), det_scores, det_classes])
 
 
-class RetinaNetStandardSurgeon(RetinaNetSurgeon, StandardSurgeon):
-    """Standard-op flavour: the same candidates, then StandardSurgeon's class-wise NonMaxSuppression + top-k."""
+class StandardDense(StandardOps):
+    """Standard-op flavour: the same candidates, then StandardOps' class-wise NonMaxSuppression + top-k."""
 
-    def detections(self, scores, keep, classes, boxes) -> list[gs.Variable]:
-        s, b = self.spec, self.b
+    def detections(self, sg: DenseSurgeon, scores, keep, classes, boxes) -> list[gs.Variable]:
+        s, b = sg.spec, sg.b
         K = s.num_classes
-        n = self._candidate_count()
+        n = self._candidate_count(sg)
         masked = b.op("Where", [keep, scores, np.float32(-1)], name="retinanet_masked_scores")  # [B, N]
-        boxes_bcn = b.op("Expand", [b.op("Unsqueeze", [boxes, _i64(1)], name="retinanet_boxes_4d"), _i64(1, K, 1, 1)],
+        boxes_bcn = b.op("Expand", [b.op("Unsqueeze", [boxes, i64(1)], name="retinanet_boxes_4d"), i64(1, K, 1, 1)],
                          name="boxes_by_image_class")  # [B, K, N, 4]
-        mine = b.op("Equal", [b.op("Unsqueeze", [classes, _i64(1)], name="retinanet_class_row"),
+        mine = b.op("Equal", [b.op("Unsqueeze", [classes, i64(1)], name="retinanet_class_row"),
                               np.arange(K, dtype=np.int64).reshape(1, K, 1)], name="retinanet_class_rows")
-        scores_bcn = b.op("Where", [mine, b.op("Unsqueeze", [masked, _i64(1)], name="retinanet_masked_3d"),
+        scores_bcn = b.op("Where", [mine, b.op("Unsqueeze", [masked, i64(1)], name="retinanet_masked_3d"),
                                     np.float32(-1)], name="scores_by_image_class")  # [B, K, N]
-        num, det_boxes, det_scores, det_classes = self.top_detections(boxes_bcn, scores_bcn, n, s.max_detections)
-        return self.name_detections([num, self.clip(det_boxes, "detection"), det_scores, det_classes])
+        num, det_boxes, det_scores, det_classes = self.top_detections(sg, boxes_bcn, scores_bcn, n, s.max_detections)
+        return sg.name_detections([num, sg.clip(det_boxes, "detection"), det_scores, det_classes])
 
-    def _candidate_count(self) -> int:
-        s = self.spec
+    def _candidate_count(self, sg: DenseSurgeon) -> int:
+        s = sg.spec
         k, pairs = s.rpn_pre_nms_topk, s.anchors_per_location * s.num_classes
         if s.dynamic:
             return len(s.rpn_in_features) * k
         return sum(min(k, pairs * a.shape[0] // s.anchors_per_location) for a in s.anchors)
-
-
-def surgeon(ops: str) -> type[RCNNSurgeon]:
-    return RetinaNetStandardSurgeon if ops == "standard" else RetinaNetSurgeon

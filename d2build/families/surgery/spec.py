@@ -1,0 +1,161 @@
+"""What surgery needs to know about a model, read once from its Detectron2 config (`HeadSpec`).
+
+The spec is plain data (recorded in the manifest as facts): the input and its preprocessing, the
+dense head's levels and anchors (the RPN, or RetinaNet's head), the ROI heads' poolers, the final
+NMS, batch and dynamic shapes. Anchors come from Detectron2's own DefaultAnchorGenerator at the
+recipe's input size, so no anchor is computed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from d2build.graph import GraphMismatch
+from d2build.recipe import SurgeryConfig
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What surgery needs from the Detectron2 config (read once, recorded in the manifest)."""
+
+    input_hw: tuple[int, int]
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    input_format: str
+    rpn_in_features: tuple[str, ...]
+    roi_in_features: tuple[str, ...]
+    anchors: tuple[np.ndarray, ...]  # per RPN level, [Hl*Wl*A, 4] in Detectron2's (loc, a) order
+    anchors_per_location: int
+    rpn_pre_nms_topk: int
+    rpn_post_nms_topk: int
+    rpn_iou: float
+    num_classes: int
+    bbox_reg_weights: tuple[float, float, float, float]
+    box_pooler: tuple[int, int]  # resolution, sampling ratio
+    mask_pooler: tuple[int, int] | None
+    score_threshold: float
+    nms_iou: float
+    max_detections: int
+    canonical_box_size: int = 224
+    keypoint_pooler: tuple[int, int] | None = None  # resolution, sampling ratio; None: no keypoint stage
+    num_keypoints: int = 0
+    batch: int = 1  # images per inference (the graph input's first dimension)
+    dynamic: bool = False  # input [B, 3, height, width] of any size (multiples of 32): anchors made in the graph
+    cell_anchors: tuple[np.ndarray, ...] = ()  # per RPN level, [A, 4] (Detectron2's DefaultAnchorGenerator)
+    rpn_strides: tuple[int, ...] = ()
+    #: Cascade R-CNN: one (dx, dy, dw, dh) weight per box stage (ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS), each
+    #: stage with its own box head and class-agnostic regression; () for one class-specific box stage
+    cascade_bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = ()
+
+    @property
+    def box_stages(self) -> tuple[BoxStage, ...]:
+        """The box stages in order: Detectron2's one FastRCNN head, or a cascade's heads `box_head.0`, `.1`, ..."""
+        if not self.cascade_bbox_reg_weights:
+            return (BoxStage("", self.bbox_reg_weights, agnostic=False),)
+        return tuple(BoxStage(f".{k}", tuple(w), agnostic=True, tag=f"_stage{k}")
+                     for k, w in enumerate(self.cascade_bbox_reg_weights))
+
+
+@dataclass(frozen=True)
+class BoxStage:
+    """One box head + predictor: its module scope suffix, regression weights, class-agnostic or not."""
+
+    scope: str  # "" (roi_heads.box_head) or ".k" (roi_heads.box_head.k of a cascade)
+    weights: tuple[float, float, float, float]
+    agnostic: bool
+    tag: str = ""  # node-name suffix
+
+
+STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+
+
+def anchor_facts(cfg, in_features: tuple[str, ...], input_hw: tuple[int, int]) -> dict[str, Any]:
+    """Detectron2's own anchors for the levels `in_features` at this input size (HeadSpec's anchor fields)."""
+    import torch
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.anchor_generator import build_anchor_generator
+
+    if cfg.MODEL.ANCHOR_GENERATOR.NAME != "DefaultAnchorGenerator":
+        raise GraphMismatch(f"MODEL.ANCHOR_GENERATOR.NAME={cfg.MODEL.ANCHOR_GENERATOR.NAME!r} is not supported by "
+                            "surgery (supported: DefaultAnchorGenerator)")
+    h, w = input_hw
+    generator = build_anchor_generator(cfg, [ShapeSpec(channels=1, stride=STRIDES[f]) for f in in_features])
+    grids = [torch.empty(1, 1, math.ceil(h / STRIDES[f]), math.ceil(w / STRIDES[f])) for f in in_features]
+    per_loc = generator.num_anchors
+    if len(set(per_loc)) != 1:
+        raise GraphMismatch(f"levels have different anchor counts {per_loc}; not supported")
+    return {"anchors": tuple(b.tensor.numpy().astype(np.float32) for b in generator(grids)),
+            "anchors_per_location": per_loc[0],
+            "cell_anchors": tuple(c.numpy().astype(np.float32) for c in generator.cell_anchors),
+            "rpn_strides": tuple(STRIDES[f] for f in in_features)}
+
+
+def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks: bool,
+              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False, cascade: bool = False) -> HeadSpec:
+    """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
+
+    `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
+    have exactly those heads on (MODEL.MASK_ON, MODEL.KEYPOINT_ON). `cascade`: CascadeROIHeads (box
+    stages with class-agnostic regression, ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS) instead of StandardROIHeads.
+    """
+    m = cfg.MODEL
+    for key, val, ok in (
+        ("MODEL.ROI_HEADS.NAME", m.ROI_HEADS.NAME, ("CascadeROIHeads",) if cascade else ("StandardROIHeads",)),
+        ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", m.ROI_BOX_HEAD.POOLER_TYPE, ("ROIAlignV2",)),
+        ("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", m.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG, (cascade,)),
+        ("MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR.NAME, ("RPN",)),
+        ("MODEL.RPN.BBOX_REG_WEIGHTS", tuple(m.RPN.BBOX_REG_WEIGHTS), ((1.0, 1.0, 1.0, 1.0),)),
+    ):
+        if val not in ok:
+            raise GraphMismatch(f"{key}={val!r} is not supported by surgery (supported: {ok})")
+    for key, on, wanted in (("MODEL.MASK_ON", m.MASK_ON, with_masks),
+                            ("MODEL.KEYPOINT_ON", m.KEYPOINT_ON, with_keypoints)):
+        if bool(on) != wanted:
+            raise GraphMismatch(f"{key}={on} but this family's graph {'has' if wanted else 'has no'} that head: "
+                                "model.family and model.config disagree")
+    if with_masks and (m.ROI_MASK_HEAD.POOLER_TYPE != "ROIAlignV2" or m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK):
+        raise GraphMismatch("mask head must use ROIAlignV2 pooling and class-specific masks")
+    kp = m.ROI_KEYPOINT_HEAD
+    if with_keypoints and (kp.POOLER_TYPE != "ROIAlignV2" or kp.NAME != "KRCNNConvDeconvUpsampleHead"):
+        raise GraphMismatch(f"keypoint head must be KRCNNConvDeconvUpsampleHead with ROIAlignV2 pooling "
+                            f"(config: {kp.NAME}, {kp.POOLER_TYPE})")
+    return HeadSpec(
+        **spec_fields(cfg, surgery, input_hw, tuple(m.RPN.IN_FEATURES), batch, dynamic),
+        roi_in_features=tuple(m.ROI_HEADS.IN_FEATURES),
+        rpn_post_nms_topk=int(surgery.rpn.post_nms_topk),
+        rpn_iou=float(surgery.rpn.iou_threshold),
+        num_classes=int(m.ROI_HEADS.NUM_CLASSES),
+        bbox_reg_weights=tuple(float(v) for v in m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
+        box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
+        mask_pooler=(int(m.ROI_MASK_HEAD.POOLER_RESOLUTION), int(m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO))
+        if with_masks else None,
+        keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
+        num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
+        cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
+        if cascade else (),
+    )
+
+
+def spec_fields(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], levels: tuple[str, ...], batch: int,
+                dynamic: bool) -> dict[str, Any]:
+    """The HeadSpec fields every family reads alike: input and preprocessing, the dense head's levels (RPN, or
+    RetinaNet's head) with their anchors and per-level top-k, the final NMS, batch and dynamic."""
+    m = cfg.MODEL
+    return dict(
+        input_hw=input_hw,
+        pixel_mean=tuple(float(v) for v in m.PIXEL_MEAN),
+        pixel_std=tuple(float(v) for v in m.PIXEL_STD),
+        input_format=cfg.INPUT.FORMAT,
+        rpn_in_features=levels,
+        **anchor_facts(cfg, levels, input_hw),
+        rpn_pre_nms_topk=int(surgery.rpn.pre_nms_topk),
+        score_threshold=float(surgery.nms.score_threshold),
+        nms_iou=float(surgery.nms.iou_threshold),
+        max_detections=int(surgery.nms.max_detections),
+        batch=batch,
+        dynamic=dynamic,
+    )

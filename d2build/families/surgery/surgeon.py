@@ -1,0 +1,328 @@
+"""The surgeon every family's surgery uses, and the two graph flavours as strategies it is given.
+
+`Surgeon` holds one export being rewritten and the pieces every meta-architecture shares: the
+export folded and shape-inferred, the graph input with Detectron2's preprocessing moved inside
+(mean subtraction, 1/std folded into the stem), the FPN features by name, the anchors of each dense
+level (constants for a fixed input, made in the graph for a dynamic one, as Detectron2's
+DefaultAnchorGenerator makes them), Box2BoxTransform's decode, the clip, the named detection
+outputs, and `run()`: cleanup, toposort, shape inference, onnx.checker and the flavour's checks.
+One subclass per meta-architecture says what comes after the backbone (rcnn.py: RPN, box stages,
+heads; dense.py: RetinaNet's dense candidates).
+
+The flavour (`surgery.ops`) is not a class axis of the surgeons: it is the strategy object a
+surgeon is built with. `PluginOps` and `StandardOps` below carry what differs between the
+flavours for every family (which op domains the graph declares, what is checked at the end, the
+standard flavour's class-wise NonMaxSuppression + top-k); their per-meta-architecture subclasses
+(rcnn.py, dense.py) carry the steps that are built differently in each flavour.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from d2build import plugins
+from d2build.families.base import Outputs
+from d2build.families.surgery.spec import HeadSpec
+from d2build.graph import OPSET, Builder, GraphMismatch, find_one
+from d2build.recipe import OPS
+
+BIG = 1.0e4  # a logit no real proposal reaches; rows/columns holding -BIG are never selected
+SCALE_CLAMP = math.log(1000.0 / 16)  # Detectron2's _DEFAULT_SCALE_CLAMP
+FLOAT_MAX = float(np.finfo(np.float32).max)
+
+# corners (x1, y1, x2, y2) -> (w, h, w, h, cx, cy, 0, 0); rows are input components
+CORNERS_TO_PARAMS = np.array([
+    [-1, 0, -1, 0, 0.5, 0, 0, 0],
+    [0, -1, 0, -1, 0, 0.5, 0, 0],
+    [1, 0, 1, 0, 0.5, 0, 0, 0],
+    [0, 1, 0, 1, 0, 0.5, 0, 0],
+], dtype=np.float32)
+# (cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
+CENTER_TO_CORNERS = np.array([
+    [1, 0, 1, 0],
+    [0, 1, 0, 1],
+    [-0.5, 0, 0.5, 0],
+    [0, -0.5, 0, 0.5],
+], dtype=np.float32)
+# corners -> (x2 - x1, y2 - y1)
+CORNERS_TO_WH = np.array([[-1, 0], [0, -1], [1, 0], [0, 1]], dtype=np.float32)
+
+
+def i64(*v: int) -> np.ndarray:
+    """An int64 constant (shapes, indices, axes)."""
+    return np.array(v, np.int64)
+
+
+class Surgeon:
+    """Rewrites one export with one flavour; `run()` returns the TensorRT-ready ModelProto and facts."""
+
+    def __init__(self, export: onnx.ModelProto, spec: HeadSpec, ops: "PluginOps | StandardOps"):
+        self.spec = spec
+        self.ops = ops
+        folded = gs.import_onnx(export)
+        folded.fold_constants().cleanup()  # makes the export's padding arithmetic static, so shapes infer
+        self.graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(folded)))
+        self.b = Builder(self.graph, "d2build")
+        self.facts: dict[str, Any] = {}
+        self._limits: gs.Variable | None = None
+
+    # ------------------------------------------------------------------ input and features
+
+    def features(self, names: tuple[str, ...]) -> list[gs.Tensor]:
+        """FPN outputs by name: p2..p5 are fpn_output{k} convs, p6 the top block's pooling."""
+        out = []
+        for name in names:
+            level = int(name[1:])
+            if level <= 5:
+                out.append(find_one(self.graph, f"backbone.fpn_output{level}", "Conv").outputs[0])
+            else:
+                out.append(find_one(self.graph, "backbone.top_block", "MaxPool").outputs[0])
+        return out
+
+    def input_and_preprocessing(self) -> gs.Variable:
+        s, b = self.spec, self.b
+        h, w = ("height", "width") if s.dynamic else s.input_hw
+        inp = gs.Variable("input_tensor", np.float32, [s.batch, 3, h, w])
+        self.input = inp
+        stem = find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
+        weight = np.array(stem.inputs[1].values, dtype=np.float32)
+        mean = np.array(s.pixel_mean, dtype=np.float32)
+        std = np.array(s.pixel_std, dtype=np.float32)
+        if s.input_format == "RGB":  # input_tensor is BGR; an RGB model sees it through flipped channels
+            weight, mean, std = weight[:, ::-1], mean[::-1], std[::-1]
+        elif s.input_format != "BGR":
+            raise GraphMismatch(f"INPUT.FORMAT={s.input_format!r} is not supported (BGR or RGB)")
+        centered = b.op("Sub", [inp, mean.reshape(1, 3, 1, 1)], name="subtract_pixel_mean")
+        stem.inputs[0] = centered
+        if not np.all(std == 1.0):  # (x - m) / s through conv1 == (x - m) through conv1 with W / s
+            weight = weight / std.reshape(1, 3, 1, 1)
+        stem.inputs[1] = gs.Constant(stem.name + "/W", np.ascontiguousarray(weight))
+        return inp
+
+    # ------------------------------------------------------------------ anchors
+
+    @staticmethod
+    def anchor_rows(anchors: np.ndarray, a: int) -> np.ndarray:
+        """[8, N] rows (w, h, w, h, cx, cy, 0, 0) in (a, loc) order, computed as Detectron2 does."""
+        boxes = anchors.reshape(-1, a, 4).transpose(1, 0, 2).reshape(-1, 4)
+        w = boxes[:, 2] - boxes[:, 0]
+        h = boxes[:, 3] - boxes[:, 1]
+        cx = boxes[:, 0] + np.float32(0.5) * w
+        cy = boxes[:, 1] + np.float32(0.5) * h
+        z = np.zeros_like(w)
+        return np.stack([w, h, w, h, cx, cy, z, z]).astype(np.float32)
+
+    def anchor_table(self, feature: gs.Variable, lvl: int) -> gs.Variable:
+        """A dynamic input's [A*H*W, 8] rows (w, h, w, h, cx, cy, 0, 0) of one level, in the (anchor, y, x) order
+        of `anchor_rows`: shifts arange(W) * stride and arange(H) * stride plus the cell anchors, in float32 as
+        Detectron2 adds them."""
+        s, b = self.spec, self.b
+        t = f"anchors_p{lvl + 2}"
+        stride = np.float32(s.rpn_strides[lvl])
+        cell = s.cell_anchors[lvl]
+        shape = b.op("Shape", [feature], name=f"{t}_shape")
+        hl = b.op("Gather", [shape, np.array(2, np.int64)], {"axis": 0}, name=f"{t}_h")
+        wl = b.op("Gather", [shape, np.array(3, np.int64)], {"axis": 0}, name=f"{t}_w")
+        zero, one = np.array(0, np.int64), np.array(1, np.int64)
+        xs = b.op("Mul", [b.op("Cast", [b.op("Range", [zero, wl, one], name=f"{t}_x_index")],
+                                {"to": onnx.TensorProto.FLOAT}, name=f"{t}_x_float"), stride], name=f"{t}_x")
+        ys = b.op("Mul", [b.op("Cast", [b.op("Range", [zero, hl, one], name=f"{t}_y_index")],
+                                {"to": onnx.TensorProto.FLOAT}, name=f"{t}_y_float"), stride], name=f"{t}_y")
+        grid = b.op("Concat", [b.op("Unsqueeze", [hl, i64(0)], name=f"{t}_h_1d"),
+                               b.op("Unsqueeze", [wl, i64(0)], name=f"{t}_w_1d")], {"axis": 0}, name=f"{t}_grid")
+        x = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [xs, i64(0)], name=f"{t}_x_row"), grid],
+                                  name=f"{t}_x_grid"), i64(-1, 1)], name=f"{t}_x_flat")
+        y = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [ys, i64(1)], name=f"{t}_y_col"), grid],
+                                  name=f"{t}_y_grid"), i64(-1, 1)], name=f"{t}_y_flat")
+        shifts = b.op("Concat", [x, y, x, y], {"axis": 1}, name=f"{t}_shifts")  # [H*W, 4]
+        boxes = b.op("Add", [b.op("Unsqueeze", [shifts, i64(0)], name=f"{t}_shifts_3d"),
+                             cell.reshape(len(cell), 1, 4)], name=f"{t}_boxes_3d")  # [A, H*W, 4]
+        boxes = b.op("Reshape", [boxes, i64(-1, 4)], name=f"{t}_boxes")
+        x1, y1, x2, y2 = b.op("Split", [boxes, i64(1, 1, 1, 1)], {"axis": 1}, outputs=4, name=f"{t}_corners")
+        w = b.op("Sub", [x2, x1], name=f"{t}_width")
+        h = b.op("Sub", [y2, y1], name=f"{t}_height")
+        cx = b.op("Add", [x1, b.op("Mul", [np.float32(0.5), w], name=f"{t}_half_w")], name=f"{t}_cx")
+        cy = b.op("Add", [y1, b.op("Mul", [np.float32(0.5), h], name=f"{t}_half_h")], name=f"{t}_cy")
+        z = b.op("Mul", [w, np.float32(0)], name=f"{t}_zero")
+        return b.op("Concat", [w, h, w, h, cx, cy, z, z], {"axis": 1}, name=f"{t}_table")
+
+    # ------------------------------------------------------------------ boxes
+
+    def clip_limits(self) -> Any:
+        """[W, H, W, H] of the input, the clip limits of every box (of the actual input when it is dynamic)."""
+        if not self.spec.dynamic:
+            h, w = self.spec.input_hw
+            return np.array([w, h, w, h], np.float32)
+        if self._limits is None:
+            b = self.b
+            hw = b.op("Gather", [b.op("Shape", [self.input], name="input_shape"), i64(3, 2, 3, 2)], {"axis": 0},
+                      name="input_whwh")
+            self._limits = b.op("Cast", [hw], {"to": onnx.TensorProto.FLOAT}, name="clip_limits")
+        return self._limits
+
+    def decode(self, deltas: gs.Variable, whwh: Any, ctr: Any, tag: str, clip: bool = True) -> gs.Variable:
+        """Box2BoxTransform.apply_deltas (weights already applied), then clip to the image (unless `clip` is
+        False: RetinaNet's boxes enter NMS unclipped)."""
+        b = self.b
+        limit = np.array([FLOAT_MAX, FLOAT_MAX, SCALE_CLAMP, SCALE_CLAMP], np.float32)
+        clamped = b.op("Min", [deltas, limit], name=f"{tag}_clamp_dwdh")
+        grown = b.op("Exp", [clamped], name=f"{tag}_exp")
+        u = b.op("Where", [np.array([False, False, True, True]), grown, clamped], name=f"{tag}_dxy_expwh")
+        center = b.op("Add", [b.op("Mul", [u, whwh], name=f"{tag}_scale"), ctr], name=f"{tag}_center_size")
+        corners = b.op("MatMul", [center, CENTER_TO_CORNERS], name=f"{tag}_corners")
+        return self.clip(corners, tag) if clip else corners
+
+    def clip(self, boxes: gs.Variable, tag: str) -> gs.Variable:
+        """Boxes.clip: corners into [0, W] x [0, H] of the input."""
+        b = self.b
+        low = b.op("Max", [boxes, np.float32(0)], name=f"{tag}_clip_low")
+        return b.op("Min", [low, self.clip_limits()], name=f"{tag}_clip_high")
+
+    def nms_outputs(self, num, boxes, scores, classes, m: int) -> None:
+        """Types and static shapes of (num [B,1] int32, boxes [B,m,4], scores [B,m], classes [B,m] int32)."""
+        B = self.spec.batch
+        num.dtype, num.shape = np.int32, [B, 1]
+        boxes.dtype, boxes.shape = np.float32, [B, m, 4]
+        scores.dtype, scores.shape = np.float32, [B, m]
+        classes.dtype, classes.shape = np.int32, [B, m]
+
+    def name_detections(self, outs: list[gs.Variable]) -> list[gs.Variable]:
+        """The four detection tensors as the graph outputs every family ends in (static shapes)."""
+        for v, name in zip(outs, Outputs.DETECTIONS):
+            v.name = name
+        self.nms_outputs(*outs, self.spec.max_detections)
+        return list(outs)
+
+    # ------------------------------------------------------------------ whole graph
+
+    def outputs(self) -> list[gs.Variable]:
+        """The graph outputs (the meta-architecture's subclass builds them)."""
+        raise NotImplementedError
+
+    def forget_inner_shapes(self) -> None:
+        """Shape inference recomputes every inner shape: the export's were traced at batch 1 (and one size)."""
+        keep = {t.name for t in (*self.graph.inputs, *self.graph.outputs)}
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Variable) and t.name not in keep:
+                t.shape = None
+
+    def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        g = self.graph
+        inp = self.input_and_preprocessing()
+        g.inputs, g.outputs = [inp], self.outputs()
+        g.cleanup().toposort()
+        self.forget_inner_shapes()
+        self.ops.check_graph(g)
+        g.opset = OPSET
+        g.import_domains = [onnx.helper.make_opsetid("", OPSET), *self.ops.domains()]
+        model = gs.export_onnx(g)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)
+        self.ops.check_model(model)
+        return model, self.facts
+
+
+# ---------------------------------------------------------------------------------------- the flavours
+
+
+class PluginOps:
+    """`surgery.ops=plugins`: TensorRT plugin nodes (EfficientNMS_TRT, PyramidROIAlign_TRT) in a static graph."""
+
+    name = "plugins"
+
+    def check_graph(self, graph: gs.Graph) -> None:
+        """The plugin graph is static: no data-dependent op may be left."""
+        left = sorted({n.op for n in graph.nodes} & {"If", "Loop", "NonZero", "Scan"})
+        if left:
+            raise GraphMismatch(f"surgery left data-dependent ops in the graph: {left}")
+
+    def domains(self) -> list[onnx.OperatorSetIdProto]:
+        return [onnx.helper.make_opsetid(plugins.DOMAIN, plugins.DOMAIN_VERSION)]
+
+    def check_model(self, model: onnx.ModelProto) -> None:
+        pass
+
+
+class StandardOps:
+    """`surgery.ops=standard`: ONNX ops TensorRT 10/11's parser imports natively (NonMaxSuppression, RoiAlign).
+
+    Intermediate tensors have data-dependent shapes (NonZero, NonMaxSuppression); graph outputs never do."""
+
+    name = "standard"
+
+    def __init__(self) -> None:
+        self.det_valid: gs.Variable | None = None  # [B, D] bool: which detection rows are real (top_detections)
+
+    def check_graph(self, graph: gs.Graph) -> None:
+        """Data-dependent intermediate shapes are this flavour's design; its outputs are static anyway."""
+
+    def domains(self) -> list[onnx.OperatorSetIdProto]:
+        return []  # standard ops only
+
+    def check_model(self, model: onnx.ModelProto) -> None:
+        from d2build import standard_ops
+
+        standard_ops.check(model)
+
+    def kept_scores(self, sg: Surgeon, sel: gs.Variable, scores: gs.Variable, per_item: Any, total: Any, fill: float,
+                    tag: str) -> gs.Variable:
+        """NonMaxSuppression's selected (item, 0, j) as a dense score vector: kept scores, `fill` elsewhere.
+
+        `scores` is the [items * per_item] score table the NMS ranked (any shape; flattened here)."""
+        b = sg.b
+        item = b.op("Gather", [sel, i64(0)], {"axis": 1}, name=f"{tag}_nms_item")  # [K]
+        j = b.op("Gather", [sel, i64(2)], {"axis": 1}, name=f"{tag}_nms_index")
+        flat = b.op("Add", [b.op("Mul", [item, per_item], name=f"{tag}_nms_item_offset"), j], name=f"{tag}_nms_flat")
+        table = b.op("Reshape", [scores, i64(-1)], name=f"{tag}_scores_flat")
+        kept = b.op("Gather", [table, flat], {"axis": 0}, name=f"{tag}_kept_scores")
+        shape = total if isinstance(total, gs.Variable) else i64(total)
+        base = b.op("Expand", [np.array([fill], np.float32), shape], name=f"{tag}_fill")
+        return b.op("ScatterND", [base, b.op("Unsqueeze", [flat, i64(1)], name=f"{tag}_nms_flat_2d"), kept],
+                    name=f"{tag}_kept_dense")
+
+    def top_detections(self, sg: Surgeon, boxes_bcn: gs.Variable, scores_bcn: gs.Variable, n: Any,
+                       per_class: int) -> list[gs.Variable]:
+        """One NonMaxSuppression over (image, class) batch items -- boxes [B, C, n, 4], scores [B, C, n] (-1: not
+        a candidate), a score > nms.score_threshold kept, IoU > nms.iou_threshold suppressed, at most `per_class`
+        kept per item -- then the top `max_detections` per image by score: (num, boxes, scores, classes), static."""
+        s, b = sg.spec, sg.b
+        B, C, D = s.batch, s.num_classes, s.max_detections
+        nms_boxes = b.op("Reshape", [boxes_bcn, i64(B * C, -1, 4)], name="nms_boxes")
+        nms_scores = b.op("Reshape", [scores_bcn, i64(B * C, 1, -1)], name="nms_scores")
+        sel = b.op("NonMaxSuppression", [nms_boxes, nms_scores, i64(per_class), np.array([s.nms_iou], np.float32),
+                                         np.array([s.score_threshold], np.float32)],
+                   {"center_point_box": 0}, name="detection_nms")
+        total = b.op("Mul", [n, i64(B * C)], name="nms_table_size") if isinstance(n, gs.Variable) else B * C * n
+        dense = self.kept_scores(sg, sel, scores_bcn, n, total, -1.0, "det")  # [B*C*n]
+        dense = b.op("Concat", [b.op("Reshape", [dense, i64(B, -1)], name="kept_by_image"),
+                                np.full((B, D), -1.0, np.float32)], {"axis": 1}, name="kept_padded")
+        top, which = b.op("TopK", [dense, i64(D)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
+                          name="detections_topk")  # [B, D]; index = class * n + row
+        ok = b.op("Greater", [top, np.float32(-0.5)], name="detection_valid")
+        table = b.op("Concat", [b.op("Reshape", [boxes_bcn, i64(B, -1, 4)], name="boxes_by_image"),
+                                np.zeros((B, D, 4), np.float32)], {"axis": 1}, name="boxes_padded")
+        det_boxes = b.op("GatherND", [table, b.op("Unsqueeze", [which, i64(2)], name="detections_index")],
+                         {"batch_dims": 1}, name="detections_gather")
+        zero = np.float32(0)
+        det_boxes = b.op("Where", [b.op("Unsqueeze", [ok, i64(2)], name="detection_valid_3d"), det_boxes, zero],
+                         name=Outputs.BOXES)
+        det_scores = b.op("Where", [ok, top, zero], name=Outputs.SCORES)
+        det_classes = b.op("Cast", [b.op("Where", [ok, b.op("Div", [which, n], name="detections_class_index"),
+                                                   i64(0)], name="detections_class")],
+                           {"to": onnx.TensorProto.INT32}, name=Outputs.CLASSES)
+        num = b.op("ReduceSum", [b.op("Cast", [ok], {"to": onnx.TensorProto.INT32}, name="detection_valid_int"),
+                                 i64(1)], {"keepdims": 1}, name=Outputs.NUM)
+        self.det_valid = ok
+        return [num, det_boxes, det_scores, det_classes]
+
+
+def flavour_of(ops: str, plugin_ops: type, standard_ops: type):
+    """A meta-architecture's strategy for `surgery.ops` (a new instance: a strategy keeps per-graph state)."""
+    if ops not in OPS:
+        raise GraphMismatch(f"surgery.ops={ops!r} is not a graph flavour ({', '.join(OPS)})")
+    return (standard_ops if ops == "standard" else plugin_ops)()
