@@ -133,6 +133,10 @@ def checked_argv(argv: list[str], verbose: bool = False) -> list[str] | None:
             ns, extra = parser.parse_known_args(argv)
         except _UsageError as u:
             raise RecipeError([Problem("command line", "(options)", str(u), "see d2build --help")]) from None
+        modes = [f for f, on in (("-m", ns.multirun), ("--run", ns.run), ("--cfg", ns.cfg), ("--info", ns.info)) if on]
+        if len(modes) > 1:  # Hydra would raise a bare ValueError (a traceback)
+            raise RecipeError([Problem("command line", " ".join(modes), "exclude each other (Hydra runs, sweeps, "
+                                       "prints the config or prints its information)", "give one of them")])
         flags = [a for a in extra if a.startswith("-")]
         if flags:
             raise RecipeError([Problem("command line", flags[0], "is not an option of a run", "d2build's: -v, "
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, a in enumerate(argv):
         if a == "--until" or a.startswith("--until="):
             stage = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            if not stage or stage.startswith("-"):
+            if not stage or stage.startswith("-") or "=" in stage:
                 from d2build.pipeline import STAGES
 
                 print(f"d2build: command line: --until: needs a stage name. Fix: --until STAGE, one of "

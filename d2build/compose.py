@@ -223,15 +223,24 @@ def _groups() -> list[str]:
 
 
 def _config_keys() -> list[str]:
-    from d2build.schema import conf_default
+    """Every key a recipe has, from the schema's dataclasses (group options' keys included)."""
+    import dataclasses
+    import typing
 
-    def walk(node: Any, prefix: str) -> list[str]:
-        if not isinstance(node, dict):
-            return [prefix]
-        return [k for name, v in node.items() if name != "defaults"
-                for k in walk(v, f"{prefix}.{name}" if prefix else str(name))]
+    from d2build.schema import Recipe
 
-    return walk({k: v for k, v in conf_default("").items() if k != "hydra"}, "")
+    def walk(cls: Any, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name in ("name", "source"):
+                continue
+            inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            tp = inner[0] if len(inner) == 1 else hints[f.name]
+            out += walk(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+        return out
+
+    return walk(Recipe, "")
 
 
 def _known_names() -> list[str]:
@@ -272,6 +281,11 @@ def _hydra_problem(src: str, e: Exception) -> Problem:
 
         if key in MOVED:
             return Problem(src, key, f"has moved to {MOVED[key][0]} ({MOVED[key][1]})", f"use {MOVED[key][0]} instead")
+        if key in _config_keys():  # a schema key inside an optional section the config leaves null
+            parent, _, leaf = key.rpartition(".")
+            return Problem(src, key, f"cannot be set on its own: {parent} has no {leaf} yet (it is null, or "
+                           "an override's mapping without it)", f"write it inside the mapping "
+                           f"({parent}={{...,{leaf}:VALUE}}), or add it with +{key}=VALUE")
         return Problem(src, key, "unknown key", _unknown_key_fix(key))
     if m:
         group = m.group(1)
@@ -292,16 +306,23 @@ def _options_fix(given: str, options: list[str], group: str) -> str:
 
 
 def _unknown_key_fix(key: str) -> str:
-    """A close key or group name, else the keys that exist where `key` points."""
-    keys = _config_keys()
-    near = difflib.get_close_matches(key, _known_names(), n=1)
+    """A close key next to it, the same name elsewhere, a close key or group anywhere; else what exists
+    where `key` points."""
+    names = _known_names()
+    parent, _, leaf = key.rpartition(".")
+    under = sorted({n[len(parent) + 1:].split(".")[0] for n in names if parent and n.startswith(parent + ".")})
+    if under:  # the section exists: a typo of one of its keys, or a key of another section
+        near = difflib.get_close_matches(leaf, under, n=1)
+        if near:
+            return f"did you mean {parent}.{near[0]}?"
+        elsewhere = [n for n in names if n.endswith("." + leaf)]
+        if elsewhere:
+            return f"did you mean {' or '.join(elsewhere[:2])}?"
+        return f"keys under {parent}: {', '.join(under)}"
+    near = difflib.get_close_matches(key, names, n=1)
     if near:
         return f"did you mean {near[0]}?"
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    under = sorted({k[len(parent) + 1:].split(".")[0] for k in keys if parent and k.startswith(parent + ".")})
-    if under:
-        return f"keys under {parent}: {', '.join(under)}"
-    return f"sections: {', '.join(sorted({k.split('.')[0] for k in keys}))}; groups: {', '.join(_groups())}"
+    return f"sections: {', '.join(sorted({k.split('.')[0] for k in _config_keys()}))}; groups: {', '.join(_groups())}"
 
 
 def _parse_reason(text: str) -> str:

@@ -28,13 +28,15 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str]):
+    """The command's arguments with `.overrides` (its KEY=VALUE words), or None after one d2build line
+    for a word that is neither (argparse's own would be its usage and an error line)."""
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a or a.startswith("-")]
-    if bad:  # one d2build line (argparse's own would be its usage and an error line)
+    if bad:
         from d2build.compose import token_problem
 
         print(f"d2build: {token_problem(bad[0])}", file=sys.stderr)
-        raise SystemExit(2)
+        return None
     args.overrides = rest
     return args
 
@@ -60,7 +62,7 @@ def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str], images=None)
     `images(args)`: the image references (bundled names or paths) the command will run, so a dynamic
     graph's range is checked against each of them before anything is built or run."""
     args = parse(p, argv)
-    ready = setup(prog, args)
+    ready = setup(prog, args) if args is not None else None
     if ready is None:
         return None
     recipe, out = ready

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
                    help="how the Detectron2 reference sees each image: the graph's letterbox (default) or "
                         "Detectron2's own ResizeShortestEdge")
     args = _runtime.parse(p, argv)
-    setup = _runtime.setup("eval", args)
+    setup = _runtime.setup("eval", args) if args is not None else None
     if setup is None:
         return 2
     recipe, out = setup
