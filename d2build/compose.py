@@ -10,6 +10,7 @@ as the compose API used by `plan` and `validate`.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.resources
 import os
 import re
@@ -222,6 +223,7 @@ def _groups() -> list[str]:
                   + [RECIPE_GROUP])
 
 
+@functools.lru_cache(maxsize=1)
 def _config_keys() -> list[str]:
     """Every key a recipe has, from the schema's dataclasses (group options' keys included)."""
     import dataclasses
@@ -243,6 +245,7 @@ def _config_keys() -> list[str]:
     return walk(Recipe, "")
 
 
+@functools.lru_cache(maxsize=1)
 def _known_names() -> list[str]:
     """Every key, section and group a command-line override can name (for did-you-mean)."""
     keys = _config_keys()
@@ -308,6 +311,8 @@ def _options_fix(given: str, options: list[str], group: str) -> str:
 def _unknown_key_fix(key: str) -> str:
     """A close key next to it, the same name elsewhere, a close key or group anywhere; else what exists
     where `key` points."""
+    if key.split(".")[0] == "hydra":
+        return "Hydra's own settings are listed by `d2build --cfg hydra`"
     names = _known_names()
     parent, _, leaf = key.rpartition(".")
     under = sorted({n[len(parent) + 1:].split(".")[0] for n in names if parent and n.startswith(parent + ".")})

@@ -108,7 +108,7 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
     until = {"tensorrt": "build", "detectron2": "weights"}.get(backend, "precision")
     try:
         results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until,
-                                              unneeded=f"not needed for runtime.backend={backend}")}
+                                              unneeded=f"not needed to run the model with {backend}")}
     except RecipeError as e:
         raise ModelUnavailable(str(e)) from None
     failed = [r for r in results.values() if r.status == "failed"]
