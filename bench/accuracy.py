@@ -26,7 +26,7 @@ VARIANTS = {
     "plugins fp32": ["surgery.ops=plugins"],
     "standard fp32": ["surgery.ops=standard"],
     "standard fp16": ["surgery.ops=standard", "precision=fp16"],
-    "standard int8 (entropy)": ["surgery.ops=standard", "precision=int8"],
+    "standard int8 (entropy)": ["surgery.ops=standard", "precision=int8", "calibration.method=entropy"],
     "standard int8 (percentile)": ["surgery.ops=standard", "precision=int8", "calibration.method=percentile"],
     "standard fp32, dynamic 384..704": ["surgery.ops=standard", "model.dynamic={min:[384,384],max:[704,704]}"],
 }

@@ -40,6 +40,8 @@ common overrides:
                                     cluster, see docs/DISTRIBUTED.md)
 
 Hydra's own flags work too (--cfg job, --hydra-help, hydra.run.dir=...).
+A bad override (every value of a sweep) gets one line and exit status 2 before anything runs; -v adds
+Hydra's own message.
 Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache.dir.
 """
 
@@ -56,18 +58,19 @@ def _job(cfg) -> None:
     from d2build.runner import execute
     from d2build.recipe import RecipeError
 
-    console.configure(bool(cfg.get("run", {}).get("verbose", False)))
+    verbose = bool(cfg.get("run", {}).get("verbose", False))
+    console.configure(verbose)
     try:
         recipe = recipe_from_hydra(cfg)
     except RecipeError as e:
-        print_problems(e)
+        print_problems(e, verbose)
         raise SystemExit(2) from None
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = execute(recipe, run_dir, list(hc.overrides.task))
     except RecipeError as e:  # what a stage's preflight found before anything ran
-        print_problems(e)
+        print_problems(e, verbose)
         raise SystemExit(2) from None
     failed = [r.name for r in results if r.status == "failed"]
     for r in results:
@@ -97,6 +100,59 @@ def run(argv: list[str]) -> int:
     return 1 if _failed_jobs or any(s.failed for s in sweep.LAST) else 0
 
 
+#: Hydra's flags that need no composition of d2build's config (or another one): handed to Hydra unchecked
+_HYDRA_OWN = ("--hydra-help", "--version", "--shell-completion", "-sc", "--config-path", "-cp",
+              "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def checked_argv(argv: list[str], verbose: bool = False) -> list[str] | None:
+    """A run's arguments as hydra.main gets them -- Hydra's flags first, then the overrides -- after the
+    overrides went through the composition plan/validate use (compose.check_run); or None after one
+    line per problem (with -v, the library's own message too)."""
+    from hydra._internal.utils import get_args_parser
+
+    from d2build import commands
+    from d2build.commands._common import print_problems
+    from d2build.compose import check_run
+    from d2build.recipe import Problem, RecipeError
+
+    if any(a.split("=", 1)[0] in _HYDRA_OWN for a in argv):
+        return argv
+    parser = get_args_parser()
+
+    def error(message: str):  # argparse would print Hydra's usage and exit
+        raise _UsageError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    try:
+        try:
+            ns, extra = parser.parse_known_args(argv)
+        except _UsageError as u:
+            raise RecipeError([Problem("command line", "(options)", str(u), "see d2build --help")]) from None
+        modes = [f for f, on in (("-m", ns.multirun), ("--run", ns.run), ("--cfg", ns.cfg), ("--info", ns.info)) if on]
+        if len(modes) > 1:  # Hydra would raise a bare ValueError (a traceback)
+            raise RecipeError([Problem("command line", " ".join(modes), "exclude each other (Hydra runs, sweeps, "
+                                       "prints the config or prints its information)", "give one of them")])
+        flags = [a for a in extra if a.startswith("-")]
+        if flags:
+            raise RecipeError([Problem("command line", flags[0], "is not an option of a run", "d2build's: -v, "
+                                       "--until STAGE; Hydra's: -m, --cfg job|hydra|all, --resolve, --package P, "
+                                       "--info, --hydra-help (d2build --help)")])
+        overrides = [*ns.overrides, *extra]
+        check_run(overrides, ns.multirun, tuple(commands.available()))
+    except RecipeError as e:
+        print_problems(e, verbose)
+        return None
+    hydra_flags = (["--multirun"] * ns.multirun + ["--run"] * ns.run + (["--cfg", ns.cfg] if ns.cfg else [])
+                   + ["--resolve"] * ns.resolve + (["--package", ns.package] if ns.package else [])
+                   + (["--info", ns.info] if ns.info else []))
+    return [*hydra_flags, *overrides]
+
+
 def main(argv: list[str] | None = None) -> int:
     from d2build import commands
 
@@ -108,20 +164,29 @@ def main(argv: list[str] | None = None) -> int:
         return commands.dispatch(argv[0], argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
+    if "-h" in argv or "--help" in argv:  # a run's help is d2build's (Hydra's own: --hydra-help)
+        return main(["--help"])
     from d2build import console
 
-    if "-v" in argv or "--verbose" in argv:  # -v is d2build's; Hydra's own is --verbose=LOGGER
+    verbose = "-v" in argv or "--verbose" in argv  # -v is d2build's; Hydra's own is hydra.verbose=LOGGER
+    if verbose:
         argv = [a for a in argv if a not in ("-v", "--verbose")] + ["run.verbose=true"]
-    console.configure("run.verbose=true" in argv)
-    if "--until" in argv:
-        i = argv.index("--until")
-        if i + 1 >= len(argv):
-            from d2build.pipeline import STAGES
+    console.configure(verbose or "run.verbose=true" in argv)
+    for i, a in enumerate(argv):
+        if a == "--until" or a.startswith("--until="):
+            stage = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not stage or stage.startswith("-") or "=" in stage:
+                from d2build.pipeline import STAGES
 
-            print(f"d2build: --until needs a stage name ({', '.join(STAGES)})", file=sys.stderr)
-            return 2
-        argv = argv[:i] + argv[i + 2:] + [f"run.until={argv[i + 1]}"]
-    return run(argv)
+                print(f"d2build: command line: --until: needs a stage name. Fix: --until STAGE, one of "
+                      f"{', '.join(STAGES)}", file=sys.stderr)
+                return 2
+            argv = argv[:i] + argv[i + (1 if "=" in a else 2):] + [f"run.until={stage}"]
+            break
+    checked = checked_argv(argv, verbose or "run.verbose=true" in argv)
+    if checked is None:
+        return 2
+    return run(checked)
 
 
 if __name__ == "__main__":

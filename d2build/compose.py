@@ -220,12 +220,12 @@ def compose(overrides: list[str]) -> Recipe:
                     msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
                     raise RecipeError([Problem(_display(source), key, f"cannot be resolved ({msg})",
                                                "point the interpolation ${...} at a key that exists, or write "
-                                               "the value")]) from None
+                                               "the value")]) from e
     except HydraException as e:
-        raise RecipeError([hydra_problem(_display(source), e, _override_map(overrides))]) from None
+        raise RecipeError([hydra_problem(_display(source), e, _override_map(overrides))]) from e
     except OmegaConfBaseException as e:
         raise RecipeError([Problem(_display(source), getattr(e, "full_key", None) or "(config)",
-                                   str(e).splitlines()[0], "fix the value")]) from None
+                                   str(e).splitlines()[0], "fix the value")]) from e
     return recipe_from_tree(tree, choice, list(overrides))
 
 
@@ -239,14 +239,33 @@ def _groups() -> list[str]:
                   + [RECIPE_GROUP])
 
 
+@functools.lru_cache(maxsize=1)
 def _config_keys() -> list[str]:
-    def walk(node: Any, prefix: str) -> list[str]:
-        if not isinstance(node, dict):
-            return [prefix]
-        return [k for name, v in node.items() if name != "defaults"
-                for k in walk(v, f"{prefix}.{name}" if prefix else str(name))]
+    """Every key a recipe has, from the recipe's dataclasses (group options' keys included)."""
+    import dataclasses
+    import typing
 
-    return walk({k: v for k, v in conf_default("").items() if k != "hydra"}, "")
+
+    def walk(cls: Any, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name in ("name", "source"):
+                continue
+            inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            tp = inner[0] if len(inner) == 1 else hints[f.name]
+            out += walk(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+        return out
+
+    return walk(Recipe, "")
+
+
+@functools.lru_cache(maxsize=1)
+def _known_names() -> list[str]:
+    """Every key, section and group a command-line override can name (for did-you-mean)."""
+    keys = _config_keys()
+    sections = {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
+    return sorted({*keys, *sections, *_groups()})
 
 
 def hydra_problem(src: str, e: Exception, overrides: dict[str, str] | None = None) -> Problem:
@@ -260,21 +279,30 @@ def hydra_problem(src: str, e: Exception, overrides: dict[str, str] | None = Non
 
 
 def _hydra_problem(src: str, e: Exception) -> Problem:
+    from hydra.errors import OverrideParseException
+
     text = str(e)
-    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if isinstance(e, OverrideParseException):
+        return token_problem(e.override, _parse_reason(text))
+    m = re.search(r"Ambiguous value for argument '([^']*)'", text)
+    if m:
+        return sweep_problem(m.group(1))
+    m = re.search(r"Could not find '(.+)/([^'/]+)'", text)
     if m:
         group, option = m.groups()
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        return Problem(src, group, f"there is no {group} option {option!r}",
-                       f"use one of: {', '.join(options)}" if options else f"check conf/{group}/")
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path:")[0], flags=re.M)
+        return Problem(src, group, f"there is no {group} option {option!r}", _options_fix(option, options, group))
     m = re.search(r"Could not override '([^']+)'", text)
     if m and ("To append to your config" in text or "is not in struct" in str(e.__cause__)):  # an unknown key
         key = m.group(1)
         if key in MOVED:
             return Problem(src, key, f"has moved to {MOVED[key][0]} ({MOVED[key][1]})", f"use {MOVED[key][0]} instead")
-        near = difflib.get_close_matches(key, _config_keys(), n=1)
-        return Problem(src, key, "unknown key", (f"did you mean {near[0]}? " if near else "")
-                       + f"(a new key would be +{key}=..., but no stage reads it)")
+        if key in _config_keys():  # a schema key inside an optional section the config leaves null
+            parent, _, leaf = key.rpartition(".")
+            return Problem(src, key, f"cannot be set on its own: {parent} has no {leaf} yet (it is null, or "
+                           "an override's mapping without it)", f"write it inside the mapping "
+                           f"({parent}={{...,{leaf}:VALUE}}), or add it with +{key}=VALUE")
+        return Problem(src, key, "unknown key", _unknown_key_fix(key))
     if m:
         group = m.group(1)
         near = difflib.get_close_matches(group, _groups(), n=1)
@@ -283,3 +311,145 @@ def _hydra_problem(src: str, e: Exception) -> Problem:
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return Problem(src, "defaults", f"Hydra cannot compose it ({first})",
                    "check the recipe's defaults list (`- override /GROUP: OPTION`)")
+
+
+def _options_fix(given: str, options: list[str], group: str) -> str:
+    """`did you mean X? use one of: ...` (each valid option once)."""
+    if not options:
+        return f"check conf/{group}/"
+    near = difflib.get_close_matches(given, options, n=1)
+    return (f"did you mean {near[0]}? " if near else "") + f"use one of: {', '.join(options)}"
+
+
+def _unknown_key_fix(key: str) -> str:
+    """A close key next to it, the same name elsewhere, a close key or group anywhere; else what exists
+    where `key` points."""
+    if key.split(".")[0] == "hydra":
+        return "Hydra's own settings are listed by `d2build --cfg hydra`"
+    names = _known_names()
+    parent, _, leaf = key.rpartition(".")
+    under = sorted({n[len(parent) + 1:].split(".")[0] for n in names if parent and n.startswith(parent + ".")})
+    if under:  # the section exists: a typo of one of its keys, or a key of another section
+        near = difflib.get_close_matches(leaf, under, n=1)
+        if near:
+            return f"did you mean {parent}.{near[0]}?"
+        elsewhere = [n for n in names if n.endswith("." + leaf)]
+        if elsewhere:
+            return f"did you mean {' or '.join(elsewhere[:2])}?"
+        return f"keys under {parent}: {', '.join(under)}"
+    near = difflib.get_close_matches(key, names, n=1)
+    if near:
+        return f"did you mean {near[0]}?"
+    return f"sections: {', '.join(sorted({k.split('.')[0] for k in _config_keys()}))}; groups: {', '.join(_groups())}"
+
+
+def _parse_reason(text: str) -> str:
+    """The first line of Hydra's override-grammar message, without the grammar's internal names."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("See https://")]
+    lines = [ln for ln in lines if not ln.startswith("Error parsing override")] or lines
+    first = lines[0].strip() if lines else "cannot be parsed"
+    if first.startswith("LexerNoViableAltException"):
+        return "a character Hydra's override grammar does not allow there"
+    return first
+
+
+def token_problem(token: str, reason: str | None = None, commands: list[str] | tuple[str, ...] = ()) -> Problem:
+    """A command-line word Hydra cannot read as an override: a word without `=` (a typo of a sub-command,
+    `key value` for `key=value`, a flag the command does not take), or a value its grammar rejects.
+    `commands`: sub-command names, where the word could have been one (the first word of `d2build ...`)."""
+    if token.startswith("-"):
+        return Problem("command line", token, "is not an option of this command", "see its --help; "
+                       "settings are KEY=VALUE overrides (e.g. surgery.nms.iou_threshold=0.6)")
+    name = token.lstrip("+~").split("=", 1)[0].strip()
+    if "=" not in token:
+        word = name.split()[0] if name.split() else name
+        example = "overrides look like recipe=mask_rcnn_r50 or surgery.nms.iou_threshold=0.6"
+        if word in _known_names():
+            return Problem("command line", token, "is not KEY=VALUE", f"write {word}=VALUE (no spaces around =)")
+        near_cmd = difflib.get_close_matches(word, list(commands), n=1)
+        near_key = difflib.get_close_matches(word, _known_names(), n=1)
+        if commands:
+            hint = (f"did you mean `d2build {near_cmd[0]}`? " if near_cmd else
+                    f"did you mean {near_key[0]}=...? " if near_key else "")
+            return Problem("command line", token, "is neither a sub-command nor a KEY=VALUE override",
+                           f"{hint}sub-commands: {', '.join(commands)}; {example} (d2build --help)")
+        hint = f"did you mean {near_key[0]}=...? " if near_key else ""
+        return Problem("command line", token, "is not a KEY=VALUE override", f"{hint}{example}")
+    return Problem(f"command line ({token})", name, f"cannot be parsed ({reason or 'Hydra override grammar'})",
+                   "quote a value with spaces or special characters (key='a b'); a list is [a,b], a mapping "
+                   "{k: v} (Hydra's override grammar)")
+
+
+def sweep_problem(token: str) -> Problem:
+    """`key=a,b` outside a multirun: Hydra reads it as a sweep."""
+    key = token.lstrip("+~").split("=", 1)[0]
+    return Problem(f"command line ({token})", key, "has several values (a sweep), but this is not a multirun",
+                   "add -m to run one job per value; for one value that is a list write [a,b], for a string "
+                   "with commas quote it ('a,b')")
+
+
+#: a multirun's values composed one by one before its first job (each with every other key's first value)
+MAX_CHECKED_JOBS = 64
+
+
+def check_run(overrides: list[str], multirun: bool = False, commands: tuple[str, ...] = ()) -> None:
+    """What a run's Hydra app (`hydra.main`) and the schema would refuse, raised as one RecipeError before
+    the app starts: every word parsed by Hydra's override grammar, a sweep without -m, then the
+    composition. A multirun is checked per value (each swept value with the other keys' first values,
+    up to MAX_CHECKED_JOBS compositions), not per job of the cartesian product; sweeps other than lists
+    and ranges (a sweeper's interval()) are left to the sweeper."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    problems: list[Problem] = []
+    parsed = []
+    first_error: Exception | None = None
+    skip = False
+    for i, token in enumerate(overrides):
+        if skip:
+            skip = False
+            continue
+        after = overrides[i + 1] if i + 1 < len(overrides) else None
+        if "=" not in token and token in _known_names() and after is not None and "=" not in after:
+            problems.append(Problem(f"command line ({token} {after})", token, "is not KEY=VALUE",
+                                    f"write {token}={after} (no spaces around =)"))
+            skip = True
+            continue
+        try:
+            (o,) = parser.parse_overrides([token])
+        except HydraException as e:
+            problems.append(token_problem(token, _parse_reason(str(e)), commands if i == 0 else ()))
+            first_error = first_error or e
+            continue
+        parsed.append((token, o))
+    if problems:
+        raise RecipeError(problems) from first_error
+    sweeps = [(t, o) for t, o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise RecipeError([sweep_problem(t) for t, _ in sweeps])
+    if not sweeps:
+        compose(overrides)
+        return
+    base: list[str] = []
+    variants: list[tuple[int, list[str]]] = []  # (index in base, other values)
+    for token, o in parsed:
+        if not o.is_sweep_override():
+            base.append(token)
+        elif o.is_discrete_sweep():
+            values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if values:
+                base.append(values[0])
+                variants.append((len(base) - 1, values[1:]))
+        # interval() and other continuous sweeps: the sweeper's to sample
+    jobs = [base] + [base[:i] + [v] + base[i + 1:] for i, vs in variants for v in vs]
+    seen: dict[Problem, None] = {}
+    cause: Exception | None = None
+    for job in jobs[:MAX_CHECKED_JOBS]:
+        try:
+            compose(job)
+        except RecipeError as e:
+            seen.update(dict.fromkeys(e.problems))
+            cause = cause or e.__cause__
+    if seen:
+        raise RecipeError(list(seen)) from cause

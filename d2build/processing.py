@@ -202,6 +202,20 @@ def load_image_bgr(path: str | PathLike[str]) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
+def image_file_hw(path: str | PathLike[str]) -> tuple[int, int]:
+    """The [h, w] ``load_image_bgr`` returns for a file, from its header alone (EXIF orientation applied,
+    no pixels decoded): what a size check needs before any image is read."""
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION_TAG)
+        except Exception:  # broken EXIF is ignored, as in _apply_exif_orientation
+            orientation = None
+    turned = _EXIF_TRANSPOSE.get(orientation) in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE,
+                                                  Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)
+    return (w, h) if turned else (h, w)
+
+
 _EXIF_ORIENTATION_TAG = 0x0112
 _EXIF_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,

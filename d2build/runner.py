@@ -88,9 +88,11 @@ def format_plan(planned: list[PlannedStage]) -> str:
     return "\n".join(lines)
 
 
-def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | None = None) -> list[StageResult]:
+def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | None = None,
+            unneeded: str | None = None) -> list[StageResult]:
     """Run the DAG (or the part of it that `until`, default `run.until`, needs); write run.json; return
-    per-stage results. One console line per stage, and a last line saying what was built, reused, skipped."""
+    per-stage results. One console line per stage, and a last line saying what was built, reused, skipped.
+    `unneeded`: why the stages `until` does not need are skipped, when a caller (not --until) chose it."""
     until = until or recipe.run.until
     cache = Cache(recipe.cache.dir)
     results: list[StageResult] = []
@@ -107,7 +109,7 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
         raise RecipeError(problems)
     for p in planned:
         if p.name not in wanted:
-            res = StageResult(p.name, p.key, "skipped", 0.0, reason=f"--until {until}")
+            res = StageResult(p.name, p.key, "skipped", 0.0, reason=unneeded or f"--until {until}")
         else:
             res = _run_one(p, cache, artifacts, run_dir)
         results.append(res)

@@ -549,6 +549,15 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
                "set them, or stop at another stage", set_by="run.until")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
+    else:  # a file where the cache folder (or a folder above it) would be: refused before any stage
+        here = Path(r.cache.dir).expanduser()
+        for part in (here, *here.parents):
+            if part.exists():
+                if not part.is_dir():
+                    what = "is a file" if part == here else f"is inside {part}, which is a file"
+                    ck.add("cache.dir", f"{r.cache.dir} {what}, not a folder", "point cache.dir at a folder "
+                           "(it is created if missing), e.g. cache.dir=outputs/cache")
+                break
 
 
 def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> None:

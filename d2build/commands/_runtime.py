@@ -22,24 +22,34 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     model.add_argument("--graph", help="a precision graph .onnx (runtime.backend=reference or onnxruntime) "
                                        "instead of the recipe's")
     p.add_argument("--out", help=f"output folder (default outputs/{prog}/<date>/<time>)")
+    p.add_argument("-v", "--verbose", action="store_true", help="keep third-party warnings and notices on, and "
+                   "show a library's own message behind a problem (as run.verbose=true)")
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str]):
+    """The command's arguments with `.overrides` (its KEY=VALUE words), or None after one d2build line
+    for a word that is neither (argparse's own would be its usage and an error line)."""
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a or a.startswith("-")]
     if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
+        from d2build.compose import token_problem
+
+        print(f"d2build: {token_problem(bad[0])}", file=sys.stderr)
+        return None
     args.overrides = rest
     return args
 
 
 def setup(prog: str, args):
     """(recipe, output folder) or None after printing why not."""
+    from d2build import console
     from d2build.commands._common import compose_or_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    recipe = compose_or_report(args.overrides)
+    verbose = bool(getattr(args, "verbose", False)) or "run.verbose=true" in args.overrides
+    console.configure(verbose)  # before torch, Detectron2 and ONNX Runtime are imported: d2build's lines only
+    recipe = compose_or_report(args.overrides, verbose)
     if recipe is None:
         return None
     out = Path(args.out) if args.out else Path("outputs") / prog / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
@@ -47,15 +57,42 @@ def setup(prog: str, args):
     return recipe, out
 
 
-def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str]):
-    """Parse, compose the recipe and open its model: (args, recipe, out, model), or None after saying why."""
+def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str], images=None):
+    """Parse, compose the recipe and open its model: (args, recipe, out, model), or None after saying why.
+    `images(args)`: the image references (bundled names or paths) the command will run, so a dynamic
+    graph's range is checked against each of them before anything is built or run."""
     args = parse(p, argv)
-    ready = setup(prog, args)
+    ready = setup(prog, args) if args is not None else None
     if ready is None:
         return None
     recipe, out = ready
-    model = open_model_or_report(recipe, args, out)
+    sizes = None
+    if images is not None:
+        try:
+            sizes = image_sizes(images(args))
+        except ValueError as e:
+            print(f"d2build {prog}: {e}", file=sys.stderr)
+            return None
+    model = open_model_or_report(recipe, args, out, sizes)
     return None if model is None else (args, recipe, out, model)
+
+
+def image_sizes(refs: list[str]) -> dict[str, tuple[int, int]]:
+    """Name -> [h, w] as the model will be given each image (bundled photographs or files; file headers
+    only). ValueError naming the image that cannot be read."""
+    from d2build import photos
+    from d2build.processing import image_file_hw
+
+    out = {}
+    for ref in refs:
+        if ref in photos.BUNDLED:
+            out[ref] = tuple(photos.bundled(ref).bgr.shape[:2])
+            continue
+        try:
+            out[ref] = image_file_hw(ref)
+        except (OSError, ValueError) as e:  # missing, unreadable, or not an image Pillow knows
+            raise ValueError(f"{ref}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    return out  # type: ignore[return-value]
 
 
 class ModelUnavailable(RuntimeError):
@@ -70,7 +107,8 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
 
     until = {"tensorrt": "build", "detectron2": "weights"}.get(backend, "precision")
     try:
-        results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until)}
+        results = {r.name: r for r in execute(recipe, run_dir, overrides, until=until,
+                                              unneeded=f"not needed to run the model with {backend}")}
     except RecipeError as e:
         raise ModelUnavailable(str(e)) from None
     failed = [r for r in results.values() if r.status == "failed"]
@@ -90,9 +128,11 @@ def artifacts_for(recipe, backend: str, run_dir: Path, overrides: list[str]) -> 
 
 def open_model(recipe, *, engine: str | None = None, graph: str | None = None, run_dir: Path,
                overrides: list[str], threads: int | None = None, backend: str | None = None,
-               resize: str = "letterbox"):
+               resize: str = "letterbox", sizes: dict[str, tuple[int, int]] | None = None):
     """The recipe's model (cached graph or engine; what is missing is built) or an explicit file,
-    opened with `backend` (default `runtime.backend`); `detectron2` is the eager model it came from."""
+    opened with `backend` (default `runtime.backend`); `detectron2` is the eager model it came from.
+    `sizes` (image name -> [h, w]): the images it will run, refused in one message before anything is
+    built where a dynamic graph's range does not hold one of them (runtime.model.outside_range)."""
     from d2build import backends, detectron
     from d2build.recipe import ModelSlice
     from d2build.runtime import Model
@@ -118,6 +158,12 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
             raise ModelUnavailable(f"{reason}. On this machine, runtime.backend=reference (or onnxruntime for "
                                    "surgery.ops=standard) runs the same graph on the CPU")
     info = detectron.model_info(ModelSlice.of(recipe))
+    if sizes:
+        from d2build.runtime.model import outside_range, range_message
+
+        outside = outside_range(info, sizes)
+        if outside:
+            raise ModelUnavailable(range_message(info, outside, len(sizes)))
     if engine or graph:
         path = Path(engine or graph).expanduser()
         if not path.is_file():
@@ -152,9 +198,10 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
     return EagerModel(model, fam, info, cfg, resize)
 
 
-def open_model_or_report(recipe, args, out: Path):
+def open_model_or_report(recipe, args, out: Path, sizes: dict[str, tuple[int, int]] | None = None):
     try:
-        model = open_model(recipe, engine=args.engine, graph=args.graph, run_dir=out, overrides=args.overrides)
+        model = open_model(recipe, engine=args.engine, graph=args.graph, run_dir=out, overrides=args.overrides,
+                           sizes=sizes)
     except ModelUnavailable as e:
         print(f"d2build: {e}", file=sys.stderr)
         return None

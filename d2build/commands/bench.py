@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     p = _runtime.parser("bench", "Time the recipe's model (or an explicit engine/graph): the model alone on an "
                                  "input already in place, and end to end (letterbox, copies, decode, mask paste).")
     p.add_argument("--image", default="astronaut", help="a bundled photograph's name or an image path")
-    ready = _runtime.prepare("bench", p, argv)
+    ready = _runtime.prepare("bench", p, argv, images=lambda args: [args.image])
     if ready is None:
         return 2
     args, recipe, out, model = ready

@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
 
     p = parser()
     args = _runtime.parse(p, argv)
+    if args is None:
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     recipe = compose_or_report(args.overrides)
     if recipe is not None:

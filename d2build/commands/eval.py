@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
                    help="how the Detectron2 reference sees each image: the graph's letterbox (default) or "
                         "Detectron2's own ResizeShortestEdge")
     args = _runtime.parse(p, argv)
-    setup = _runtime.setup("eval", args)
+    setup = _runtime.setup("eval", args) if args is not None else None
     if setup is None:
         return 2
     recipe, out = setup
@@ -50,8 +50,16 @@ def main(argv: list[str]) -> int:
         print(f"d2build eval: {annotations} {problem}", file=sys.stderr)
         return 2
     gt = evaluation.load_coco(annotations)
+    count = args.count if args.count is not None else recipe.eval.count
+    ids = sorted(gt.getImgIds())[: count or None]
+    files = {image_id: gt.loadImgs(image_id)[0]["file_name"] for image_id in ids}
+    try:  # every image's size against a dynamic graph's range, before anything is built or run
+        sizes = _runtime.image_sizes([str(Path(images) / f) for f in files.values()])
+    except ValueError as e:
+        print(f"d2build eval: {e}", file=sys.stderr)
+        return 2
     models = {}
-    model = _runtime.open_model_or_report(recipe, args, out)
+    model = _runtime.open_model_or_report(recipe, args, out, sizes)
     if model is None:
         return 2
     models[model.backend] = model
@@ -72,8 +80,6 @@ def main(argv: list[str]) -> int:
         return 2
     if note:
         log.warning("%s: %s", annotations, note)
-    count = args.count if args.count is not None else recipe.eval.count
-    ids = sorted(gt.getImgIds())[: count or None]
     from d2build.processing import load_image_bgr
 
     results: dict[str, list[dict]] = {k: [] for k in models}
@@ -82,8 +88,8 @@ def main(argv: list[str]) -> int:
     batch = model.info.batch
     for start in range(0, len(ids), batch):  # a model built for N images per run gets N
         chunk = ids[start:start + batch]
-        files = [gt.loadImgs(image_id)[0]["file_name"] for image_id in chunk]
-        bgrs = [load_image_bgr(Path(images) / f) for f in files]
+        chunk_files = [files[image_id] for image_id in chunk]
+        bgrs = [load_image_bgr(Path(images) / f) for f in chunk_files]
         counts: dict[str, list[int]] = {}
         for side, m in models.items():
             dets, _, s = m.detect_batch(bgrs)
@@ -94,7 +100,7 @@ def main(argv: list[str]) -> int:
                 with_masks[side] |= rles is not None
                 results[side] += evaluation.to_results(image_id, det.boxes, det.scores, det.classes, category_of,
                                                        rles, det.keypoints)
-        for k, f in enumerate(files):
+        for k, f in enumerate(chunk_files):
             log.info("[%d/%d] %s: %s detections", start + k + 1, len(ids), f,
                      ", ".join(f"{side} {counts[side][k]}" for side in models))
     (out / "detections_coco.json").write_text(json.dumps(results[model.backend]))

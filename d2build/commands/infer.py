@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     p = _runtime.parser("infer", "Run the recipe's model (or an explicit engine/graph) on images.")
     p.add_argument("--images", default="bundled", help="a folder of images, or `bundled` (default)")
     p.add_argument("--count", type=int, default=3, help="how many images (default 3)")
-    ready = _runtime.prepare("infer", p, argv)
+    ready = _runtime.prepare("infer", p, argv, images=_images)
     if ready is None:
         return 2
     args, recipe, out, model = ready
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
 
     (out / "pictures").mkdir(exist_ok=True)
     results = []
-    refs = photos.list_images(args.images, args.count)
+    refs = _images(args)
     thr = recipe.runtime.score_threshold
     batch = getattr(getattr(model, "info", None), "batch", 1)
     for start in range(0, len(refs), batch):  # a model built for a batch of N gets N images per run
@@ -49,6 +49,18 @@ def main(argv: list[str]) -> int:
     (out / "detections.json").write_text(json.dumps(doc, indent=1))
     log.info("wrote %s and %s", out / "detections.json", out / "pictures")
     return 0
+
+
+def _images(args) -> list[str]:
+    """The image references --images and --count name; ValueError saying why there are none."""
+    from d2build import photos
+
+    if args.count < 1:
+        raise ValueError(f"--count {args.count}: give 1 or more")
+    try:
+        return photos.list_images(args.images, args.count)
+    except OSError as e:
+        raise ValueError(f"--images {args.images}: not `bundled` or a folder ({e.strerror or e})") from None
 
 
 def detections_json(name: str, det, hw, info, seconds: float) -> dict:

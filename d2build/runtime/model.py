@@ -8,8 +8,53 @@ from typing import Any
 
 import numpy as np
 
-from d2build.processing import Detections, Letterbox, letterbox, resize_shortest_edge
+from d2build.processing import Detections, Letterbox, letterbox, resize_shortest_edge, shortest_edge_size
 from d2build.runtime.info import ModelInfo
+
+
+def input_size(info: ModelInfo, hw: tuple[int, int]) -> tuple[int, int]:
+    """The [H, W] a model takes for an image of size `hw` (original pixels): the letterbox canvas, or for a
+    dynamic graph Detectron2's ResizeShortestEdge of it padded up to a multiple of size_divisibility (what
+    `Model.prepare` makes of the image), computed from the size alone."""
+    if info.resize == "letterbox":
+        return tuple(info.input_hw)  # type: ignore[return-value]
+    rh, rw = shortest_edge_size(int(hw[0]), int(hw[1]), info.min_size, info.max_size)
+    d = info.size_divisibility
+    return -(-rh // d) * d, -(-rw // d) * d
+
+
+def _in_range(info: ModelInfo, hw: tuple[int, int]) -> bool:
+    lo, hi = info.input_min or hw, info.input_max or hw
+    return lo[0] <= hw[0] <= hi[0] and lo[1] <= hw[1] <= hi[1]
+
+
+def outside_range(info: ModelInfo, sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """The images (name -> original [h, w]) a dynamic graph cannot take: name -> (original size, input size),
+    in the order given. Empty for a letterbox model (every image fits its canvas). A batch is padded to its
+    largest image, so a batch of images that are each in range is in range too: checking each image before
+    the first one runs is enough."""
+    out = {}
+    for name, hw in sizes.items():
+        size = input_size(info, hw)
+        if not _in_range(info, size):
+            out[name] = (tuple(hw), size)
+    return out  # type: ignore[return-value]
+
+
+def range_message(info: ModelInfo, outside: dict[str, tuple[tuple[int, int], tuple[int, int]]], total: int) -> str:
+    """One line for `outside_range`'s answer: how many, an example, and the model.dynamic that holds them all."""
+    lo, hi = info.input_min, info.input_max
+    assert lo is not None and hi is not None
+    sizes = [size for _, size in outside.values()]
+    new_lo = (min(lo[0], *(s[0] for s in sizes)), min(lo[1], *(s[1] for s in sizes)))
+    new_hi = (max(hi[0], *(s[0] for s in sizes)), max(hi[1], *(s[1] for s in sizes)))
+    name, (hw, size) = next(iter(outside.items()))
+    example = f"{name}: {hw[0]}x{hw[1]} -> {size[0]}x{size[1]}"
+    return (f"{len(outside)} of {total} images resize to an input outside the graph's range {lo[0]}x{lo[1]} .. "
+            f"{hi[0]}x{hi[1]} (Detectron2's resize: short side {info.min_size}, long side at most {info.max_size}, "
+            f"padded to a multiple of {info.size_divisibility}; {example}): widen it to model.dynamic="
+            f"{{min:[{new_lo[0]},{new_lo[1]}],max:[{new_hi[0]},{new_hi[1]}]}} and rebuild, or change "
+            "model.dynamic.min_size/max_size")
 
 
 @dataclass
@@ -47,14 +92,12 @@ class Model:
         if info.resize == "letterbox":
             chws, lbs = zip(*(letterbox(im, info.input_hw, info.pixel_mean) for im in images_bgr))
         else:
+            outside = outside_range(info, {f"image {i + 1}": im.shape[:2] for i, im in enumerate(images_bgr)})
+            if outside:  # commands check every image before the first (outside_range); this is the last guard
+                raise ValueError(range_message(info, outside, len(images_bgr)))
             chws, lbs = zip(*(resize_shortest_edge(im, info.min_size, info.max_size, info.size_divisibility,
                                                    info.pixel_mean) for im in images_bgr))
             hw = (max(c.shape[1] for c in chws), max(c.shape[2] for c in chws))
-            lo, hi = info.input_min or hw, info.input_max or hw
-            if not (lo[0] <= hw[0] <= hi[0] and lo[1] <= hw[1] <= hi[1]):
-                raise ValueError(f"images resized to {hw[0]}x{hw[1]} (short side {info.min_size}, long side at most "
-                                 f"{info.max_size}) are outside the graph's input range {lo[0]}x{lo[1]} .. "
-                                 f"{hi[0]}x{hi[1]}: widen model.dynamic.min/max and rebuild")
             chws = [_pad_to(c, hw, info.pixel_mean) for c in chws]
             lbs = [Letterbox(lb.original_hw, hw, lb.scale, lb.resized_hw) for lb in lbs]
         batch = list(chws) + [chws[-1]] * (info.batch - len(chws))
