@@ -61,3 +61,20 @@ def load(ref: str) -> Photo:
 def source_digest(source: str, count: int) -> tuple[tuple[str, str], ...]:
     """What a cache key needs to know about an image source: names and pixel digests."""
     return tuple((Path(r).name, load(r).digest) for r in list_images(source, count))
+
+
+def image_sizes(refs: list[str]) -> dict[str, tuple[int, int]]:
+    """Name -> [h, w] as the model will be given each image (bundled photographs or files; file headers
+    only). ValueError naming the image that cannot be read."""
+    from d2build.processing import image_file_hw
+
+    out = {}
+    for ref in refs:
+        if ref in BUNDLED:
+            out[ref] = tuple(bundled(ref).bgr.shape[:2])
+            continue
+        try:
+            out[ref] = image_file_hw(ref)
+        except (OSError, ValueError) as e:  # missing, unreadable, or not an image Pillow knows
+            raise ValueError(f"{ref}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    return out  # type: ignore[return-value]

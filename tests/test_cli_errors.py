@@ -279,3 +279,16 @@ def test_infer_refuses_images_outside_the_range_before_anything_is_built(tmp_pat
                            "(Detectron2's resize: short side 800, long side at most 1333")
     assert f"{folder}/panorama.png: 300x1200 -> 352x1344" in line  # 333x1333, padded to multiples of 32
     assert not cache.exists()
+
+
+def test_run_refuses_verify_photographs_outside_the_range_before_any_stage(tmp_path):
+    """verify's preflight: the bundled photographs (512x512 and up, short side 800) do not fit 256..320."""
+    cache = tmp_path / "cache"
+    proc = d2build("recipe=mask_rcnn_r50", "model.weights=random", "surgery.ops=standard", "model.input=[320,320]",
+                   "model.dynamic={min:[256,256],max:[320,320]}", f"cache.dir={cache}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("d2build:")]
+    assert line.startswith("d2build: recipes/mask_rcnn_r50.yaml: verify.images: 3 of 3 images resize to an input "
+                           "outside the graph's range 256x256 .. 320x320"), line
+    assert "astronaut: 512x512 -> 800x800). Fix: widen it to model.dynamic={min:[256,256],max:[800,1216]}" in line
+    assert not cache.exists()

@@ -68,31 +68,15 @@ def prepare(prog: str, p: argparse.ArgumentParser, argv: list[str], images=None)
     recipe, out = ready
     sizes = None
     if images is not None:
+        from d2build import photos
+
         try:
-            sizes = image_sizes(images(args))
+            sizes = photos.image_sizes(images(args))
         except ValueError as e:
             print(f"d2build {prog}: {e}", file=sys.stderr)
             return None
     model = open_model_or_report(recipe, args, out, sizes)
     return None if model is None else (args, recipe, out, model)
-
-
-def image_sizes(refs: list[str]) -> dict[str, tuple[int, int]]:
-    """Name -> [h, w] as the model will be given each image (bundled photographs or files; file headers
-    only). ValueError naming the image that cannot be read."""
-    from d2build import photos
-    from d2build.processing import image_file_hw
-
-    out = {}
-    for ref in refs:
-        if ref in photos.BUNDLED:
-            out[ref] = tuple(photos.bundled(ref).bgr.shape[:2])
-            continue
-        try:
-            out[ref] = image_file_hw(ref)
-        except (OSError, ValueError) as e:  # missing, unreadable, or not an image Pillow knows
-            raise ValueError(f"{ref}: cannot be read as an image ({type(e).__name__}: {e})") from None
-    return out  # type: ignore[return-value]
 
 
 class ModelUnavailable(RuntimeError):

@@ -53,8 +53,10 @@ def main(argv: list[str]) -> int:
     count = args.count if args.count is not None else recipe.eval.count
     ids = sorted(gt.getImgIds())[: count or None]
     files = {image_id: gt.loadImgs(image_id)[0]["file_name"] for image_id in ids}
+    from d2build import photos
+
     try:  # every image's size against a dynamic graph's range, before anything is built or run
-        sizes = _runtime.image_sizes([str(Path(images) / f) for f in files.values()])
+        sizes = photos.image_sizes([str(Path(images) / f) for f in files.values()])
     except ValueError as e:
         print(f"d2build eval: {e}", file=sys.stderr)
         return 2

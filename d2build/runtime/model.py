@@ -43,6 +43,12 @@ def outside_range(info: ModelInfo, sizes: dict[str, tuple[int, int]]) -> dict[st
 
 def range_message(info: ModelInfo, outside: dict[str, tuple[tuple[int, int], tuple[int, int]]], total: int) -> str:
     """One line for `outside_range`'s answer: how many, an example, and the model.dynamic that holds them all."""
+    return ": ".join(range_problem(info, outside, total))
+
+
+def range_problem(info: ModelInfo, outside: dict[str, tuple[tuple[int, int], tuple[int, int]]],
+                  total: int) -> tuple[str, str]:
+    """`range_message` as (what is wrong, the fix), for a recipe Problem."""
     lo, hi = info.input_min, info.input_max
     assert lo is not None and hi is not None
     sizes = [size for _, size in outside.values()]
@@ -52,9 +58,9 @@ def range_message(info: ModelInfo, outside: dict[str, tuple[tuple[int, int], tup
     example = f"{name}: {hw[0]}x{hw[1]} -> {size[0]}x{size[1]}"
     return (f"{len(outside)} of {total} images resize to an input outside the graph's range {lo[0]}x{lo[1]} .. "
             f"{hi[0]}x{hi[1]} (Detectron2's resize: short side {info.min_size}, long side at most {info.max_size}, "
-            f"padded to a multiple of {info.size_divisibility}; {example}): widen it to model.dynamic="
-            f"{{min:[{new_lo[0]},{new_lo[1]}],max:[{new_hi[0]},{new_hi[1]}]}} and rebuild, or change "
-            "model.dynamic.min_size/max_size")
+            f"padded to a multiple of {info.size_divisibility}; {example})",
+            f"widen it to model.dynamic={{min:[{new_lo[0]},{new_lo[1]}],max:[{new_hi[0]},{new_hi[1]}]}} and rebuild, "
+            "or change model.dynamic.min_size/max_size")
 
 
 @dataclass

@@ -71,14 +71,19 @@ class CandidatesStage(Stage):
         """The annotation file's categories must map onto the model's classes (by name or by count)."""
         from d2build import detectron, evaluation
 
+        from d2build.stages.verify import sizes_problems
+
         info = detectron.model_info(ModelSlice.of(recipe))
+        gt = evaluation.load_coco(recipe.eval.annotations)
         try:
-            evaluation.category_map(evaluation.load_coco(recipe.eval.annotations), info)
+            evaluation.category_map(gt, info)
         except ValueError as e:
             return [Problem(recipe.source, "eval.annotations", f"{recipe.eval.annotations}: {e}",
                             "set model.class_names to the json's category names, or use a json of this model's "
                             "classes")]
-        return []
+        ids = sorted(gt.getImgIds())[: recipe.eval.count or None]
+        files = [str(Path(recipe.eval.images).expanduser() / gt.loadImgs(i)[0]["file_name"]) for i in ids]
+        return sizes_problems(recipe, "eval.images", files)
 
     def run(self, cfg: CandidatesSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import torch

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Files, ModelSlice, Recipe, VerifyConfig, VerifySlice
+from d2build.recipe import Files, ModelSlice, Problem, Recipe, VerifyConfig, VerifySlice
 from d2build.stages.base import Context, Stage, StageFailed
 
 
@@ -27,6 +27,26 @@ def verify_slice(recipe: Recipe) -> VerifySlice:
 
     v = recipe.verify
     return VerifySlice(ModelSlice.of(recipe), recipe.precision.mode, v, photos.source_digest(v.images, v.count))
+
+
+def sizes_problems(recipe: Recipe, key: str, refs: list[str]) -> list[Problem]:
+    """A dynamic graph's range against every image a stage will feed it (their headers only), before anything
+    is built: one Problem naming the key whose images do not fit."""
+    if recipe.model.dynamic is None:
+        return []
+    from d2build import detectron, photos
+    from d2build.runtime.model import outside_range, range_problem
+
+    info = detectron.model_info(ModelSlice.of(recipe))
+    try:
+        sizes = photos.image_sizes(refs)
+    except ValueError as e:
+        return [Problem(recipe.source, key, str(e), f"remove or replace the image {key} names")]
+    outside = outside_range(info, sizes)
+    if not outside:
+        return []
+    message, fix = range_problem(info, outside, len(sizes))
+    return [Problem(recipe.source, key, message, fix)]
 
 
 def eager_and_info(cfg: VerifySlice, weights: Artifact):
@@ -51,6 +71,11 @@ class VerifyStage(Stage):
 
     def slice(self, recipe: Recipe) -> VerifySlice:
         return verify_slice(recipe)
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        from d2build import photos
+
+        return sizes_problems(recipe, "verify.images", photos.list_images(recipe.verify.images, recipe.verify.count))
 
     def run(self, cfg: VerifySlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         from d2build import backends, photos
