@@ -574,15 +574,6 @@ def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> Non
                "in name order: .jpg, .jpeg, .png, .bmp, .webp)")
 
 
-#: the recipe keys that override a Detectron2 config's test-time settings (the family's eager_overrides)
-_TEST_SETTINGS = (("surgery.nms.score_threshold", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05),
-                  ("surgery.nms.iou_threshold", "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5),
-                  ("surgery.nms.max_detections", "TEST.DETECTIONS_PER_IMAGE", 100),
-                  ("surgery.rpn.pre_nms_topk", "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
-                  ("surgery.rpn.post_nms_topk", "MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
-                  ("surgery.rpn.iou_threshold", "MODEL.RPN.NMS_THRESH", 0.7))
-
-
 def config_setting_notes(r: Recipe) -> list[str]:
     """Where the Detectron2 config sets a test-time threshold other than the recipe's: the recipe's value is
     what the graph and the eager comparison use; say so (a trainer's config dump often sets its own)."""
@@ -597,7 +588,11 @@ def config_setting_notes(r: Recipe) -> list[str]:
         return []
     values = dataclasses.asdict(r)
     notes = []
-    for key, d2_key, default in _TEST_SETTINGS:
+    if r.model.family not in FAMILIES_SUPPORTED:
+        return []
+    from d2build.families import family
+
+    for key, d2_key, default in family(r.model.family).test_settings:
         node: Any = tree
         for part in d2_key.split("."):
             node = node.get(part, None) if isinstance(node, dict) else None

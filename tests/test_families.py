@@ -237,3 +237,25 @@ def test_pictures_draw_the_coco_skeleton():
         assert tuple(pic[int(round(mid[1])), int(round(mid[0]))]) != (90, 90, 90)  # limb drawn
     x0, y0, x1, y1 = det.boxes[2].astype(int) + np.array([4, 30, -4, -4])
     np.testing.assert_array_equal(pic[y0:y1, x0:x1], plain[y0:y1, x0:x1])  # low scores: nothing drawn
+
+
+def test_test_settings_drive_eager_and_the_config_notes(tmp_path):
+    """One table per family maps the recipe's thresholds to Detectron2's keys: eager runs with them, and a
+    config that sets its own is noted (RetinaNet's keys, not the R-CNN ones)."""
+    from d2build.compose import compose
+    from d2build.schema import _detectron2_configs_dir, config_setting_notes
+
+    r = compose(["recipe=mask_rcnn_r50", "surgery.nms.score_threshold=0.3"])
+    assert builder("mask_rcnn").eager_overrides(r.surgery) == {
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.5, "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.3,
+        "TEST.DETECTIONS_PER_IMAGE": 100, "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000, "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
+        "MODEL.RPN.NMS_THRESH": 0.7}
+    assert set(builder("retinanet").eager_overrides(r.surgery)) == {
+        "MODEL.RETINANET.SCORE_THRESH_TEST", "MODEL.RETINANET.NMS_THRESH_TEST", "MODEL.RETINANET.TOPK_CANDIDATES_TEST",
+        "TEST.DETECTIONS_PER_IMAGE"}
+    cfg = tmp_path / "retina.yaml"
+    cfg.write_text(f"_BASE_: {_detectron2_configs_dir() / 'COCO-Detection/retinanet_R_50_FPN_3x.yaml'}\n"
+                   "MODEL:\n  RETINANET:\n    SCORE_THRESH_TEST: 0.3\n")
+    notes = config_setting_notes(compose(["recipe=retinanet_r50", f"model.config={cfg}"]))
+    assert notes == [f"{cfg} sets MODEL.RETINANET.SCORE_THRESH_TEST=0.3; the recipe's surgery.nms.score_threshold=0.05 "
+                     "is used (graph and Detectron2 alike)"]

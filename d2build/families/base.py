@@ -61,6 +61,10 @@ class Family:
     structure: ClassVar[tuple[tuple[str, Any, Any, str], ...]] = ()
     #: the family's Detectron2 models in one phrase, for messages ("FPN R-CNN (GeneralizedRCNN, ...)")
     described_as: ClassVar[str] = ""
+    #: The recipe keys that are Detectron2 test-time settings: (recipe key, Detectron2 config key, Detectron2's
+    #: default). Eager runs with the recipe's values (FamilyBuild.eager_overrides); a config that sets another
+    #: value is noted at run start (schema.config_setting_notes).
+    test_settings: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
 
     def num_classes(self, cfg: Any) -> int:
         """Object classes the model predicts (background not counted)."""

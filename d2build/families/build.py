@@ -37,8 +37,15 @@ class FamilyBuild:
     # ------------------------------------------------------------------ Detectron2
 
     def eager_overrides(self, surgery: "SurgeryConfig") -> dict[str, Any]:
-        """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
-        raise NotImplementedError
+        """The recipe's thresholds as Detectron2 config keys (the family's `test_settings`), so eager runs what
+        the graph runs."""
+        out = {}
+        for key, d2_key, _ in self.family.test_settings:
+            value: Any = surgery
+            for part in key.split(".")[1:]:  # surgery.nms.iou_threshold -> surgery.nms.iou_threshold
+                value = getattr(value, part)
+            out[d2_key] = value
+        return out
 
     def inference(self, model: Any, inputs: list[dict[str, Any]]) -> list[Any]:
         """Detectron2's own inference on batched inputs (images in the model's format), Instances in input

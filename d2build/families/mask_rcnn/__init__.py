@@ -34,6 +34,12 @@ class MaskRCNN(Family):
     head_outputs = (Outputs.MASKS,)
     structure = RCNN_STRUCTURE
     described_as = "Mask R-CNN (GeneralizedRCNN, ResNet/ResNeXt-FPN, RPN, StandardROIHeads, mask head)"
+    test_settings = (("surgery.nms.iou_threshold", "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5),
+                     ("surgery.nms.score_threshold", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05),
+                     ("surgery.nms.max_detections", "TEST.DETECTIONS_PER_IMAGE", 100),
+                     ("surgery.rpn.pre_nms_topk", "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
+                     ("surgery.rpn.post_nms_topk", "MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
+                     ("surgery.rpn.iou_threshold", "MODEL.RPN.NMS_THRESH", 0.7))
 
     def decode_heads(self, outputs, image_index, rows, boxes_input, boxes, lb, mask_threshold) -> dict[str, Any]:
         """Masks of the kept detections pasted into the original image (Detectron2's paste_masks_in_image)."""

@@ -7,13 +7,13 @@ the same letterboxed input with the recipe's thresholds; surgery is the R-CNN su
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from d2build.families.build import FamilyBuild
 from d2build.families.mask_rcnn import MaskRCNN
 
 if TYPE_CHECKING:
-    from d2build.recipe import GraphSpec, SurgeryConfig
+    from d2build.recipe import GraphSpec
 
 
 class MaskRCNNBuild(FamilyBuild):
@@ -21,17 +21,6 @@ class MaskRCNNBuild(FamilyBuild):
     export_outputs = ("pred_boxes", "pred_classes", "pred_masks", "scores", "image_size")
     #: CascadeROIHeads instead of StandardROIHeads (cascade_rcnn/build.py)
     cascade: ClassVar[bool] = False
-
-    def eager_overrides(self, surgery: "SurgeryConfig") -> dict[str, Any]:
-        """The recipe's thresholds as Detectron2 config keys, so eager runs what the graph runs."""
-        return {
-            "MODEL.ROI_HEADS.NMS_THRESH_TEST": surgery.nms.iou_threshold,
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST": surgery.nms.score_threshold,
-            "TEST.DETECTIONS_PER_IMAGE": surgery.nms.max_detections,
-            "MODEL.RPN.PRE_NMS_TOPK_TEST": surgery.rpn.pre_nms_topk,
-            "MODEL.RPN.POST_NMS_TOPK_TEST": surgery.rpn.post_nms_topk,
-            "MODEL.RPN.NMS_THRESH": surgery.rpn.iou_threshold,
-        }
 
     def inference(self, model, inputs):
         """GeneralizedRCNN.inference without post-processing: boxes in input pixels, 28x28 mask probabilities."""

@@ -53,6 +53,10 @@ class RetinaNet(Family):
     num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
     structure = RETINANET_STRUCTURE
     described_as = "RetinaNet (ResNet-FPN P3-P7, RetinaNetHead)"
+    test_settings = (("surgery.nms.score_threshold", "MODEL.RETINANET.SCORE_THRESH_TEST", 0.05),
+                     ("surgery.nms.iou_threshold", "MODEL.RETINANET.NMS_THRESH_TEST", 0.5),
+                     ("surgery.rpn.pre_nms_topk", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 1000),
+                     ("surgery.nms.max_detections", "TEST.DETECTIONS_PER_IMAGE", 100))
 
     def recipe_problems(self, recipe, default) -> list[tuple[str, str, str]]:
         """RetinaNet reads surgery.rpn.pre_nms_topk only (its per-level top-k); in the standard graph the levels'

@@ -23,14 +23,6 @@ class RetinaNetBuild(FamilyBuild):
     family_class = RetinaNet
     export_outputs = ("pred_boxes", "pred_classes", "scores", "image_size")
 
-    def eager_overrides(self, surgery: "SurgeryConfig") -> dict[str, Any]:
-        return {
-            "MODEL.RETINANET.SCORE_THRESH_TEST": surgery.nms.score_threshold,
-            "MODEL.RETINANET.NMS_THRESH_TEST": surgery.nms.iou_threshold,
-            "MODEL.RETINANET.TOPK_CANDIDATES_TEST": surgery.rpn.pre_nms_topk,
-            "TEST.DETECTIONS_PER_IMAGE": surgery.nms.max_detections,
-        }
-
     def inference(self, model, inputs):
         """DenseDetector.forward at inference, without detector_postprocess: Instances in input pixels."""
         images = model.preprocess_image(inputs)
