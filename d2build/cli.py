@@ -8,7 +8,9 @@ about a second.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE = """\
@@ -46,7 +48,6 @@ Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache
 """
 
 log = logging.getLogger("d2build")
-_failed_jobs: list[str] = []  # jobs of this process that failed (jobs of other processes: the sweep summary)
 
 
 def _job(cfg) -> None:
@@ -55,8 +56,9 @@ def _job(cfg) -> None:
     from d2build import console
     from d2build.commands._common import print_problems
     from d2build.compose import recipe_from_hydra
-    from d2build.runner import execute
     from d2build.recipe import RecipeError
+    from d2build.runner import execute
+    from d2build.sweep import record_failure
 
     verbose = bool(cfg.get("run", {}).get("verbose", False))
     console.configure(verbose)
@@ -78,26 +80,33 @@ def _job(cfg) -> None:
             print(f"d2build: stage {r.name} failed: {r.reason}", file=sys.stderr)
     log.info("run.json: %s", run_dir / "run.json")
     if failed:
-        _failed_jobs.append(",".join(hc.overrides.task) or recipe.name)
+        record_failure(",".join(hc.overrides.task) or recipe.name)
 
 
 def run(argv: list[str]) -> int:
     import hydra
 
-    from d2build import sweep
     from d2build.compose import conf_dir, register_plugins
+    from d2build.sweep import FAILED_JOBS_ENV
 
     register_plugins()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)
-    saved = sys.argv  # hydra.main reads its arguments from sys.argv only
-    sys.argv = [saved[0] if saved else "d2build", *argv]
-    del sweep.LAST[:], _failed_jobs[:]
+    saved = sys.argv, os.environ.get(FAILED_JOBS_ENV)  # hydra.main reads its arguments from sys.argv only
+    sys.argv = [saved[0][0] if saved[0] else "d2build", *argv]
+    fd, outcome = tempfile.mkstemp(prefix="d2build-failed-jobs-", suffix=".txt")
+    os.close(fd)
+    os.environ[FAILED_JOBS_ENV] = outcome
     try:
         app()
+        failed = Path(outcome).read_text(encoding="utf-8").split("\n")
     finally:
-        sys.argv = saved
-    # jobs run by other processes (joblib, submitit) report failures through the sweep summary
-    return 1 if _failed_jobs or any(s.failed for s in sweep.LAST) else 0
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop(FAILED_JOBS_ENV, None)
+        else:
+            os.environ[FAILED_JOBS_ENV] = saved[1]
+        os.unlink(outcome)
+    return 1 if any(failed) else 0
 
 
 #: Hydra's flags that need no composition of d2build's config (or another one): handed to Hydra unchecked

@@ -9,13 +9,14 @@ as the compose API used by `plan` and `validate`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.resources
 import os
 import re
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
@@ -65,17 +66,30 @@ def _conf_tree(path: str) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-_EXTRA_RECIPE_DIRS: list[Path] = []  # searched before all others (`d2build validate path/to/file.yaml`)
+#: folders searched for recipes before ./recipes and the shipped ones (os.pathsep-separated); set by the user,
+#: or for one composition by `extra_recipe_dirs` (`d2build validate path/to/file.yaml`); Hydra's job processes
+#: inherit it like every environment variable
+RECIPE_DIRS_ENV = "D2BUILD_RECIPE_DIRS"
 
 
-def set_extra_recipe_dirs(dirs: list[Path]) -> None:
-    """Search these folders first (validate uses it for recipe files given by path)."""
-    _EXTRA_RECIPE_DIRS[:] = [Path(d).resolve() for d in dirs]
+@contextlib.contextmanager
+def extra_recipe_dirs(dirs: list[Path]) -> Iterator[None]:
+    """Search these folders first while the block runs."""
+    before = os.environ.get(RECIPE_DIRS_ENV)
+    os.environ[RECIPE_DIRS_ENV] = os.pathsep.join([*(str(Path(d).resolve()) for d in dirs), *([before] if before else [])])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RECIPE_DIRS_ENV, None)
+        else:
+            os.environ[RECIPE_DIRS_ENV] = before
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for recipes: the user's ./recipes first (it wins a name clash), then shipped."""
-    dirs = list(_EXTRA_RECIPE_DIRS)
+    """Folders searched for recipes: $D2BUILD_RECIPE_DIRS, the user's ./recipes (it wins a name clash with the
+    shipped ones), then the shipped ones."""
+    dirs = [Path(d).resolve() for d in os.environ.get(RECIPE_DIRS_ENV, "").split(os.pathsep) if d]
     local = Path.cwd() / "recipes"
     if local.is_dir() and local.resolve() not in dirs:
         dirs.append(local.resolve())

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,17 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 _STATUS_ORDER = ["built", "hit", "skipped", "failed", "-", "no run.json"]
 
-# Summaries written by the callback in this process (the CLI reads the last one for its exit code).
-LAST: list["Summary"] = []
+#: A file the jobs of one `d2build` command append their failures to, one line each: jobs in its process, in
+#: joblib's or submitit's (they inherit the environment), and the jobs the sweep summary finds dead without a
+#: run.json. cli.run creates it, reads it for the exit status and removes it.
+FAILED_JOBS_ENV = "D2BUILD_FAILED_JOBS"
+
+
+def record_failure(job: str) -> None:
+    path = os.environ.get(FAILED_JOBS_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(job.replace("\n", " ") + "\n")
 
 
 @dataclass
@@ -90,7 +100,8 @@ class SweepSummary(Callback):
             log.error("sweep summary: could not write it into %s (%s: %s); rerun `d2build summarize %s`",
                       sweep_dir, type(e).__name__, e, sweep_dir)
             return
-        LAST.append(summary)
+        for job in summary.failed:  # the exit status counts jobs that died without saying so, too
+            record_failure(job)
         log.info("sweep: %d job(s), %d failed; %s", len(summary.rows), len(summary.failed), summary.counts_line())
         log.info("sweep summary: %s", ", ".join(str(f) for f in summary.files))
 

@@ -66,7 +66,7 @@ def targets(args: list[str]) -> tuple[list[tuple[str, Path, Path | None]], list[
 
 def check(name: str, file: Path, first_dir: Path | None):
     """Return (Recipe, planned stages, []) or (None, None, [Problem, ...])."""
-    from d2build.compose import set_extra_recipe_dirs
+    from d2build.compose import extra_recipe_dirs
     from d2build.recipe import Problem
 
     src = _display(file)
@@ -81,11 +81,8 @@ def check(name: str, file: Path, first_dir: Path | None):
         return None, None, [Problem(src, "@package", "the recipe has no `# @package _global_` header, so "
                                     "Hydra puts its keys under `recipe.` where nothing reads them",
                                     f"make `# {HEADER}` the first line")]
-    set_extra_recipe_dirs([first_dir] if first_dir is not None else [])
-    try:
+    with extra_recipe_dirs([first_dir] if first_dir is not None else []):
         return _compose_and_plan(name, src)
-    finally:
-        set_extra_recipe_dirs([])
 
 
 def _has_global_header(text: str) -> bool:
