@@ -106,7 +106,7 @@ def test_an_engine_with_the_wrong_nms_threshold_fails(setup, tmp_path):
     outcome, _ = run_check(setup, broken, tmp_path, with_detectron2=False)
     (row,) = outcome.rows
     t = row["tensors"]
-    assert row["failed"] and t["paired_share"] < setup["v"]["min_recovered"]
+    assert row["failed"] and t["paired_share"] < setup["v"].min_recovered
     text = "\n".join(outcome.failures)
     assert "engine and graph pair only" in text and ("extra: engine #" in text or "missing: graph #" in text)
     assert t["boxes"]["aligned_max_abs"] > 1.0  # row by row (as Polygraphy compares) the outputs diverge too
@@ -126,7 +126,10 @@ def test_compare_tensors_tolerates_reordered_ties_and_reports_drift():
     ref["detection_scores"][0, :n] = np.sort(rng.uniform(0.1, 0.9, n))[::-1]
     ref["detection_classes"][0, :n] = rng.integers(0, 5, n)
     ref["detection_masks"][0, :n, 4:20, 4:20] = 0.9
-    v = {"iou_threshold": 0.98, "score_tolerance": 0.01, "min_recovered": 0.99, "min_mask_iou": 0.95}
+    from d2build.recipe import VerifyConfig
+
+    v = VerifyConfig(images="bundled", count=1, iou_threshold=0.98, score_tolerance=0.01, min_recovered=0.99,
+                     min_mask_iou=0.95, min_detections=1, keypoint_median_px=1.0, keypoint_p95_px=3.0)
     got = {k: a.copy() for k, a in ref.items()}
     swap = [1, 0] + list(range(2, 100))  # two rows in the other order, values drifted a little
     for k in ("detection_boxes", "detection_scores", "detection_classes", "detection_masks"):
