@@ -30,7 +30,7 @@ def main(overrides: list[str]) -> None:
 
     recipe = compose(overrides)
     cache = Cache(recipe.cache.dir)
-    arts = {p.name: cache.lookup(p.name, p.key) for p in plan(recipe, cache)}
+    arts = {p.name: cache.lookup(p.stage.kind, p.key) for p in plan(recipe, cache)}
     if not arts["surgery"]:
         sys.exit("run d2build first with the same overrides (--until surgery) so the graph is cached")
     fam = builder(recipe.model.family)

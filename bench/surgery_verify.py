@@ -55,14 +55,14 @@ def main() -> None:
     results_dir = Path(__file__).parent / "results"
     execute(recipe, Path(tempfile.mkdtemp()), args.overrides, until="surgery")
     cache = Cache(recipe.cache.dir)
-    arts = {p.name: cache.lookup(p.name, p.key) for p in plan(recipe, cache)}
+    arts = {p.name: cache.lookup(p.stage.kind, p.key) for p in plan(recipe, cache)}
     surgery = next(p for p in plan(recipe, cache) if p.name == "surgery")
 
     seconds = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            SurgeryStage().run(surgery.material["config"], {"export": arts["export"]}, Path(tmp), Context("surgery"))
+            SurgeryStage({"export": "export"}).run(surgery.cfg, {"export": arts["export"]}, Path(tmp), Context("surgery"))
             seconds.append(time.perf_counter() - t0)
     export_nodes = len(onnx.load(str(arts["export"].path("model.onnx")), load_external_data=False).graph.node)
     graph = onnx.load(str(arts["surgery"].path("model.onnx")))

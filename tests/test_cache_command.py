@@ -148,11 +148,11 @@ def test_gc_keep_referenced(tmp_path):
     assert kept.returncode == 0, kept.stderr
     assert re.findall(r"^removed +(\w+) +(\w+) ", kept.stdout, flags=re.M) == [("export", stray[:12])]
     for p in wanted:
-        assert cache.lookup(p.name, p.key) is not None
+        assert cache.lookup(p.stage.kind, p.key) is not None
 
     bad = cli("gc", "--keep-referenced", "--overrides", "model.input=[321,320]", "--dir", str(cache.root))
     assert bad.returncode == 2 and "nothing removed" in bad.stderr
-    assert all(cache.lookup(p.name, p.key) is not None for p in wanted)
+    assert all(cache.lookup(p.stage.kind, p.key) is not None for p in wanted)
 
 
 def test_gc_needs_a_criterion(tmp_path):

@@ -130,7 +130,7 @@ def referenced_keys(override_sets: list[list[str]]) -> tuple[set[tuple[str, str]
             if recipe is None:
                 problems.append(" ".join(ov))
                 continue
-            keep |= {(p.name, p.key) for p in plan(recipe)}
+            keep |= {(p.stage.kind, p.key) for p in plan(recipe)}
     return keep, problems
 
 
