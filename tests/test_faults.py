@@ -189,16 +189,25 @@ def test_full_disk_gives_one_clear_line(tmp_path, cache_320, how):
             _umount(cache)
 
 
-@pytest.mark.parametrize("how", ["below-a-file", "read-only-mount"])
-def test_unwritable_cache_folder_gives_one_clear_line(tmp_path, how):
-    if how == "below-a-file":  # fails for root too (permission bits do not)
-        blocker = tmp_path / "not-a-folder"
-        blocker.write_text("a file")
-        cache, reason = blocker / "cache", "(a part of its path is a file, not a folder)"
-    else:
-        cache, reason = tmp_path / "ro", "(the file system is read-only)"
-        if not _mount_tmpfs(cache, "ro,size=1m"):
-            pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+def test_cache_folder_below_a_file_is_refused_before_any_stage(tmp_path):
+    blocker = tmp_path / "not-a-folder"  # fails for root too (permission bits do not)
+    blocker.write_text("a file")
+    cache = blocker / "cache"
+    proc = subprocess.run([sys.executable, "-m", "d2build", "--until", "weights", *ARGS, f"cache.dir={cache}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("d2build:")]
+    assert line == (f"d2build: command line (cache.dir={cache}): cache.dir: {cache} is inside {blocker}, which is a "
+                    "file, not a folder. Fix: point cache.dir at a folder (it is created if missing), e.g. "
+                    "cache.dir=outputs/cache")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_read_only_cache_folder_gives_one_clear_line(tmp_path):
+    cache, reason = tmp_path / "ro", "(the file system is read-only)"
+    if not _mount_tmpfs(cache, "ro,size=1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
         cmd = [sys.executable, "-m", "d2build", "--until", "weights", *ARGS, f"cache.dir={cache}",
                f"hydra.run.dir={tmp_path / 'run'}"]
@@ -209,8 +218,7 @@ def test_unwritable_cache_folder_gives_one_clear_line(tmp_path, how):
         assert line == (f"d2build: stage weights failed: cache folder {cache.resolve() / 'weights'} is not writable "
                         f"{reason}: set cache.dir=/a/writable/folder")
     finally:
-        if how == "read-only-mount":
-            _umount(cache)
+        _umount(cache)
 
 
 # ------------------------------------------------------------------ eight jobs, one key

@@ -126,3 +126,9 @@ def test_every_family_is_one_package_of_a_runtime_and_a_build_half():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_every_folder_of_python_files_is_a_package():
+    """setup.py finds packages by their __init__.py: a folder without one would be left out of the wheel."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert [f for f in folders if not (f / "__init__.py").is_file()] == []
