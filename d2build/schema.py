@@ -103,17 +103,31 @@ class BuildConfig:
     optimization_level: int
     required: bool
     device: int  # CUDA device index the engine is built for (and whose lock is taken)
+    tf32: bool = False  # fp32 layers in TF32 (BuilderFlag.TF32, TensorRT's default); false: fp32 is fp32
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    """runtime.cuda.*: ONNX Runtime's CUDA provider options (backends/devices.py passes them on)."""
+
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cudnn_conv_use_max_workspace: bool = True
+    prefer_nhwc: bool = False
+    gpu_mem_limit_gib: float | None = None  # None: no limit
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
 
-    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph on CPU)
+    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph, CPU or GPU)
     warmup: int
     iterations: int
     cuda_graph: bool
     score_threshold: float  # infer: detections drawn in pictures (all are written to JSON)
+    device: str = "cpu"  # cpu | cuda | cuda:N: where runtime.backend=onnxruntime runs the graph
+    tf32: bool = False  # cuda: TF32 convolutions/matmuls in ONNX Runtime (use_tf32) and Detectron2 eager
+    cuda: CudaConfig = field(default_factory=CudaConfig)
 
 
 @dataclass(frozen=True)
@@ -675,6 +689,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
                f"use runtime.iterations >= 1 (default {conf_default('runtime.iterations')})")
     _in_unit(ck, "runtime.score_threshold", rt.score_threshold, conf_default("runtime.score_threshold"),
              "the default is")
+    _check_device(rt, ck)
     v = r.verify
     _check_images(ck, "verify.images", v.images, v.count)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
@@ -708,6 +723,31 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
                "set them, or stop at another stage", set_by="run.until")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
+
+
+def _check_device(rt: RuntimeConfig, ck: _Checker) -> None:
+    """runtime.device and runtime.cuda.*: a GPU this machine cannot run a graph on is refused here, in one line,
+    before any stage runs (backends/devices.py says what is missing: onnxruntime-gpu, a CUDA device)."""
+    from d2build.backends import devices
+
+    for k, message, fix in devices.cuda_option_problems(dataclasses.asdict(rt.cuda)):
+        ck.add(f"runtime.cuda.{k}", message, fix)
+    try:
+        dev = devices.parse(rt.device)
+    except devices.DeviceError as e:
+        ck.add("runtime.device", str(e).split("; ")[0], "use runtime.device=cpu, cuda or cuda:N")
+        return
+    if not dev.is_cuda:
+        return
+    if rt.backend == "reference":
+        ck.add("runtime.device", f"{dev} with runtime.backend=reference: d2build's plugin implementations run on the "
+               "CPU only", "use runtime.backend=onnxruntime (surgery.ops=standard graphs), or runtime.device=cpu")
+        return
+    if rt.backend == "detectron2":  # eager runs on torch; backends/detectron2.on_device refuses a missing GPU
+        return
+    problem = devices.cuda_problem(dev)
+    if problem:
+        ck.add("runtime.device", f"{dev} asked for, but {problem[0]}", problem[1])
 
 
 def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> None:

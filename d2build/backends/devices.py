@@ -30,8 +30,8 @@ GIB = 1 << 30
 #: runtime.cuda.* as conf/config.yaml writes them (schema.py checks the recipe's against these names)
 CUDA_DEFAULTS: dict[str, Any] = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": True,
                                  "prefer_nhwc": False, "gpu_mem_limit_gib": None}
-GPU_INSTALL = ("pip uninstall -y onnxruntime && pip install 'd2build[gpu]' (onnxruntime-gpu, a CUDA 12/13 "
-               "build; both wheels install the same `onnxruntime` package, so only one may be installed)")
+GPU_INSTALL = ("pip install 'd2build[gpu]', then pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+               "onnxruntime-gpu (both wheels install the same `onnxruntime` package: only one may be installed)")
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
@@ -173,25 +173,27 @@ def cuda_device_count() -> int | None:
         return None
 
 
-def cuda_problem(device: Device) -> str | None:
-    """Why a graph cannot run on `device` here (None: it can): no onnxruntime-gpu, no CUDA device, a provider that
-    does not load. Called before any stage runs, so the refusal is one line."""
+def cuda_problem(device: Device) -> tuple[str, str] | None:
+    """(what is missing, the fix) when a graph cannot run on `device` here, None when it can: no onnxruntime-gpu,
+    no CUDA device, a provider that does not load. Checked before any stage runs, so the refusal is one line."""
     if not device.is_cuda:
         return None
     try:
         import onnxruntime as ort
     except ImportError:
-        return f"onnxruntime is not installed; install it with {GPU_INSTALL}"
+        return "onnxruntime is not installed", f"install onnxruntime-gpu: {GPU_INSTALL}"
     if CUDA_PROVIDER not in ort.get_available_providers():
-        return (f"the installed onnxruntime {ort.__version__} is a CPU build (no {CUDA_PROVIDER}); {GPU_INSTALL}, "
-                "or use runtime.device=cpu")
+        return (f"the installed onnxruntime {ort.__version__} is a CPU build (no {CUDA_PROVIDER})",
+                f"{GPU_INSTALL}; or use runtime.device=cpu")
     count = cuda_device_count()
     if count == 0:
-        return "no CUDA device is visible on this machine (libcudart reports 0 devices); use runtime.device=cpu"
+        return "no CUDA device is visible on this machine (libcudart reports 0 devices)", "use runtime.device=cpu"
     if count is not None and device.index >= count:
-        return f"{device} asked for, but this machine has {count} CUDA device(s): use cuda:0..cuda:{count - 1}"
+        return (f"{device} asked for, but this machine has {count} CUDA device(s)",
+                f"use runtime.device=cuda:0..cuda:{count - 1}")
     _, why = loaded_providers(device)
     if why:
-        return (f"onnxruntime {ort.__version__} has a CUDA provider, but it does not run here ({why}); use "
-                "runtime.device=cpu, or install the CUDA runtime and cuDNN that onnxruntime-gpu needs")
+        return (f"onnxruntime {ort.__version__} has a CUDA provider, but it does not run here: {why}",
+                "install the CUDA runtime, cuBLAS and cuDNN that onnxruntime-gpu needs (PyTorch's CUDA wheels bring "
+                "them; `d2build doctor` says which providers load), or use runtime.device=cpu")
     return None

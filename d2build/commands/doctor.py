@@ -98,14 +98,18 @@ def _providers(device: int = 0) -> str:
     except Exception as e:  # noqa: BLE001 - doctor reports, never raises
         return f"onnxruntime does not import: {e}"
     have = [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
+    both = _version("onnxruntime") and _version("onnxruntime-gpu")
+    clash = (" -- onnxruntime and onnxruntime-gpu are both installed: they share one `onnxruntime` package, the "
+             "last installed wins (microsoft/onnxruntime#26996); pip uninstall -y onnxruntime onnxruntime-gpu && "
+             "pip install onnxruntime-gpu") if both else ""
     if devices.CUDA_PROVIDER not in have:
         return (f"{', '.join(have)} (a CPU build: runtime.device=cuda needs onnxruntime-gpu; "
-                f"{devices.GPU_INSTALL})")
+                f"{devices.GPU_INSTALL}){clash}")
     why = devices.cuda_problem(devices.Device("cuda", device))
     loaded = "CPUExecutionProvider, CUDAExecutionProvider (cuda:%d) load" % device if why is None else \
-        f"CPUExecutionProvider loads; CUDAExecutionProvider does not: {why}"
+        f"CPUExecutionProvider loads; CUDAExecutionProvider does not: {why[0]} (fix: {why[1]})"
     extra = [p for p in have if p not in (devices.CUDA_PROVIDER, devices.CPU_PROVIDER)]
-    return loaded + (f"; also built in: {', '.join(extra)} (not used by d2build)" if extra else "")
+    return loaded + (f"; also built in: {', '.join(extra)} (not used by d2build)" if extra else "") + clash
 
 
 def _torch() -> str:
