@@ -279,7 +279,7 @@ def _drop_dead(g: Any) -> None:
 def cpu_check(index: dict[str, Any], photos: list[str]) -> dict[str, Any]:
     """Each pooling variant against the unmodified graph on ONNX Runtime's CPU provider: CPU verify stays exact
     only if every detection is the same (match at IoU 0.999, |score difference| <= 1e-4) on every photograph."""
-    from d2build import backends, detectron
+    from d2build import backends
     from d2build.compare import match_detections
     from d2build.runtime import Model
 
