@@ -117,6 +117,18 @@ def providers(device: Device, *, tf32: bool = False, cuda: Mapping[str, Any] | N
     return [(CUDA_PROVIDER, provider_options(device, tf32=tf32, cuda=cuda, cuda_graph=cuda_graph)), CPU_PROVIDER]
 
 
+def graph_options(runtime: Any, backend: str, cuda_graph: bool = False) -> dict[str, Any]:
+    """open_graph's device arguments from a recipe's `runtime` section (runtime.device, .tf32, .cuda.*); the
+    onnxruntime backend only (the reference backend runs on the CPU). Every caller that opens a graph for a
+    recipe (infer, bench, eval; verify, calibration and candidates in phase 2 of issue 19) goes through here."""
+    import dataclasses
+
+    if backend != "onnxruntime":
+        return {}
+    cuda = runtime.cuda if isinstance(runtime.cuda, Mapping) else dataclasses.asdict(runtime.cuda)
+    return {"device": runtime.device, "tf32": runtime.tf32, "cuda": dict(cuda), "cuda_graph": cuda_graph}
+
+
 def preload() -> None:
     """Load the CUDA/cuDNN libraries of the `nvidia-*` wheels before the CUDA provider needs them (a no-op where
     torch loaded them already, or on a CPU build of onnxruntime)."""

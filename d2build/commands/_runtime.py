@@ -135,13 +135,10 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
 
 
 def graph_device(recipe, backend: str, cuda_graph: bool = False) -> dict:
-    """open_graph's device arguments from runtime.device/.tf32/.cuda (the onnxruntime backend only)."""
-    import dataclasses
+    """open_graph's device arguments from runtime.device/.tf32/.cuda (backends.devices.graph_options)."""
+    from d2build.backends import devices
 
-    rt = recipe.runtime
-    if backend != "onnxruntime":
-        return {}
-    return {"device": rt.device, "tf32": rt.tf32, "cuda": dataclasses.asdict(rt.cuda), "cuda_graph": cuda_graph}
+    return devices.graph_options(recipe.runtime, backend, cuda_graph)
 
 
 def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "letterbox"):
