@@ -107,17 +107,31 @@ class BuildConfig:
     optimization_level: int
     required: bool
     device: int  # CUDA device index the engine is built for (and whose lock is taken)
+    tf32: bool  # fp32 layers in TF32 (BuilderFlag.TF32, TensorRT's default); false: fp32 is fp32
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    """runtime.cuda.*: ONNX Runtime's CUDA provider options (backends/devices.py passes them on)."""
+
+    cudnn_conv_algo_search: str  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cudnn_conv_use_max_workspace: bool
+    prefer_nhwc: bool
+    gpu_mem_limit_gib: float | None  # None: no limit
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How `d2build infer/bench/eval` run a model (not part of any cache key)."""
 
-    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph on CPU)
+    backend: str  # tensorrt (the built engine) | reference | onnxruntime (the precision graph, CPU or GPU)
     warmup: int
     iterations: int
     cuda_graph: bool
     score_threshold: float  # infer: detections drawn in pictures (all are written to JSON)
+    device: str  # cpu | cuda | cuda:N: where runtime.backend=onnxruntime runs the graph
+    tf32: bool  # cuda: TF32 convolutions/matmuls in ONNX Runtime (use_tf32) and Detectron2 eager
+    cuda: CudaConfig
 
 
 @dataclass(frozen=True)

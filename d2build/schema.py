@@ -23,7 +23,7 @@ from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # names only (numpy)
 from d2build.families import FAMILIES  # a dict of names, no torch or Detectron2 import
 from d2build.photos import BUNDLED
 from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, ModelConfig, Problem, Recipe,
-                            RecipeError, SurgeryConfig)
+                            RecipeError, RuntimeConfig, SurgeryConfig)
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
 # Detectron2 model families users ask for; the ones without a module in d2build/families are
@@ -518,6 +518,7 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
                f"use runtime.iterations >= 1 (default {ck.default('runtime.iterations')})")
     _in_unit(ck, "runtime.score_threshold", rt.score_threshold, ck.default("runtime.score_threshold"),
              "the default is")
+    _check_device(rt, ck)
     v = r.verify
     _check_images(ck, "verify.images", v.images, v.count)
     for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
@@ -558,6 +559,31 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
                     ck.add("cache.dir", f"{r.cache.dir} {what}, not a folder", "point cache.dir at a folder "
                            "(it is created if missing), e.g. cache.dir=outputs/cache")
                 break
+
+
+def _check_device(rt: RuntimeConfig, ck: _Checker) -> None:
+    """runtime.device and runtime.cuda.*: a GPU this machine cannot run a graph on is refused here, in one line,
+    before any stage runs (backends/devices.py says what is missing: onnxruntime-gpu, a CUDA device)."""
+    from d2build.backends import devices
+
+    for k, message, fix in devices.cuda_option_problems(dataclasses.asdict(rt.cuda)):
+        ck.add(f"runtime.cuda.{k}", message, fix)
+    try:
+        dev = devices.parse(rt.device)
+    except devices.DeviceError as e:
+        ck.add("runtime.device", str(e).split("; ")[0], "use runtime.device=cpu, cuda or cuda:N")
+        return
+    if not dev.is_cuda:
+        return
+    if rt.backend == "reference":
+        ck.add("runtime.device", f"{dev} with runtime.backend=reference: d2build's plugin implementations run on the "
+               "CPU only", "use runtime.backend=onnxruntime (surgery.ops=standard graphs), or runtime.device=cpu")
+        return
+    if rt.backend == "detectron2":  # eager runs on torch; backends/detectron2.on_device refuses a missing GPU
+        return
+    problem = devices.cuda_problem(dev)
+    if problem:
+        ck.add("runtime.device", f"{dev} asked for, but {problem[0]}", problem[1])
 
 
 def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> None:

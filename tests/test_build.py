@@ -191,7 +191,7 @@ def test_doctor_reports_one_line_each_and_exits_0():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     heads = [line.split()[0] for line in lines]
-    assert heads == ["TensorRT", "plugins", "flavours", "torch", "CUDA", "GPU", "Detectron2", "onnxruntime",
+    assert heads == ["TensorRT", "plugins", "flavours", "torch", "CUDA", "GPU", "Detectron2", "onnxruntime", "providers",
                      "build"]
     assert "missing" in lines[0] and "d2build[trt]" in lines[0]
     assert "0.7.2" in lines[6] and "extensions" in lines[7]

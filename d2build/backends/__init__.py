@@ -1,7 +1,7 @@
 """One way to run a model: every caller (verify, calibration, infer, eval, bench, the engine check)
 opens a `Runner` here and feeds it named arrays.
 
-    open_graph(path_or_model, backend="auto")   an ONNX graph on the CPU (or an ONNX Runtime provider)
+    open_graph(path_or_model, backend="auto", device="cpu")   an ONNX graph on the CPU, or (onnxruntime) a GPU
     open_engine(path, device)                   a TensorRT engine
 
 Backends, one module each (Polygraphy's layout: a loader and a runner per backend, imported lazily):
@@ -9,7 +9,8 @@ Backends, one module each (Polygraphy's layout: a loader and a runner per backen
 * `reference`: a graph with TensorRT plugin nodes (EfficientNMS_TRT, PyramidROIAlign_TRT), run by
   ONNX Runtime with d2build's reference implementations of the plugins as custom ops;
 * `onnxruntime`: a graph of standard ONNX ops only, run by a plain `onnxruntime.InferenceSession`
-  (its own NonMaxSuppression and RoiAlign kernels); CUDA or another provider where installed;
+  (its own NonMaxSuppression and RoiAlign kernels), on the CPU or, with `device="cuda[:N]"`
+  (runtime.device), on ONNX Runtime's CUDA provider (`devices`: options, TF32, the refusal without a GPU);
 * `tensorrt`: an engine (the only module that imports tensorrt);
 * `detectron2`: not a runner but the eager model the graph came from (`EagerModel`), for `d2build eval`.
 
@@ -33,15 +34,27 @@ __all__ = ["BACKENDS", "GRAPH_BACKENDS", "Runner", "RunnerError", "open_engine",
 
 
 def open_graph(model: Any, backend: str = "auto", *, threads: int | None = None,
-               providers: list[str] | None = None) -> Runner:
-    """A runner over an ONNX graph (a path or a ModelProto): `reference`, `onnxruntime` or `auto`."""
-    from d2build.backends import graphs
+               providers: list[Any] | None = None, device: Any = "cpu", tf32: bool = False,
+               cuda: dict[str, Any] | None = None, cuda_graph: bool = False, configure: Any = None) -> Runner:
+    """A runner over an ONNX graph (a path or a ModelProto): `reference`, `onnxruntime` or `auto`.
+
+    `device` (cpu | cuda | cuda:N), `tf32`, `cuda` (runtime.cuda.* provider options) and `cuda_graph` apply to
+    `onnxruntime`; the reference backend runs on the CPU only. `providers` overrides the device's providers
+    (names or (name, options) tuples, as ONNX Runtime takes them); `configure(SessionOptions)` adjusts the
+    session (profiling)."""
+    from d2build.backends import devices, graphs
+
+    dev = devices.parse(device)
 
     proto = graphs.load(model)
     flavour = graphs.flavour(proto)
     if backend == "auto":
         backend = "reference" if flavour == "plugins" else "onnxruntime"
     if backend == "reference":
+        if dev.is_cuda:
+            raise RunnerError(f"runtime.device={dev}: the reference backend (d2build's plugin implementations) runs "
+                              "on the CPU only; build the graph with surgery.ops=standard and use "
+                              "runtime.backend=onnxruntime to run it on a GPU")
         from d2build.backends.reference import ReferenceRunner
 
         return ReferenceRunner(proto, threads=threads)
@@ -52,7 +65,8 @@ def open_graph(model: Any, backend: str = "auto", *, threads: int | None = None,
                               "graph with surgery.ops=standard")
         from d2build.backends.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(proto, threads=threads, providers=providers)
+        return OnnxRuntimeRunner(proto, threads=threads, providers=providers, device=dev, tf32=tf32, cuda=cuda,
+                                 cuda_graph=cuda_graph, configure=configure)
     raise RunnerError(f"unknown graph backend {backend!r}; use one of {', '.join(GRAPH_BACKENDS)}")
 
 

@@ -67,3 +67,39 @@ class EagerModel:
         keypoints = inst.pred_keypoints.numpy() if inst.has("pred_keypoints") else None
         return Detections(inst.pred_boxes.tensor.numpy(), inst.scores.numpy(), inst.pred_classes.numpy(), masks,
                           keypoints), None, seconds
+
+
+def set_tf32(enabled: bool) -> dict[str, bool]:
+    """PyTorch's TF32 switches for CUDA matmuls and cuDNN convolutions, both set explicitly; returns the previous
+    values. PyTorch's defaults are matmul off and cuDNN convolutions ON, so an "fp32" Detectron2 on a GPU runs
+    its convolutions in TF32 unless this says otherwise (devices.py says why d2build turns it off)."""
+    import torch
+
+    before = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return before
+
+
+def tf32_state() -> dict[str, bool]:
+    import torch
+
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def on_device(model: Any, device: Any = "cpu", *, tf32: bool = False) -> Any:
+    """The Detectron2 model moved to `device` (cpu | cuda | cuda:N, as runtime.device) with TF32 set explicitly
+    (`set_tf32`), in eval mode. Refuses a CUDA device torch cannot see, in one line."""
+    import torch
+
+    from d2build.backends import devices
+
+    dev = devices.parse(device)
+    if dev.is_cuda:
+        if not torch.cuda.is_available():
+            raise devices.DeviceError(f"runtime.device={dev}: torch {torch.__version__} sees no CUDA device "
+                                      "(Detectron2 eager runs on torch); use runtime.device=cpu")
+        if dev.index >= torch.cuda.device_count():
+            raise devices.DeviceError(f"runtime.device={dev}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    set_tf32(tf32)
+    return model.to(torch.device(str(dev))).eval()

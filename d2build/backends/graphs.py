@@ -63,3 +63,14 @@ def quiet_session_options(options: Any) -> Any:
     if not console.verbose():
         options.log_severity_level = 3
     return options
+
+
+def value_shape(value: onnx.ValueInfoProto) -> tuple[Any, ...]:
+    """A graph input's or output's shape: ints, a symbolic dimension as its name (or "?")."""
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in value.type.tensor_type.shape.dim)
+
+
+def value_dtype(value: onnx.ValueInfoProto) -> Any:
+    """A graph input's or output's element type as a numpy dtype."""
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)

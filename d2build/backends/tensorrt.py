@@ -133,6 +133,8 @@ class BuilderSettings:
     #: a dynamic graph's optimization profile for input_tensor: [min, opt, max] shapes [B, 3, H, W]; None: static
     profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
     device: int = 0
+    #: fp32 layers may use TF32 (BuilderFlag.TF32, on by TensorRT's default); d2build clears it unless build.tf32
+    tf32: bool = False
 
     @classmethod
     def from_config(cls, build: BuildConfig, model: ModelConfig) -> "BuilderSettings":
@@ -141,7 +143,7 @@ class BuilderSettings:
         if d is not None:
             profile = tuple((model.batch_size, 3, *hw) for hw in (d.min, model.input, d.max))
         return cls(workspace_bytes=int(round(build.workspace_gib * GIB)), optimization_level=build.optimization_level,
-                   profile=profile, device=build.device)
+                   profile=profile, device=build.device, tf32=build.tf32)
 
     def key_material(self) -> dict[str, Any]:
         """What changes the engine (the device index does not: the GPU model enters the key)."""
@@ -189,10 +191,13 @@ def build_engine(onnx_path: Path, settings: BuilderSettings, out_dir: Path,
         profile.set_shape("input_tensor", *settings.profile)
         config.add_optimization_profile(profile)
     config.builder_optimization_level = settings.optimization_level
+    tf32_flag = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32_flag is not None:  # explicit both ways: TensorRT sets TF32 by default
+        (config.set_flag if settings.tf32 else config.clear_flag)(tf32_flag)
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is refused
     say(f"building (optimization level {settings.optimization_level}, workspace "
-        f"{settings.workspace_bytes / GIB:g} GiB, strongly typed)")
+        f"{settings.workspace_bytes / GIB:g} GiB, strongly typed, TF32 {'on' if settings.tf32 else 'off'})")
     t0 = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -205,7 +210,8 @@ def build_engine(onnx_path: Path, settings: BuilderSettings, out_dir: Path,
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     io = engine_io(trt, engine)
     (out_dir / Files.IO).write_text(json.dumps(io, indent=2))
-    return {"tensorrt": trt.__version__, "build_seconds": round(seconds, 1), "engine_bytes": len(engine_bytes),
+    return {"tensorrt": trt.__version__, "tf32": settings.tf32, "build_seconds": round(seconds, 1),
+            "engine_bytes": len(engine_bytes),
             "layers": network.num_layers, "io": io}
 
 

@@ -159,17 +159,24 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
         source = f"recipe {recipe.name}"
     try:
         runner = (backends.open_engine(path, recipe.build.device) if backend == "tensorrt"
-                  else backends.open_graph(path, backend, threads=threads))
+                  else backends.open_graph(path, backend, threads=threads, **graph_device(recipe, backend)))
     except backends.RunnerError as e:
         raise ModelUnavailable(str(e)) from None
     return Model(runner, info, source, path)
+
+
+def graph_device(recipe, backend: str, cuda_graph: bool = False) -> dict:
+    """open_graph's device arguments from runtime.device/.tf32/.cuda (backends.devices.graph_options)."""
+    from d2build.backends import devices
+
+    return devices.graph_options(recipe.runtime, backend, cuda_graph)
 
 
 def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "letterbox"):
     """Detectron2 eager with the recipe's weights (cached) and thresholds: backends.detectron2.EagerModel."""
     import torch
 
-    from d2build import detectron
+    from d2build import backends, detectron
     from d2build.backends.detectron2 import EagerModel
     from d2build.recipe import ModelSlice
     from d2build.families import builder
@@ -178,6 +185,13 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
     fam = builder(recipe.model.family)
     cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, torch.load(weights, map_location="cpu", weights_only=True))
+    if recipe.runtime.device != "cpu":  # runtime.device and runtime.tf32 apply to Detectron2 eager too
+        from d2build.backends.detectron2 import on_device
+
+        try:
+            model = on_device(model, recipe.runtime.device, tf32=recipe.runtime.tf32)
+        except backends.RunnerError as e:
+            raise ModelUnavailable(str(e)) from None
     info = detectron.model_info(ModelSlice.of(recipe), cfg)
     return EagerModel(model, fam, info, cfg, resize)
 

@@ -49,8 +49,21 @@ def main(argv: list[str]) -> int:
             if model.backend == "tensorrt":
                 runner.capture()
                 graph = True
+            elif model.backend == "onnxruntime" and rt.device != "cpu":  # ONNX Runtime captures on its first runs
+                from d2build import backends
+
+                try:
+                    runner = backends.open_graph(model.path, "onnxruntime",
+                                                 **_runtime.graph_device(recipe, "onnxruntime", cuda_graph=True))
+                    runner.prepare({runner.input_name: batch})
+                    runner.execute()
+                except backends.RunnerError as e:
+                    print(f"d2build bench: runtime.cuda_graph=true: {e}", file=sys.stderr)
+                    return 2
+                graph = True
             else:
-                log.info("runtime.cuda_graph applies to runtime.backend=tensorrt only; ignored")
+                log.info("runtime.cuda_graph applies to runtime.backend=tensorrt, or onnxruntime on runtime.device=cuda; "
+                         "ignored")
         log.info("warm-up: %d run(s)", rt.warmup)
         for _ in range(rt.warmup):
             runner.execute()
@@ -69,6 +82,8 @@ def main(argv: list[str]) -> int:
             e2e_ms.append((time.perf_counter() - t0) * 1000)
     doc = {"backend": model.backend, "model": str(model.path), "input": list(model.input_hw), "image": photo.name,
            "recipe": recipe.name, "precision": recipe.precision.mode, "warmup": rt.warmup,
+           "device": rt.device if model.backend == "onnxruntime" else None,
+           "tf32": rt.tf32 if model.backend == "onnxruntime" else None,
            "iterations": rt.iterations, "cuda_graph": graph, "model_ms": percentiles(model_ms),
            "end_to_end_ms": percentiles(e2e_ms), "end_to_end_iterations": n_e2e,
            "emulated_fp16_nodes": len(runner.emulated), "batch": n,
@@ -82,7 +97,8 @@ def main(argv: list[str]) -> int:
                  ips)
     if model.backend != "tensorrt":
         log.info("(%s backend: ONNX Runtime%s%s; engine timings need runtime.backend=tensorrt)", model.backend,
-                 " on this CPU" if model.backend == "reference" else f" ({runner.providers[0]})",
+                 " on this CPU" if model.backend == "reference" else f" ({runner.providers[0]}, "
+                 f"TF32 {'on' if rt.tf32 else 'off'})",
                  ", float16 emulated in float32 arithmetic" if runner.emulated else "")
     log.info("wrote %s", out / "bench.json")
     return 0

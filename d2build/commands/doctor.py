@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 from importlib import metadata
 
-SUMMARY = "one line each: TensorRT, CUDA, GPU, plugin library, Detectron2, onnxruntime(-extensions), torch"
+SUMMARY = ("one line each: TensorRT, CUDA, GPU, plugin library, Detectron2, onnxruntime(-extensions) and which of its "
+           "providers load (runtime.device=cuda), torch")
 
 
 def _version(*dists: str) -> str | None:
@@ -40,6 +41,7 @@ def lines(device: int = 0) -> list[tuple[str, str]]:
                 "runtime.backend=reference)" if ort and ext else
                 f"{ort or 'missing'}, {'extensions ' + ext if ext else 'onnxruntime-extensions missing'}: "
                 "verify and runtime.backend=reference cannot run"))
+    out.append(("providers", _providers(device)))
     reason = trt.skip_reason(env)
     out.append(("build", "engines can be built here" if reason is None else f"skipped here: {reason}"))
     return out
@@ -84,6 +86,30 @@ def _plugin_lines(env) -> list[tuple[str, str]]:
              + (f"; MISSING {', '.join(missing)}" if missing else "")),
             ("flavours", f"can build surgery.ops={'|'.join(flavours)}" if flavours else "can build neither flavour"
              + ("" if standard_ok else f" (standard needs {roi} v{version} for RoiAlign)"))]
+
+
+def _providers(device: int = 0) -> str:
+    """Which ONNX Runtime providers are built in and which really load (a probe session each): what
+    runtime.device=cuda needs."""
+    try:
+        import onnxruntime as ort
+
+        from d2build.backends import devices
+    except Exception as e:  # noqa: BLE001 - doctor reports, never raises
+        return f"onnxruntime does not import: {e}"
+    have = [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
+    both = _version("onnxruntime") and _version("onnxruntime-gpu")
+    clash = (" -- onnxruntime and onnxruntime-gpu are both installed: they share one `onnxruntime` package, the "
+             "last installed wins (microsoft/onnxruntime#26996); pip uninstall -y onnxruntime onnxruntime-gpu && "
+             "pip install onnxruntime-gpu") if both else ""
+    if devices.CUDA_PROVIDER not in have:
+        return (f"{', '.join(have)} (a CPU build: runtime.device=cuda needs onnxruntime-gpu; "
+                f"{devices.GPU_INSTALL}){clash}")
+    why = devices.cuda_problem(devices.Device("cuda", device))
+    loaded = "CPUExecutionProvider, CUDAExecutionProvider (cuda:%d) load" % device if why is None else \
+        f"CPUExecutionProvider loads; CUDAExecutionProvider does not: {why[0]} (fix: {why[1]})"
+    extra = [p for p in have if p not in (devices.CUDA_PROVIDER, devices.CPU_PROVIDER)]
+    return loaded + (f"; also built in: {', '.join(extra)} (not used by d2build)" if extra else "") + clash
 
 
 def _torch() -> str:

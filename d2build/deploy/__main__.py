@@ -18,14 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", help="a bundle folder written by `d2build deploy`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--backend", default="auto", help="auto (default), tensorrt, onnxruntime or reference")
-    p.add_argument("--device", type=int, default=0, help="CUDA device for tensorrt")
+    p.add_argument("--device", default="0", help="cpu, cuda or cuda:N: where the model runs (a standard-op graph on "
+                                             "ONNX Runtime's CUDA provider, or the engine); a bare N is the "
+                                             "engine's CUDA device (a graph then runs on the CPU). Default 0")
     p.add_argument("--out", help="write detections.json here instead of printing it")
     args = p.parse_args(argv)
     from d2build.deploy.bundle import BundleError, load_bundle
     from d2build.deploy.runtime import ImageError, detections_to_dict, load_image
 
     try:
-        model, bundle = load_bundle(args.bundle, args.backend, device=args.device)
+        device = int(args.device) if args.device.strip().isdigit() else args.device
+        model, bundle = load_bundle(args.bundle, args.backend, device=device)
         images = []
         for path in args.images:
             det, lb, seconds = model.detect(load_image(path))

@@ -421,20 +421,46 @@ class BundleRunner(Runner):
         self.inner.synchronize()
 
 
-def load_bundle(path: str | Path, backend: str = "auto", *, device: int = 0, threads: int | None = None):
+def run_devices(device: int | str = 0):
+    """(the engine's CUDA device index, the graph's device) for `device`: an int N is the engine's GPU and keeps
+    a graph on the CPU (as before devices existed); "cuda" / "cuda:N" runs an engine there and a standard-op graph
+    on ONNX Runtime's CUDA provider there; "cpu" runs a graph on the CPU (and never picks the engine)."""
+    from d2build.backends import devices
+
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device, devices.Device("cpu")
+    try:
+        dev = devices.parse(device)
+    except devices.DeviceError as e:
+        raise BundleError(f"--device: {e}") from None
+    return (dev.index if dev.is_cuda else None), dev
+
+
+def load_bundle(path: str | Path, backend: str = "auto", *, device: int | str = 0, threads: int | None = None):
     """(runtime.Model, Bundle): files checked against manifest.json, format version checked, backend
     chosen (`auto`: engine if TensorRT and a GPU are here, else onnxruntime for a standard-op graph,
-    else reference), the graph or engine opened. BundleError says what is wrong and with which file."""
+    else reference), the graph or engine opened. BundleError says what is wrong and with which file.
+    `device`: see `run_devices` (cpu | cuda | cuda:N, or the engine's CUDA index)."""
     from d2build import backends
     from d2build.runtime import Model
 
+    engine_device, graph_device = run_devices(device)
     bundle = open_bundle(path)
-    bundle.backend = choose_backend(bundle, backend, device)
+    if engine_device is None and backend == "auto":  # device cpu: the graph, never the engine
+        backend = "onnxruntime" if bundle.flavour == "standard" else "reference"
+    bundle.backend = choose_backend(bundle, backend, engine_device or 0)
     info = bundle.info
     file = bundle.file(ENGINE if bundle.backend == "tensorrt" else GRAPH)
+    if graph_device.is_cuda and bundle.backend == "onnxruntime":
+        from d2build.backends import devices
+
+        problem = devices.cuda_problem(graph_device)
+        if problem:
+            raise BundleError(f"--device {graph_device}: {problem[0]}; {problem[1]}")
     try:
-        runner = (backends.open_engine(file, device) if bundle.backend == "tensorrt"
-                  else backends.open_graph(file, bundle.backend, threads=threads))
+        runner = (backends.open_engine(file, engine_device or 0) if bundle.backend == "tensorrt"
+                  else backends.open_graph(file, bundle.backend, threads=threads,
+                                           device=graph_device if bundle.backend == "onnxruntime" else "cpu"))
     except (RunnerError, ImportError) as e:
         raise BundleError(f"{file}: cannot be opened with backend {bundle.backend}: {e}") from None
     batch = runner.input_shape[0]
