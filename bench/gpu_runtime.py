@@ -318,7 +318,9 @@ def _info(entry: dict[str, Any], batch: int | None = None):
     from d2build.compose import compose
 
     recipe = compose(overrides(entry["model"], entry["size"], batch or entry["batch"], "fp32", Path("/tmp")))
-    return detectron.model_info(recipe.to_dict()["model"])
+    from d2build.recipe import ModelSlice
+
+    return detectron.model_info(ModelSlice.of(recipe))
 
 
 # ============================================================================ run: measurements on the GPU
@@ -427,11 +429,11 @@ class Bench:
             from d2build import detectron
             from d2build.backends.detectron2 import on_device
             from d2build.compose import compose
-            from d2build.families import family
+            from d2build.families import builder
 
             recipe = compose(overrides(name, entry["size"], 1, "fp32", Path("/tmp")))
-            fam = family(recipe.model.family)
-            cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.to_dict()["surgery"]))
+            fam = builder(recipe.model.family)
+            cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
             model = detectron.build_model(cfg, torch.load(entry["weights"], map_location="cpu", weights_only=True))
             self.eager_cache[name] = (on_device(model, self.device, tf32=False), fam, cfg)
         return self.eager_cache[name]
@@ -452,7 +454,7 @@ class Bench:
     def eager_fn(self, entry: dict[str, Any], xt, batch: int, fp16: bool):
         import torch
 
-        from d2build.families.base import in_model_format
+        from d2build.families.build import in_model_format
 
         model, fam, _ = self.eager(entry)
         images = [{"image": in_model_format(model, xt[i])} for i in range(batch)]

@@ -185,7 +185,9 @@ def test_io_binding_on_a_real_standard_graph(cache_320, tmp_path):
     (graph,) = [p / "model.onnx" for p in published(cache_320, "surgery")
                 if graphs.flavour(onnx.load(str(p / "model.onnx"))) == "standard"]
     r = backends.open_graph(graph, "onnxruntime")
-    info = detectron.model_info(compose([*SMALL_320, "surgery.ops=standard"]).to_dict()["model"])
+    from d2build.recipe import ModelSlice
+
+    info = detectron.model_info(ModelSlice.of(compose([*SMALL_320, "surgery.ops=standard"])))
     x, _ = Model(r, info).prepare([photos.load("astronaut").bgr])
     want = _plain(onnx.load(str(graph)), x)
     got = r.run({"input_tensor": x})
@@ -217,8 +219,9 @@ def test_eager_tf32_is_set_explicitly():
 def test_build_tf32_is_in_the_engine_settings_and_key():
     from d2build.backends import tensorrt as trt
 
-    off = trt.BuilderSettings.from_config(compose([]).to_dict()["build"])
-    on = trt.BuilderSettings.from_config(compose(["build.tf32=true"]).to_dict()["build"])
+    r_off, r_on = compose([]), compose(["build.tf32=true"])
+    off = trt.BuilderSettings.from_config(r_off.build, r_off.model)
+    on = trt.BuilderSettings.from_config(r_on.build, r_on.model)
     assert off.tf32 is False and on.tf32 is True
     assert off.key_material()["tf32"] is False and on.key_material() != off.key_material()
 
