@@ -41,7 +41,11 @@ __all__ = ["Build", "Detection", "Detections", "ImageLike", "InputError", "Model
 def __getattr__(name: str) -> Any:
     """The public names, from d2build.api on first use (so `import d2build` stays light)."""
     if name in __all__ and name != "__version__":
-        value = getattr(importlib.import_module("d2build.api"), name)
+        try:
+            api = importlib.import_module("d2build.api")
+        except ImportError as e:  # e.g. a vendored copy of the runtime modules (a Triton repository)
+            raise AttributeError(f"d2build.{name} needs d2build.api, which cannot be imported here ({e})") from e
+        value = getattr(api, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'd2build' has no attribute {name!r}")

@@ -45,6 +45,7 @@ Hydra's own flags work too (--cfg job, --hydra-help, hydra.run.dir=...).
 A bad override (every value of a sweep) gets one line and exit status 2 before anything runs; -v adds
 Hydra's own message.
 Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache.dir.
+From Python: d2build.build(recipe, overrides), d2build.load(build).detect(image), ... (docs/API.md).
 """
 
 log = logging.getLogger("d2build")
