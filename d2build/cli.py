@@ -45,20 +45,23 @@ Hydra's own flags work too (--cfg job, --hydra-help, hydra.run.dir=...).
 A bad override (every value of a sweep) gets one line and exit status 2 before anything runs; -v adds
 Hydra's own message.
 Runs write outputs/runs/<date>/<time>-<recipe>/run.json; artifacts live in cache.dir.
+From Python: d2build.build(recipe, overrides), d2build.load(build).detect(image), ... (docs/API.md).
 """
 
 log = logging.getLogger("d2build")
 
 
 def _job(cfg) -> None:
+    """One run (each job of a sweep): the Hydra job's checked recipe through the Python API's run
+    (d2build/api/builds.py run_recipe, what d2build.build ends in), with Hydra's logging as it is."""
     from hydra.core.hydra_config import HydraConfig
 
     from d2build import console
+    from d2build.api.builds import run_recipe
     from d2build.commands._common import print_problems
     from d2build.compose import recipe_from_hydra
     from d2build.recipe import RecipeError
-    from d2build.runner import execute
-    from d2build.sweep import record_failure
+    from d2build.sweep_summary import record_failure
 
     verbose = bool(cfg.get("run", {}).get("verbose", False))
     console.configure(verbose)
@@ -70,16 +73,14 @@ def _job(cfg) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        results = execute(recipe, run_dir, list(hc.overrides.task))
+        result = run_recipe(recipe, run_dir, list(hc.overrides.task))
     except RecipeError as e:  # what a stage's preflight found before anything ran
         print_problems(e, verbose)
         raise SystemExit(2) from None
-    failed = [r.name for r in results if r.status == "failed"]
-    for r in results:
-        if r.status == "failed":
-            print(f"d2build: stage {r.name} failed: {r.reason}", file=sys.stderr)
+    for r in result.failed:
+        print(f"d2build: stage {r.name} failed: {r.reason}", file=sys.stderr)
     log.info("run.json: %s", run_dir / "run.json")
-    if failed:
+    if not result.ok:
         record_failure(",".join(hc.overrides.task) or recipe.name)
 
 
@@ -87,7 +88,7 @@ def run(argv: list[str]) -> int:
     import hydra
 
     from d2build.compose import conf_dir, register_plugins
-    from d2build.sweep import FAILED_JOBS_ENV
+    from d2build.sweep_summary import FAILED_JOBS_ENV
 
     register_plugins()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)

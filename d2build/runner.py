@@ -9,7 +9,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from d2build.cache import Artifact, Cache, CacheError, make_key
 from d2build.pipeline import pipeline_for
@@ -17,6 +17,38 @@ from d2build.recipe import Recipe, RecipeError
 from d2build.stages.base import Context, Stage, StageFailed
 
 log = logging.getLogger("d2build")
+
+
+class ProgressEvent(NamedTuple):
+    """What a run is doing, as data (`execute(on_event=...)`; d2build.build's `progress` callable): a stage
+    starts `building` (or `waiting` for another process), reports steps inside it (`what`, with `i` of `n`
+    in loops), and ends (`done`: `what` is its status -- built, hit, skipped, failed -- and `i` of `n` its
+    place among the run's stages)."""
+
+    stage: str
+    what: str
+    i: int | None = None
+    n: int | None = None
+    done: bool = False
+
+
+OnEvent = Callable[[ProgressEvent], None]
+
+
+class _ReportingContext(Context):
+    """A Context whose progress lines also go to `on_event` as ProgressEvents."""
+
+    def __init__(self, stage: str, cache: Cache, on_event: OnEvent):
+        super().__init__(stage, cache)
+        self.on_event = on_event
+
+    def step(self, what: str) -> None:
+        self.on_event(ProgressEvent(self.stage, what))
+        super().step(what)
+
+    def count(self, i: int, n: int, what: str) -> None:
+        self.on_event(ProgressEvent(self.stage, what, i, n))
+        Context.step(self, f"[{i}/{n}] {what}")
 
 
 @dataclass
@@ -89,10 +121,11 @@ def format_plan(planned: list[PlannedStage]) -> str:
 
 
 def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | None = None,
-            unneeded: str | None = None) -> list[StageResult]:
+            unneeded: str | None = None, on_event: OnEvent | None = None) -> list[StageResult]:
     """Run the DAG (or the part of it that `until`, default `run.until`, needs); write run.json; return
     per-stage results. One console line per stage, and a last line saying what was built, reused, skipped.
-    `unneeded`: why the stages `until` does not need are skipped, when a caller (not --until) chose it."""
+    `unneeded`: why the stages `until` does not need are skipped, when a caller (not --until) chose it.
+    `on_event`: gets the same progress as ProgressEvents (the console lines are made as without it)."""
     until = until or recipe.run.until
     cache = Cache(recipe.cache.dir)
     results: list[StageResult] = []
@@ -107,14 +140,16 @@ def execute(recipe: Recipe, run_dir: Path, overrides: list[str], until: str | No
     problems = [prob for p in planned if p.name in wanted for prob in p.stage.preflight(recipe)]
     if problems:
         raise RecipeError(problems)
-    for p in planned:
+    for i, p in enumerate(planned, 1):
         if p.name not in wanted:
             res = StageResult(p.name, p.key, "skipped", 0.0, reason=unneeded or f"--until {until}")
         else:
-            res = _run_one(p, cache, artifacts, run_dir)
+            res = _run_one(p, cache, artifacts, run_dir, on_event)
         results.append(res)
         (log.error if res.status == "failed" else log.info)(stage_line(p.stage, res))
         _write_run_json(run_dir, recipe, overrides, results)
+        if on_event is not None:
+            on_event(ProgressEvent(p.name, res.status, i, len(planned), done=True))
     log.info("d2build: %s", outcome_line(results))
     return results
 
@@ -164,7 +199,8 @@ def _ancestors(planned: list[PlannedStage], until: str) -> set[str]:
     return keep
 
 
-def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_dir: Path) -> StageResult:
+def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_dir: Path,
+             on_event: OnEvent | None = None) -> StageResult:
     missing = [n for n in p.needs if n not in artifacts]
     if missing:
         return StageResult(p.name, p.key, "skipped", 0.0, reason=f"needs {', '.join(missing)}")
@@ -172,14 +208,18 @@ def _run_one(p: PlannedStage, cache: Cache, artifacts: dict[str, Artifact], run_
         return StageResult(p.name, p.key, "skipped", 0.0, reason=p.skip)
     t0 = time.monotonic()
     inputs = {role: artifacts[node] for role, node in p.stage.needs.items()}
-    ctx = Context(p.name, cache)
+    ctx = Context(p.name, cache) if on_event is None else _ReportingContext(p.name, cache, on_event)
 
     def build(out_dir: Path) -> dict[str, Any]:
         log.info("%s: building %s", p.name, p.key[:12])
+        if on_event is not None:
+            on_event(ProgressEvent(p.name, "building"))
         return p.stage.run(p.cfg, inputs, out_dir, ctx)
 
     def waiting() -> None:
         log.info("%s: another process is building %s; waiting for it", p.name, p.key[:12])
+        if on_event is not None:
+            on_event(ProgressEvent(p.name, "waiting"))
 
     try:
         art, status = cache.get_or_build(p.stage.kind, p.key, p.material, build, on_wait=waiting)

@@ -16,7 +16,8 @@ def test_wheel_carries_conf_and_recipes_and_composes_from_them(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for want in ("d2build/conf/config.yaml", "d2build/conf/precision/fp16.yaml",
                  "d2build/conf/calibration/bundled.yaml", "d2build/recipes/mask_rcnn_r50.yaml",
-                 "d2build/cli.py", "d2build/families/surgery/rcnn.py", "d2build/families/mask_rcnn/build.py"):
+                 "d2build/cli.py", "d2build/families/surgery/rcnn.py", "d2build/families/mask_rcnn/build.py",
+                 "d2build/py.typed", "d2build/__init__.pyi", "d2build/api/builds.py"):
         assert want in names, f"{want} missing from {wheel.name}"
 
     site = tmp_path / "site"

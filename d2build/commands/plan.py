@@ -2,14 +2,12 @@
 
 Composes the recipe as a run does (same overrides, same checks; -v: with the library's own message
 behind a problem), then prints one line per stage: its key, `build`, `hit` or `skip` (and why), and
-the stages it needs. Nothing is built or written.
+the stages it needs. Nothing is built or written. (From Python: d2build.plan, which this prints.)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from d2build.commands._common import compose_or_report, split_verbose
+from d2build.commands._common import print_problems, split_verbose
 
 SUMMARY = "show the DAG: each stage's key and hit/build; runs nothing"
 
@@ -18,12 +16,15 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    from d2build.runner import format_plan, plan
+    from d2build.api.builds import compose_recipe, plan_recipe
+    from d2build.recipe import RecipeError
 
     argv, verbose = split_verbose(argv)
-    recipe = compose_or_report(argv, verbose)
-    if recipe is None:
+    try:
+        planned = plan_recipe(compose_recipe(argv))
+    except RecipeError as e:
+        print_problems(e, verbose)
         return 2
-    print(f"recipe {recipe.name} ({recipe.source}), cache {Path(recipe.cache.dir).resolve()}")
-    print(format_plan(plan(recipe)))
+    print(f"recipe {planned.config.name} ({planned.config.source}), cache {planned.cache_dir}")
+    print(planned)
     return 0

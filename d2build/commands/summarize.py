@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
               "  Exit status: 0 all jobs ok, 1 some job failed, 2 no jobs found.",
               file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
-    from d2build.sweep import to_markdown, write_summary
+    from d2build.sweep_summary import to_markdown, write_summary
 
     rc = 0
     for arg in argv:
