@@ -23,7 +23,7 @@ from d2build.stages.base import Context, Stage
 
 class SurgeryStage(Stage):
     kind = "surgery"
-    VERSION = 4  # 3: surgery.ops (plugins | standard); 4: model.batch_size
+    VERSION = 5  # 3: surgery.ops (plugins | standard); 4: model.batch_size; 5: standard: one NMS item per image
     tools = ("onnx", "onnx-graphsurgeon", "onnxruntime", "sal-detectron2")
 
     def __init__(self, needs=None, *, name: str | None = None,

@@ -175,22 +175,7 @@ class StandardDense(StandardOps):
     """Standard-op flavour: the same candidates, then StandardOps' class-wise NonMaxSuppression + top-k."""
 
     def detections(self, sg: DenseSurgeon, scores, keep, classes, boxes) -> list[gs.Variable]:
-        s, b = sg.spec, sg.b
-        K = s.num_classes
-        n = self._candidate_count(sg)
+        b = sg.b
         masked = b.op("Where", [keep, scores, np.float32(-1)], name="retinanet_masked_scores")  # [B, N]
-        boxes_bcn = b.op("Expand", [b.op("Unsqueeze", [boxes, i64(1)], name="retinanet_boxes_4d"), i64(1, K, 1, 1)],
-                         name="boxes_by_image_class")  # [B, K, N, 4]
-        mine = b.op("Equal", [b.op("Unsqueeze", [classes, i64(1)], name="retinanet_class_row"),
-                              np.arange(K, dtype=np.int64).reshape(1, K, 1)], name="retinanet_class_rows")
-        scores_bcn = b.op("Where", [mine, b.op("Unsqueeze", [masked, i64(1)], name="retinanet_masked_3d"),
-                                    np.float32(-1)], name="scores_by_image_class")  # [B, K, N]
-        num, det_boxes, det_scores, det_classes = self.top_detections(sg, boxes_bcn, scores_bcn, n, s.max_detections)
+        num, det_boxes, det_scores, det_classes = self.top_detections(sg, boxes, masked, classes)
         return sg.name_detections([num, sg.clip(det_boxes, "detection"), det_scores, det_classes])
-
-    def _candidate_count(self, sg: DenseSurgeon) -> int:
-        s = sg.spec
-        k, pairs = s.rpn_pre_nms_topk, s.anchors_per_location * s.num_classes
-        if s.dynamic:
-            return len(s.rpn_in_features) * k
-        return sum(min(k, pairs * a.shape[0] // s.anchors_per_location) for a in s.anchors)

@@ -448,19 +448,23 @@ class StandardRCNN(StandardOps):
             fg_boxes = b.op("Expand", [boxes, i64(1, C, 1)], name="class_boxes")  # [n, C, 4]
         else:
             fg_boxes = b.op("Slice", [boxes, i64(0), i64(C), i64(1)], name="class_boxes")  # [n, C, 4]
-        # NMS batch item = (image, class): that class's boxes of all rows, scores -1 on other images' rows
-        boxes_cn = b.op("Transpose", [fg_boxes], {"perm": [1, 0, 2]}, name="boxes_by_class")  # [C, n, 4]
-        n = b.op("Shape", [image], name="pooled_count")  # [1]
-        boxes_bcn = b.op("Expand", [b.op("Unsqueeze", [boxes_cn, i64(0)], name="boxes_by_class_4d"),
-                                    b.op("Concat", [i64(B, C), n, i64(4)], {"axis": 0}, name="nms_boxes_shape")],
-                         name="boxes_by_image_class")
+        # every (row, class) pair a candidate of its row's image (scores -1 on other images' rows)
+        count = b.op("Shape", [image], name="pooled_count")  # [1]
         mine = b.op("Equal", [b.op("Unsqueeze", [image, i64(0)], name="pooled_images_row"),
                               np.arange(B, dtype=I64).reshape(B, 1)], name="row_of_image")  # [B, n]
-        scores_cn = b.op("Transpose", [fg_scores], {"perm": [1, 0]}, name="scores_by_class")  # [C, n]
-        scores_bcn = b.op("Where", [b.op("Unsqueeze", [mine, i64(1)], name="row_of_image_3d"),
-                                    b.op("Unsqueeze", [scores_cn, i64(0)], name="scores_by_class_3d"),
-                                    np.float32(-1)], name="scores_by_image_class")  # [B, C, n]
-        return sg.name_detections(self.top_detections(sg, boxes_bcn, scores_bcn, n, s.rpn_post_nms_topk))
+        scores = b.op("Where", [b.op("Unsqueeze", [mine, i64(2)], name="row_of_image_3d"),
+                                b.op("Unsqueeze", [fg_scores, i64(0)], name="class_scores_3d"), np.float32(-1)],
+                      name="scores_by_image")  # [B, n, C]
+        shape = b.op("Concat", [i64(B), count, i64(C, 4)], {"axis": 0}, name="candidate_boxes_shape")
+        boxes = b.op("Expand", [b.op("Unsqueeze", [fg_boxes, i64(0)], name="class_boxes_4d"), shape],
+                     name="boxes_by_image")  # [B, n, C, 4]
+        classes = b.op("Expand", [np.arange(C, dtype=I64).reshape(1, 1, C),
+                                  b.op("Slice", [shape, i64(0), i64(3), i64(0)], name="candidate_classes_shape")],
+                       name="classes_by_image")  # [B, n, C]
+        return sg.name_detections(self.top_detections(
+            sg, b.op("Reshape", [boxes, i64(B, -1, 4)], name="candidate_boxes"),
+            b.op("Reshape", [scores, i64(B, -1)], name="candidate_scores"),
+            b.op("Reshape", [classes, i64(B, -1)], name="candidate_classes")))
 
     def _head_on_detections(self, sg: RCNNSurgeon, det_boxes: gs.Variable, pooler: tuple[int, int], tag: str):
         s, b = sg.spec, sg.b

@@ -285,36 +285,63 @@ class StandardOps:
         return b.op("ScatterND", [base, b.op("Unsqueeze", [flat, i64(1)], name=f"{tag}_nms_flat_2d"), kept],
                     name=f"{tag}_kept_dense")
 
-    def top_detections(self, sg: Surgeon, boxes_bcn: gs.Variable, scores_bcn: gs.Variable, n: Any,
-                       per_class: int) -> list[gs.Variable]:
-        """One NonMaxSuppression over (image, class) batch items -- boxes [B, C, n, 4], scores [B, C, n] (-1: not
-        a candidate), a score > nms.score_threshold kept, IoU > nms.iou_threshold suppressed, at most `per_class`
-        kept per item -- then the top `max_detections` per image by score: (num, boxes, scores, classes), static."""
+    def top_detections(self, sg: Surgeon, boxes: gs.Variable, scores: gs.Variable,
+                       classes: gs.Variable) -> list[gs.Variable]:
+        """Class-wise NMS, one NonMaxSuppression batch item per image, then the top `max_detections` per image:
+        (num, boxes, scores, classes), static.
+
+        `boxes [B, N, 4]`, `scores [B, N]` (-1: not a candidate) and `classes [B, N]` (int64) are every image's
+        candidates, N static or not. The NMS keeps a score > nms.score_threshold and suppresses IoU >
+        nms.iou_threshold within a class: classes are kept apart by torchvision's coordinate trick (what
+        Detectron2's batched_nms does for up to 1000 candidates on the CPU and 25000 on a GPU): each box moves
+        by class x (its image's largest candidate coordinate + 1), so boxes of two classes never overlap. One
+        item per image instead of one per (image, class) is what makes the graph fast on a GPU: ONNX Runtime's
+        CUDA kernel pays a host round trip per item. The item holds the image's top `NMS_CANDIDATES` candidates
+        by score (a static TopK; TensorRT's INMSLayer ranks at most 5000 per item anyway): a candidate below
+        that rank could only reach the top `max_detections` if nearly all the others were suppressed."""
+        from d2build.standard_ops import TOPK_MAX
+
         s, b = sg.spec, sg.b
-        B, C, D = s.batch, s.num_classes, s.max_detections
-        nms_boxes = b.op("Reshape", [boxes_bcn, i64(B * C, -1, 4)], name="nms_boxes")
-        nms_scores = b.op("Reshape", [scores_bcn, i64(B * C, 1, -1)], name="nms_scores")
-        sel = b.op("NonMaxSuppression", [nms_boxes, nms_scores, i64(per_class), np.array([s.nms_iou], np.float32),
-                                         np.array([s.score_threshold], np.float32)],
-                   {"center_point_box": 0}, name="detection_nms")
-        total = b.op("Mul", [n, i64(B * C)], name="nms_table_size") if isinstance(n, gs.Variable) else B * C * n
-        dense = self.kept_scores(sg, sel, scores_bcn, n, total, -1.0, "det")  # [B*C*n]
-        dense = b.op("Concat", [b.op("Reshape", [dense, i64(B, -1)], name="kept_by_image"),
-                                np.full((B, D), -1.0, np.float32)], {"axis": 1}, name="kept_padded")
-        top, which = b.op("TopK", [dense, i64(D)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
-                          name="detections_topk")  # [B, D]; index = class * n + row
-        ok = b.op("Greater", [top, np.float32(-0.5)], name="detection_valid")
-        table = b.op("Concat", [b.op("Reshape", [boxes_bcn, i64(B, -1, 4)], name="boxes_by_image"),
-                                np.zeros((B, D, 4), np.float32)], {"axis": 1}, name="boxes_padded")
-        det_boxes = b.op("GatherND", [table, b.op("Unsqueeze", [which, i64(2)], name="detections_index")],
+        B, D, K = s.batch, s.max_detections, TOPK_MAX
+        scores = b.op("Concat", [scores, np.full((B, K), -1.0, np.float32)], {"axis": 1}, name="nms_scores_padded")
+        boxes = b.op("Concat", [boxes, np.zeros((B, K, 4), np.float32)], {"axis": 1}, name="nms_boxes_padded")
+        classes = b.op("Concat", [classes, np.zeros((B, K), np.int64)], {"axis": 1}, name="nms_classes_padded")
+        top, rank = b.op("TopK", [scores, i64(K)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
+                         name="nms_candidates")  # [B, K]
+        cand_boxes = b.op("GatherND", [boxes, b.op("Unsqueeze", [rank, i64(2)], name="nms_candidates_index")],
+                          {"batch_dims": 1}, name="nms_candidate_boxes")  # [B, K, 4]
+        cand_classes = b.op("GatherElements", [classes, rank], {"axis": 1}, name="nms_candidate_classes")  # [B, K]
+        real = b.op("Unsqueeze", [b.op("Greater", [top, np.float32(s.score_threshold)], name="nms_real"), i64(2)],
+                    name="nms_real_3d")
+        seen = b.op("Where", [real, cand_boxes, np.float32(0)], name="nms_real_boxes")
+        high = b.op("ReduceMax", [seen], {"axes": [1, 2], "keepdims": 1}, name="nms_max_coordinate")  # [B, 1, 1]
+        low = b.op("Min", [b.op("ReduceMin", [seen], {"axes": [1, 2], "keepdims": 1}, name="nms_min_coordinate"),
+                           np.float32(0)], name="nms_below_zero")  # 0 for clipped boxes: torchvision's offsets exactly
+        span = b.op("Add", [b.op("Sub", [high, low], name="nms_extent"), np.float32(1)], name="nms_class_spacing")
+        offset = b.op("Sub", [b.op("Mul", [b.op("Cast", [b.op("Unsqueeze", [cand_classes, i64(2)],
+                                                               name="nms_candidate_classes_3d")],
+                                                {"to": onnx.TensorProto.FLOAT}, name="nms_class_float"), span],
+                                   name="nms_class_offset"), low], name="nms_offset")
+        sel = b.op("NonMaxSuppression", [
+            b.op("Add", [cand_boxes, offset], name="nms_boxes"),
+            b.op("Unsqueeze", [top, i64(1)], name="nms_scores"),
+            i64(D), np.array([s.nms_iou], np.float32), np.array([s.score_threshold], np.float32)],
+            {"center_point_box": 0}, name="detection_nms")  # batch item = image
+        dense = b.op("Reshape", [self.kept_scores(sg, sel, top, K, B * K, -1.0, "det"), i64(B, K)],
+                     name="kept_by_image")
+        kept, which = b.op("TopK", [dense, i64(D)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
+                           name="detections_topk")  # [B, D], index into the candidates
+        ok = b.op("Greater", [kept, np.float32(-0.5)], name="detection_valid")
+        det_boxes = b.op("GatherND", [cand_boxes, b.op("Unsqueeze", [which, i64(2)], name="detections_index")],
                          {"batch_dims": 1}, name="detections_gather")
         zero = np.float32(0)
         det_boxes = b.op("Where", [b.op("Unsqueeze", [ok, i64(2)], name="detection_valid_3d"), det_boxes, zero],
                          name=Outputs.BOXES)
-        det_scores = b.op("Where", [ok, top, zero], name=Outputs.SCORES)
-        det_classes = b.op("Cast", [b.op("Where", [ok, b.op("Div", [which, n], name="detections_class_index"),
-                                                   i64(0)], name="detections_class")],
-                           {"to": onnx.TensorProto.INT32}, name=Outputs.CLASSES)
+        det_scores = b.op("Where", [ok, kept, zero], name=Outputs.SCORES)
+        det_classes = b.op("Cast", [b.op("Where", [ok, b.op("GatherElements", [cand_classes, which], {"axis": 1},
+                                                          name="detections_class_of"), i64(0)],
+                                         name="detections_class")], {"to": onnx.TensorProto.INT32},
+                           name=Outputs.CLASSES)
         num = b.op("ReduceSum", [b.op("Cast", [ok], {"to": onnx.TensorProto.INT32}, name="detection_valid_int"),
                                  i64(1)], {"keepdims": 1}, name=Outputs.NUM)
         self.det_valid = ok
