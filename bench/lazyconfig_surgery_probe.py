@@ -2,6 +2,7 @@
 against Detectron2 eager on the bundled photographs as d2build's verify stage does (same matcher and gates).
 
     nice -n 10 .venv/bin/python bench/lazyconfig_surgery_probe.py --size 512 [--only r50_lsj vitdet_b] [--photos 3]
+        [--flavours plugins standard] [--fp16 --tag _fp16]
 
 Random weights that behave (d2build/random_norms.py), the export of families.mask_rcnn (TracingAdapter),
 `lazy_surgery.surgery` (plugins: the CPU reference executor of the plugin semantics; standard: ONNX Runtime),
@@ -29,7 +30,8 @@ SURGERY = {"nms": {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detection
            "rpn": {"pre_nms_topk": 1000, "post_nms_topk": 1000, "iou_threshold": 0.7}}
 
 
-def probe(key: str, size: int, photos_n: int, tmp: Path) -> dict:
+def probe(key: str, size: int, photos_n: int, tmp: Path, flavours=("plugins", "standard"),
+          fp16: bool = False) -> dict:
     import numpy as np
     import onnx
     import torch
@@ -64,11 +66,8 @@ def probe(key: str, size: int, photos_n: int, tmp: Path) -> dict:
     row["export_nodes"] = len(export.graph.node)
     info = ModelInfo(family="mask_rcnn", input_hw=(size, size), pixel_mean=pad_bgr, num_classes=80,
                      pixel_std=tuple(float(v) for v in model.pixel_std.flatten()))
-    for ops in ("plugins", "standard"):
-        t = time.perf_counter()
-        graph, facts = lazy_surgery.surgery(export, model, {**SURGERY, "ops": ops}, (size, size))
-        r = {"surgery_s": round(time.perf_counter() - t, 1), "nodes": len(graph.graph.node),
-             "vit_ops": facts.get("ops_added_to_the_standard_list")}
+
+    def check(graph, min_recovered: float, min_mask_iou: float) -> dict:
         runtime = Model(backends.open_graph(graph), info)
         images = []
         for name in photos.BUNDLED[:photos_n]:
@@ -85,10 +84,21 @@ def probe(key: str, size: int, photos_n: int, tmp: Path) -> dict:
                            "mean_mask_iou": None if m.mean_mask_iou is None else round(m.mean_mask_iou, 4),
                            "max_score_diff": m.max_score_diff, "eager_s": round(t1 - t0, 2),
                            "graph_s": round(graph_s, 2)})
-        r["images"] = images
-        r["passed"] = all(i["recovered"] >= 0.99 and (i["mean_mask_iou"] or 1) >= 0.95 and i["detectron2"] >= 20
-                          for i in images)
-        row[ops] = r
+        passed = all(i["recovered"] >= min_recovered and (i["mean_mask_iou"] or 1) >= min_mask_iou
+                     and i["detectron2"] >= 20 for i in images)
+        return {"images": images, "passed": passed}
+
+    for ops in flavours:
+        t = time.perf_counter()
+        graph, facts = lazy_surgery.surgery(export, model, {**SURGERY, "ops": ops}, (size, size))
+        row[ops] = {"surgery_s": round(time.perf_counter() - t, 1), "nodes": len(graph.graph.node),
+                    "vit_ops": facts.get("ops_added_to_the_standard_list"), **check(graph, 0.99, 0.95)}
+        if fp16:  # d2build's fp16 policy (autocast.to_fp16) and verify's fp16 gates (conf/precision/fp16.yaml)
+            from d2build import autocast
+
+            half = autocast.to_fp16(graph)
+            row[f"{ops}_fp16"] = {"fp16_nodes": half.facts.get("fp16_nodes"), "casts": half.casts,
+                                  **check(half.model, 0.97, 0.9)}
     path.unlink()
     return row
 
@@ -98,6 +108,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--only", nargs="*", default=list(MODELS))
     ap.add_argument("--photos", type=int, default=3)
+    ap.add_argument("--flavours", nargs="*", default=["plugins", "standard"])
+    ap.add_argument("--fp16", action="store_true", help="also the fp16 graph of each flavour (verify's fp16 gates)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     a = ap.parse_args()
     import logging
     import warnings
@@ -111,11 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key in a.only:
             t = time.perf_counter()
-            row = probe(key, a.size, a.photos, Path(tmp))
+            row = probe(key, a.size, a.photos, Path(tmp), tuple(a.flavours), a.fp16)
             row["total_s"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print("RESULT " + json.dumps(row), flush=True)
-    out = REPO / "bench" / "results" / f"lazyconfig_surgery_{a.size}.json"
+    out = REPO / "bench" / "results" / f"lazyconfig_surgery_{a.size}{a.tag}.json"
     doc = {"machine": f"{platform.machine()}, 2 threads, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
            "rows": rows}
     if out.exists() and set(a.only) != set(MODELS):
