@@ -20,13 +20,14 @@ Module level imports only the standard library and PyYAML: Detectron2 is importe
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-#: where a `_target_` (or a class named in a dump) may come from: Detectron2's own code and torch's layers
-ALLOWED_PREFIXES = ("detectron2.", "torch.nn.")
+#: where a `_target_` (or a class named in a dump) may come from: Detectron2's model code and torch's layers
+ALLOWED_PREFIXES = ("detectron2.modeling.", "detectron2.layers.", "torch.nn.")
 #: d2build's names for the families a LazyConfig model can be (the same names as families.FAMILIES)
 SUPPORTED = ("mask_rcnn", "faster_rcnn", "keypoint_rcnn", "cascade_rcnn", "retinanet")
 
@@ -66,14 +67,28 @@ class _DumpLoader(yaml.SafeLoader):
 
 
 def _allowed_name(name: str, where: str) -> Any:
+    """The class or function a dotted name means, if it is defined in Detectron2's model code or torch.nn.
+
+    Both the name and the object's own module are checked: a dotted path can reach anything through module
+    attributes (`detectron2.modeling.backbone.vit.torch.load`), and `detectron2.` alone would admit
+    `detectron2.config.LazyConfig.load`, which runs a .py file."""
     if not name.startswith(ALLOWED_PREFIXES):
-        raise LazyConfigError(f"{where}: names {name!r}, which is not a Detectron2 or torch.nn class; d2build "
-                              "reads only those from a dumped config")
+        raise LazyConfigError(f"{where}: names {name!r}, which is not in Detectron2's model code or torch.nn; "
+                              "d2build builds only those")
     import pydoc
 
     obj = pydoc.locate(name)
     if obj is None or not callable(obj):
         raise LazyConfigError(f"{where}: {name!r} is not a class or function of the installed Detectron2/torch")
+    return _allowed_object(obj, where)
+
+
+def _allowed_object(obj: Any, where: str) -> Any:
+    module = getattr(obj, "__module__", None) or ""
+    if not (isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj)) \
+            or not (module + ".").startswith(ALLOWED_PREFIXES):
+        raise LazyConfigError(f"{where}: {target_name(obj)} is not a class or function of Detectron2's model code "
+                              "or torch.nn; d2build builds only those")
     return obj
 
 
@@ -115,6 +130,7 @@ def _python_apply(loader: _DumpLoader, suffix: str, node: yaml.Node) -> Any:
     keywords = dict(state[2] or {}) if isinstance(state, tuple) and len(state) >= 3 else {}
     if not args or not callable(args[0]):
         raise LazyConfigError(f"line {line}: functools.partial without a function")
+    _allowed_object(args[0], f"line {line}")
     return functools.partial(args[0], *args[1:], **keywords)
 
 
@@ -249,13 +265,13 @@ def target_name(target: Any) -> str:
 
 
 def check_targets(model_cfg: Any, path: str = "model") -> None:
-    """Every `_target_` is a Detectron2 or torch.nn callable (a dump names them as strings: checked before any is
-    imported)."""
+    """Every `_target_` is a class or function of Detectron2's model code or torch.nn (`_allowed_name`; a dump names
+    them as strings: the name is checked before anything is imported by it)."""
     for where, target in targets(model_cfg, path).items():
-        name = target_name(target)
-        if not name.startswith(ALLOWED_PREFIXES):
-            raise LazyConfigError(f"{where}._target_ is {name}, not a Detectron2 or torch.nn class: d2build builds "
-                                  "Detectron2's own models only")
+        if isinstance(target, str):
+            _allowed_name(target, f"{where}._target_")
+        else:
+            _allowed_object(target, f"{where}._target_")
 
 
 # ------------------------------------------------------------------ the family, from the classes

@@ -118,6 +118,10 @@ def test_a_dump_with_lambdas_needs_overrides(tmp_path):
     "model: {{_target_: os.system, command: 'touch {marker}'}}\n",
     "model: {{_target_: detectron2.modeling.GeneralizedRCNN, backbone: !!python/name:os.system ''}}\n",
     "model: !!python/object/new:subprocess.Popen [['touch', '{marker}']]\n",
+    # reachable through Detectron2's names: LazyConfig.load runs a .py; a module attribute path reaches os
+    "model: {{_target_: detectron2.config.LazyConfig.load, filename: '{marker}.py'}}\n",
+    "model: {{_target_: detectron2.modeling.backbone.vit.os.system, command: 'touch {marker}'}}\n",
+    "model: {{_target_: detectron2.modeling.GeneralizedRCNN, backbone: !!python/name:detectron2.modeling.os.system ''}}\n",
 ])
 def test_a_dump_cannot_run_code(tmp_path, payload):
     marker = tmp_path / "ran"
