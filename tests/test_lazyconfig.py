@@ -249,3 +249,53 @@ def test_random_weights_behave_for_the_lsj_heads():
         scores = inst.scores.numpy()
         assert len(scores) >= 50, name  # ordinary detections, not the 0-2 of unset statistics
         assert 0.1 < float(np.median(scores)) < 0.95 and len(set(inst.pred_classes.tolist())) >= 5
+
+
+# ------------------------------------------------------------------ the prototype surgery on an LSJ model
+
+@pytest.mark.parametrize("ops", ["plugins", "standard"])
+def test_lsj_conv_box_head_survives_surgery(ops, lsj_export):
+    """LSJ R50 (4conv1fc BN box head, two-conv RPN head, BN mask head) through lazy_surgery: the graph matches
+    Detectron2 eager on a photograph at verify's gates, masks included."""
+    from d2build import backends, lazy_surgery, photos
+    from d2build.compare import match_detections
+    from d2build.processing import detections_from_instances
+    from d2build.runtime import Model, ModelInfo
+
+    model, export, fam, size, surgery = lsj_export
+    graph, _ = lazy_surgery.surgery(export, model, {**surgery, "ops": ops}, (size, size))
+    assert any("box_conv_features" in n.name for n in graph.graph.node)  # the pooled features enter conv1
+    runtime = Model(backends.open_graph(graph), ModelInfo(family="mask_rcnn", input_hw=(size, size),
+                                                          pixel_mean=tuple(model.pixel_mean.flatten().tolist()),
+                                                          num_classes=80))
+    bgr = photos.bundled("coffee").bgr
+    x, (lb,) = runtime.prepare([bgr])
+    ref = detections_from_instances(fam.eager(model, x[0]), lb)
+    got, _, _ = runtime.detect(bgr)
+    m = match_detections(ref, got, iou_min=0.98, score_tol=0.01)
+    assert len(ref) >= 20 and m.recovered >= 0.99 and m.mean_mask_iou >= 0.95
+
+
+@pytest.fixture(scope="module")
+def lsj_export(tmp_path_factory):
+    """LSJ R50 with random weights that behave, exported at 320x320 (shared by both flavours)."""
+    import onnx
+    import torch
+
+    from d2build import model_facts, photos, random_norms
+    from d2build.families.mask_rcnn import MaskRCNN
+    from d2build.processing import letterbox
+
+    size = 320
+    surgery = {"nms": {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100},
+               "rpn": {"pre_nms_topk": 1000, "post_nms_topk": 1000, "iou_threshold": 0.7}}
+    torch.manual_seed(0)
+    model = lazyconfig.build_model(lazyconfig.load(LSJ_R50))
+    model_facts.apply_test_settings(model, surgery)
+    chw, _ = letterbox(photos.bundled("astronaut").bgr, (size, size), model.pixel_mean.flatten().tolist())
+    chw = np.ascontiguousarray(chw, dtype=np.float32)
+    random_norms.behave(model, chw, seed=0)
+    path = tmp_path_factory.mktemp("lsj") / "export.onnx"
+    fam = MaskRCNN()
+    fam.export(model, chw, path)
+    return model, onnx.load(str(path)), fam, size, surgery
