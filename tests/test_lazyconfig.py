@@ -229,26 +229,18 @@ def test_test_settings_on_the_model_match_yacs_overrides():
 
 # ------------------------------------------------------------------ random weights that behave
 
-def test_random_weights_behave_for_the_lsj_heads():
+def test_random_weights_behave_for_the_lsj_heads(lsj_export):
     """BatchNorm in the box and mask heads gets statistics too (the mask head's only once detections exist)."""
-    import torch
-
-    from d2build import photos, random_norms
-    from d2build.families.mask_rcnn import MaskRCNN
+    from d2build import photos
     from d2build.processing import letterbox
 
-    torch.manual_seed(0)
-    model = lazyconfig.build_model(lazyconfig.load(LSJ_R50))
-    chw, _ = letterbox(photos.bundled("astronaut").bgr, (320, 320), model.pixel_mean.flatten().tolist())
-    chw = np.ascontiguousarray(chw, dtype=np.float32)
-    done = random_norms.behave(model, chw, seed=0)
+    model, _, fam, size, _, done = lsj_export
     assert done["norms_never_reached"] == 0 and done["norms_after_classifier"] == 4 and done["residual_branches"] == 16
-    for name in ("coffee",):
-        img, _ = letterbox(photos.bundled(name).bgr, (320, 320), model.pixel_mean.flatten().tolist())
-        inst = MaskRCNN().eager(model, np.ascontiguousarray(img, dtype=np.float32))
-        scores = inst.scores.numpy()
-        assert len(scores) >= 50, name  # ordinary detections, not the 0-2 of unset statistics
-        assert 0.1 < float(np.median(scores)) < 0.95 and len(set(inst.pred_classes.tolist())) >= 5
+    img, _ = letterbox(photos.bundled("coffee").bgr, (size, size), model.pixel_mean.flatten().tolist())
+    inst = fam.eager(model, np.ascontiguousarray(img, dtype=np.float32))
+    scores = inst.scores.numpy()
+    assert len(scores) >= 50  # ordinary detections, not the 0-2 of unset statistics
+    assert 0.1 < float(np.median(scores)) < 0.95 and len(set(inst.pred_classes.tolist())) >= 5
 
 
 # ------------------------------------------------------------------ the prototype surgery on an LSJ model
@@ -262,7 +254,7 @@ def test_lsj_conv_box_head_survives_surgery(ops, lsj_export):
     from d2build.processing import detections_from_instances
     from d2build.runtime import Model, ModelInfo
 
-    model, export, fam, size, surgery = lsj_export
+    model, export, fam, size, surgery, _ = lsj_export
     graph, _ = lazy_surgery.surgery(export, model, {**surgery, "ops": ops}, (size, size))
     assert any("box_conv_features" in n.name for n in graph.graph.node)  # the pooled features enter conv1
     runtime = Model(backends.open_graph(graph), ModelInfo(family="mask_rcnn", input_hw=(size, size),
@@ -278,7 +270,8 @@ def test_lsj_conv_box_head_survives_surgery(ops, lsj_export):
 
 @pytest.fixture(scope="module")
 def lsj_export(tmp_path_factory):
-    """LSJ R50 with random weights that behave, exported at 320x320 (shared by both flavours)."""
+    """LSJ R50 with random weights that behave (and what `behave` did), exported at 320x320: shared by the
+    random-weights test and both flavours' surgery tests."""
     import onnx
     import torch
 
@@ -294,8 +287,8 @@ def lsj_export(tmp_path_factory):
     model_facts.apply_test_settings(model, surgery)
     chw, _ = letterbox(photos.bundled("astronaut").bgr, (size, size), model.pixel_mean.flatten().tolist())
     chw = np.ascontiguousarray(chw, dtype=np.float32)
-    random_norms.behave(model, chw, seed=0)
+    done = random_norms.behave(model, chw, seed=0)
     path = tmp_path_factory.mktemp("lsj") / "export.onnx"
     fam = MaskRCNN()
     fam.export(model, chw, path)
-    return model, onnx.load(str(path)), fam, size, surgery
+    return model, onnx.load(str(path)), fam, size, surgery, done
