@@ -155,6 +155,18 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TritonDeployConfig:
+    model: str  # what runs the graph in the bundle's Triton repository: auto|tensorrt|onnxruntime|python
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """`d2build deploy` (part of the bundle's model.json and key, of no stage's cache key)."""
+
+    triton: TritonDeployConfig
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig
     surgery: SurgeryConfig
@@ -166,6 +178,7 @@ class Recipe:
     cache: CacheConfig
     runtime: RuntimeConfig
     run: RunConfig
+    deploy: DeployConfig
     name: str = "?"  # recipe name (the `recipe` group choice)
     source: str = "?"  # the recipe file, for messages
 
@@ -706,6 +719,12 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     elif r.run.until in ("candidates", "eval") and not r.eval.annotations:
         ck.add("run.until", f"{r.run.until} runs only with eval.annotations and eval.images",
                "set them, or stop at another stage", set_by="run.until")
+    from d2build.deploy.triton import MODELS as TRITON_MODELS  # a tuple of names, numpy-free
+
+    if r.deploy.triton.model not in TRITON_MODELS:
+        ck.add("deploy.triton.model", f"unknown Triton model {r.deploy.triton.model!r}",
+               f"use deploy.triton.model={'|'.join(TRITON_MODELS)} (python: ONNX Runtime in a Python-backend model, "
+               "for servers without the tensorrt and onnxruntime backends)")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
 
