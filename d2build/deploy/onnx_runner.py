@@ -36,7 +36,10 @@ def default_providers(device: int | None = None) -> list[Any]:
 class OnnxFileRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[Any] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[Any] | None = None,
+                 spinning: bool = True):
+        """`spinning=False`: idle intra-op threads sleep instead of spinning (ONNX Runtime's
+        session.intra_op.allow_spinning), for a process sharing the CPU with others; results are the same."""
         super().__init__()
         import onnxruntime as ort
 
@@ -48,6 +51,8 @@ class OnnxFileRunner(Runner):
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so, naming it

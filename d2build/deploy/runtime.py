@@ -45,7 +45,7 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, name: str = 
             im.load()  # decode everything now: a truncated file fails here, not later
             rgb = np.asarray(_apply_exif_orientation(im).convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))  # PIL names its buffer object
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names its buffer object
         raise ImageError(f"{name}: cannot be decoded as an image ({type(e).__name__}: {why}); send the encoded "
                          f"file's bytes (JPEG, PNG, BMP, WebP, TIFF), {len(raw)} bytes received") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:

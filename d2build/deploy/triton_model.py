@@ -66,8 +66,10 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device = int(args.get("model_instance_device_id") or 0)
         providers = default_providers(device) if gpu else ["CPUExecutionProvider"]
+        # idle ONNX Runtime threads sleep: this stub shares the CPU with the pre/post-processing stubs, which
+        # work on other requests meanwhile
         return OnnxFileRunner(os.path.join(HERE, "model.onnx"), threads=int(threads) if threads else None,
-                              providers=providers)
+                              providers=providers, spinning=False)
 
     def execute(self, requests):
         step = {"preprocess": self._preprocess, "onnxruntime": self._graph, "postprocess": self._postprocess}[self.role]
