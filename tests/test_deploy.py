@@ -5,13 +5,15 @@ photograph), deployed once per session into a shared folder by `ensure_bundle` (
 test_runtime_no_torch.py use the same bundles): the plugin graph (reference backend) and, for the
 ONNX Runtime path and its Triton model, the standard-op graph.
 
-Triton configs are validated with Triton's own schema: the `inference.ModelConfig` message of
+Triton configs (of every deploy.triton.model variant, and of the repository `d2build serve` hands the
+server) are validated with Triton's own schema: the `inference.ModelConfig` message of
 tritonclient's model_config_pb2.py, loaded by path (tritonclient's package __init__ needs grpcio,
 and its [grpc] extra pins protobuf < 7, which this environment is past; the generated module itself
 only needs protobuf). The Python-backend model runs in a subprocess under a stand-in of
 `triton_python_backend_utils` (written below; Triton's module exists only inside its server), with
 torch, Detectron2 and Hydra unimportable, from the repository folder exactly as written (its
-vendored d2build modules, not the installed ones).
+vendored d2build modules, not the installed ones). tests/test_serve.py serves the standard bundle
+with a real tritonserver.
 """
 
 from __future__ import annotations
@@ -437,6 +439,30 @@ def test_triton_repository_parses_with_tritons_model_config(plugin_bundle, stand
                 with pytest.raises(TritonChoiceError, match=f"deploy.triton.model={model} runs the graph in ONNX "
                                                             "Runtime.*add surgery.ops=standard"):
                     resolve_model(model, "plugins", False)
+
+
+def test_serving_repository_adds_the_execution_environment_and_parses(standard_bundle, tmp_path):
+    """What `d2build serve` hands the server: the bundle's configs, EXECUTION_ENV_PATH added to the
+    Python models' (Triton's documented way to give them their Python), version folders linked to the
+    bundle's; still Triton's ModelConfig."""
+    from google.protobuf import text_format
+
+    from d2build.deploy.tritonserver import PythonEnv, serving_repository
+
+    env = PythonEnv(tmp_path / "env", "3.11", {})
+    order = serving_repository(standard_bundle / "triton", tmp_path / "models", env)
+    assert order == ["mask_rcnn_r50_ort_python", "mask_rcnn_r50_postprocess", "mask_rcnn_r50_preprocess",
+                     "mask_rcnn_r50"]  # steps first, the ensemble last: the order they are loaded in
+    pb2 = model_config_pb2()
+    for name in order:
+        config = text_format.Parse((tmp_path / "models" / name / "config.pbtxt").read_text(), pb2.ModelConfig())
+        version = tmp_path / "models" / name / "1"
+        assert version.is_symlink() and version.resolve() == (standard_bundle / "triton" / name / "1").resolve()
+        if config.backend == "python":
+            assert config.parameters["EXECUTION_ENV_PATH"].string_value == str(env.path)
+        else:
+            assert config.platform == "ensemble" and "EXECUTION_ENV_PATH" not in config.parameters
+    assert "EXECUTION_ENV_PATH" not in (standard_bundle / "triton" / "mask_rcnn_r50_preprocess" / "config.pbtxt").read_text()
 
 
 PB_UTILS_STANDIN = '''
