@@ -360,6 +360,12 @@ def test_refusals_are_one_line(bundle, tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"d2build serve: port {busy} on 127.0.0.1 is in use (another server?); pass --http-port with a free port")
     assert "pid" not in proc.stdout  # nothing was started
+    # --models naming a model the repository does not have
+    proc = subprocess.run([sys.executable, "-m", "d2build", "serve", str(bundle), "--models", "mask_rcnn_r50_engine",
+                           "--run-dir", str(tmp_path / "models")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"d2build serve: --models mask_rcnn_r50_engine: not in {bundle}'s repository (it has "
+        f"{', '.join([*sorted(STEPS), ENSEMBLE])})"]
     # a damaged bundle: exit 2 naming the file
     damaged = _variant(bundle, tmp_path / "damaged", "python")
     (damaged / "triton" / "mask_rcnn_r50_preprocess" / "1" / "d2build" / "processing.py").write_text("# edited\n")

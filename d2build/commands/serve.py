@@ -20,6 +20,10 @@ from pathlib import Path
 SUMMARY = "serve a bundle with a local Triton Inference Server (HTTP and gRPC on 127.0.0.1) until Ctrl-C"
 
 
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM before the server is up: stop waiting at once."""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2build serve", description=__doc__.split("\n\n")[0],
                                 epilog="Bundles deployed with deploy.triton.model=python (the default for a standard-op "
@@ -79,15 +83,18 @@ def main(argv: list[str]) -> int:
                   f"{', '.join(models)})", file=sys.stderr)
             return 2
         models = [m for m in models if m in args.models]
-    stop = {"signal": None}
+    stop = {"signal": None, "serving": False}
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         stop["signal"] = signum
+        if not stop["serving"]:
+            raise _Stop
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _serve(server, models, args, stop, ts)
     finally:
+        stop["serving"] = True  # a second Ctrl-C must not interrupt the stop itself
         code = server.stop()
         for s, h in previous.items():
             signal.signal(s, h)
@@ -97,12 +104,18 @@ def main(argv: list[str]) -> int:
 
 def _serve(server, models: list[str], args, stop: dict, ts) -> int:
     try:
+        return _start_and_wait(server, models, args, stop, ts)
+    except _Stop:
+        print(f"d2build serve: {signal.Signals(stop['signal']).name}: stopping", flush=True)
+        return 0
+
+
+def _start_and_wait(server, models: list[str], args, stop: dict, ts) -> int:
+    try:
         server.start()
         print(f"d2build serve: tritonserver pid {server.pid}, log {server.log}", flush=True)
         server.wait_live(args.timeout)
         for m in models:
-            if stop["signal"] is not None:
-                return 0
             t0 = time.monotonic()
             server.load(m, args.timeout)
             print(f"d2build serve: loaded {m} ({time.monotonic() - t0:.1f} s)", flush=True)
@@ -112,6 +125,7 @@ def _serve(server, models: list[str], args, stop: dict, ts) -> int:
         print(f"d2build serve: {e}", file=sys.stderr, flush=True)
         return 1
     version = server.metadata().get("version", "?")
+    stop["serving"] = True
     print(example(server, models, version), flush=True)
     while stop["signal"] is None:
         if not server.running():
