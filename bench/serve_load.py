@@ -2,10 +2,12 @@
 
 Deploys the tests' bundle (Mask R-CNN R50-FPN, random weights, 320x320, standard ops,
 deploy.triton.model=python) unless --bundle is given, starts `d2build serve` on free loopback ports,
-sends one warm-up request per photograph, then the load of tests/test_serve.py: --clients concurrent
-clients (even ones HTTP, odd ones gRPC, tritonclient) x --requests requests each, cycling over
-scikit-image's astronaut.png, coffee.png and rocket.jpg files, and checks every answer against the
-bundle runtime's detections. Latency is per request, client side (send to parsed answer).
+sends one warm-up request per photograph, then one client's --requests sequential requests (the
+latency without queueing), then the load of tests/test_serve.py: --clients concurrent clients (even
+ones HTTP, odd ones gRPC, tritonclient) x --requests requests each, cycling over scikit-image's
+astronaut.png, coffee.png and rocket.jpg files, and checks every answer against the bundle
+runtime's detections. Latency is per request, client side (send to parsed answer). For scale, the
+same run first times the bundle runtime in this process (`model.detect`, the same photographs).
 
     .venv/bin/python bench/serve_load.py [--bundle DIR] [--clients 8] [--requests 25] [--cache DIR]
 
@@ -56,10 +58,15 @@ def main() -> None:
     folder = Path(skimage.__file__).parent / "data"
     photos = [(n, (folder / n).read_bytes()) for n in PHOTOS]
     model, _ = load_bundle(bundle)
-    expected = {}
+    expected, runtime_s = {}, []
     for name, data in photos:
         det, lb, _ = model.detect(decode_image(data, name))
         expected[name] = detections_to_dict("IMAGE", det, lb.original_hw, model.info)
+    for _ in range(3):
+        for name, data in photos:
+            t0 = time.perf_counter()
+            model.detect(decode_image(data, name))
+            runtime_s.append(time.perf_counter() - t0)
     del model
     http_port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "d2build", "serve", str(bundle), "--http-port", str(http_port),
@@ -75,10 +82,15 @@ def main() -> None:
         http, grpc = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         load.run_load(http, grpc, "mask_rcnn_r50", photos, clients=1, requests=len(photos))  # warm-up
         load1 = os.getloadavg()[0]
+        alone, alone_wall = load.run_load(http, grpc, "mask_rcnn_r50", photos, clients=1, requests=args.requests,
+                                          protocol="http")
         answers, wall = load.run_load(http, grpc, "mask_rcnn_r50", photos, clients=args.clients,
                                       requests=args.requests)
         stats = load.summary(answers, wall)
         stats["identical_to_runtime"] = sum(a.detections == expected[a.image] for a in answers)
+        stats["one_client"] = load.summary(alone, alone_wall)
+        stats["one_client"]["identical_to_runtime"] = sum(a.detections == expected[a.image] for a in alone)
+        stats["runtime_in_process_median_ms"] = round(1000 * sorted(runtime_s)[len(runtime_s) // 2], 1)
         stats["loadavg_1min_before"] = round(load1, 2)
         stats["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     finally:
@@ -97,8 +109,10 @@ def main() -> None:
     out = REPO / "bench" / "results" / "serve_load.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
-    print(f"| {args.clients} x {args.requests} | {stats['errors']} | {stats['identical_to_runtime']}/{stats['requests']} "
-          f"| {stats['p50_ms']:.0f} | {stats['p99_ms']:.0f} | {stats['requests_per_s']:.2f} |")
+    one = stats["one_client"]
+    for label, st in ((f"1 x {args.requests}", one), (f"{args.clients} x {args.requests}", stats)):
+        print(f"| {label} | {st['errors']} | {st['identical_to_runtime']}/{st['requests']} | {st['p50_ms']:.0f} | "
+              f"{st['p99_ms']:.0f} | {st['requests_per_s']:.2f} |")
 
 
 if __name__ == "__main__":
