@@ -100,9 +100,10 @@ def main() -> None:
                 for precision in ("fp32", "fp16"):
                     x = [{"image": inputs["astronaut"]}]
 
-                    def call(x=x, fp16=precision == "fp16"):
-                        with torch.no_grad(), torch.autocast(a.device, dtype=torch.float16, enabled=fp16 and a.device == "cuda"):
-                            return model.inference(x, do_postprocess=False)
+                    def call(x=x, fp16=precision == "fp16", m=model):
+                        with torch.no_grad(), torch.autocast(a.device, dtype=torch.float16,
+                                                             enabled=fp16 and a.device == "cuda"):
+                            return m.inference(x, do_postprocess=False)
 
                     ms = timed(call, a.iters, a.warmup)
                     dets = []

@@ -22,6 +22,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 #: graph flavours (`surgery.ops`): TensorRT plugin nodes, or ONNX ops TensorRT's parser imports natively
 OPS = ("plugins", "standard")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: deploy.triton.model: what runs the graph in a bundle's Triton repository (deploy/triton.py resolves "auto")
+TRITON_MODELS = ("auto", "tensorrt", "onnxruntime", "python")
 #: keys that moved: old key -> (new key, why)
 MOVED = {"build.batch_size": ("model.batch_size", "the batch is part of the graph, so it is part of its cache keys")}
 
@@ -173,6 +175,18 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TritonDeployConfig:
+    model: str  # what runs the graph in the bundle's Triton repository: auto|tensorrt|onnxruntime|python
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """`d2build deploy` (part of the bundle's model.json and key, of no stage's cache key)."""
+
+    triton: TritonDeployConfig
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig
     surgery: SurgeryConfig
@@ -184,6 +198,7 @@ class Recipe:
     cache: CacheConfig
     runtime: RuntimeConfig
     run: RunConfig
+    deploy: DeployConfig
     name: str = "?"  # recipe name (the `recipe` group choice)
     source: str = "?"  # the recipe file, for messages
 

@@ -22,8 +22,8 @@ from d2build import plugins  # the plugin contract: pure Python
 from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # names only (numpy)
 from d2build.families import FAMILIES  # a dict of names, no torch or Detectron2 import
 from d2build.photos import BUNDLED
-from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, ModelConfig, Problem, Recipe,
-                            RecipeError, RuntimeConfig, SurgeryConfig)
+from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, TRITON_MODELS, ModelConfig, Problem,
+                            Recipe, RecipeError, RuntimeConfig, SurgeryConfig)
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
 # Detectron2 model families users ask for; the ones without a module in d2build/families are
@@ -548,6 +548,10 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     elif r.run.until in ("candidates", "eval") and not r.eval.annotations:
         ck.add("run.until", f"{r.run.until} runs only with eval.annotations and eval.images",
                "set them, or stop at another stage", set_by="run.until")
+    if r.deploy.triton.model not in TRITON_MODELS:
+        ck.add("deploy.triton.model", f"unknown Triton model {r.deploy.triton.model!r}",
+               f"use deploy.triton.model={'|'.join(TRITON_MODELS)} (python: ONNX Runtime in a Python-backend model, "
+               "for servers without the tensorrt and onnxruntime backends)")
     if not r.cache.dir.strip():
         ck.add("cache.dir", "is empty", "use cache.dir=outputs/cache or another writable folder")
     else:  # a file where the cache folder (or a folder above it) would be: refused before any stage

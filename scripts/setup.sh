@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up d2build on a fresh machine: .venv with torch 2.14.1 / torchvision 0.29.1, Detectron2
-# (repacked from PyPI's sal-detectron2 by tools/repack_detectron2.py), d2build itself (editable)
-# and the test tools. Idempotent: a second run with nothing changed returns in about a second.
+# (repacked from PyPI's sal-detectron2 by tools/repack_detectron2.py), d2build itself (editable),
+# the test tools, and a Triton Inference Server with its Python backend's environment (d2build serve).
+# Idempotent: a second run with nothing changed returns in about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +31,16 @@ echo "setup: torch 2.14.1 + torchvision 0.29.1 (large; pip takes them from the l
 echo "setup: repacking sal-detectron2 0.7.2 into a pure-Python wheel"
 .venv/bin/python tools/repack_detectron2.py .wheels >/dev/null
 echo "setup: d2build and its dependencies"
-"${PIP[@]}" install -q --find-links .wheels -e ".[test]"
-# Triton's ModelConfig schema for the deploy tests: tritonclient's generated protobuf module, without the
-# grpc extra (which would pin protobuf and ml_dtypes below what onnx and onnxruntime take here)
+"${PIP[@]}" install -q --find-links .wheels -e ".[test,serve]"
+# tritonclient without its extras (the grpc extra would pin protobuf and ml_dtypes below what onnx and
+# onnxruntime take here): its generated ModelConfig schema checks the deploy tests' configs, and its HTTP and
+# gRPC clients run on the transports d2build[serve] installs (geventhttpclient, grpcio)
 "${PIP[@]}" install -q --no-deps tritonclient==2.73.0
+# a real Triton Inference Server for d2build serve and tests/test_serve.py: nvidia-pytriton's wheel ships
+# tritonserver 2.51 with the Python backend; --no-deps: it pins numpy<2, d2build keeps numpy 2 (only the
+# binary is used, never its Python package)
+"${PIP[@]}" install -q --no-deps nvidia-pytriton==0.7.0
+echo "setup: the Python backend's execution environment for d2build serve (numpy<2, Pillow, onnxruntime)"
+.venv/bin/python -m d2build serve --prepare
 echo "$want" > "$stamp"
 echo "setup: done ($(.venv/bin/python -c 'import torch, detectron2, onnxruntime; print("torch", torch.__version__, "| detectron2", detectron2.__version__, "| onnxruntime", onnxruntime.__version__)'))"

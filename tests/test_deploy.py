@@ -5,13 +5,15 @@ photograph), deployed once per session into a shared folder by `ensure_bundle` (
 test_runtime_no_torch.py use the same bundles): the plugin graph (reference backend) and, for the
 ONNX Runtime path and its Triton model, the standard-op graph.
 
-Triton configs are validated with Triton's own schema: the `inference.ModelConfig` message of
+Triton configs (of every deploy.triton.model variant, and of the repository `d2build serve` hands the
+server) are validated with Triton's own schema: the `inference.ModelConfig` message of
 tritonclient's model_config_pb2.py, loaded by path (tritonclient's package __init__ needs grpcio,
 and its [grpc] extra pins protobuf < 7, which this environment is past; the generated module itself
 only needs protobuf). The Python-backend model runs in a subprocess under a stand-in of
 `triton_python_backend_utils` (written below; Triton's module exists only inside its server), with
 torch, Detectron2 and Hydra unimportable, from the repository folder exactly as written (its
-vendored d2build modules, not the installed ones).
+vendored d2build modules, not the installed ones). tests/test_serve.py serves the standard bundle
+with a real tritonserver.
 """
 
 from __future__ import annotations
@@ -151,7 +153,12 @@ def test_bundle_round_trip(plugin_bundle, cache_320_dir, tmp_path):
     manifest = json.loads((plugin_bundle / "manifest.json").read_text())
     on_disk = {str(p.relative_to(plugin_bundle)) for p in plugin_bundle.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == on_disk - {"manifest.json"}
-    assert {"model.onnx", "model.json", "verify/report.md", "verify/metrics.json", "triton/README.md"} <= on_disk
+    assert {"model.onnx", "model.json", "verify/report.md", "verify/metrics.json", "triton/README.md",
+            "detect.py", "runtime/d2build/deploy/bundle.py", "runtime/d2build/deploy/onnx_runner.py"} <= on_disk
+    from d2build.deploy.vendor import runtime_files
+
+    assert {f"runtime/d2build/{rel}" for rel in runtime_files()} <= on_disk  # the whole runtime, digest-checked
+    assert doc["graph"]["float16"] is False and doc["runtime"] == {"launcher": "detect.py", "folder": "runtime"}
     # the bundle runs what the cache holds: same detections as the cached precision graph
     graph = Path(cache_320_dir) / "precision" / doc["cache_keys"]["precision"] / "model.onnx"
     direct = Model(backends.open_graph(graph), model.info)
@@ -307,6 +314,10 @@ def test_deploy_refuses_a_failed_engine_check_and_names_the_report(monkeypatch, 
         cmd.deploy(recipe, tmp_path / "out", tmp_path / "run", [])
     with pytest.raises(cmd.DeployRefused, match="add surgery.ops=standard"):
         cmd.deploy(recipe, tmp_path / "out", tmp_path / "run", [], backend="onnxruntime")
+    python_on_plugins = compose([*SMALL, f"cache.dir={tmp_path / 'cache'}", "deploy.triton.model=python"])
+    with pytest.raises(cmd.DeployRefused, match=r"deploy.triton.model=python runs the graph in ONNX Runtime, which "
+                                                r"cannot run the TensorRT plugin nodes.*add surgery.ops=standard"):
+        cmd.deploy(python_on_plugins, tmp_path / "out", tmp_path / "run", [])
     with pytest.raises(cmd.DeployRefused, match="--backend tensorrt needs an engine.*TensorRT is not installed"):
         cmd.deploy(recipe, tmp_path / "out", tmp_path / "run", [], backend="tensorrt")
 
@@ -350,8 +361,7 @@ def check_ensemble(pb2, configs, name: str, model: str) -> None:
     assert [i.name for i in ens.input] == ["IMAGE"] and ens.input[0].data_type == pb2.TYPE_UINT8
     available = {"IMAGE"}
     steps = ens.ensemble_scheduling.step
-    assert [s.model_name for s in steps] == [f"{name.removesuffix('_ort')}_preprocess", model,
-                                            f"{name.removesuffix('_ort')}_postprocess"]
+    assert [s.model_name for s in steps] == [f"{name}_preprocess", model, f"{name}_postprocess"]
     for s in steps:
         target = configs[s.model_name]
         assert set(s.input_map) == {i.name for i in target.input}, s.model_name
@@ -362,36 +372,97 @@ def check_ensemble(pb2, configs, name: str, model: str) -> None:
     assert "DETECTIONS" in {o.name for o in ens.output}
 
 
-def test_triton_repository_parses_with_tritons_model_config(plugin_bundle, standard_bundle):
+def repository_for(bundle: Path, model: str, dest: Path) -> Path:
+    """The bundle's Triton repository as deploy.triton.model=`model` writes it (in a scratch copy of
+    the bundle's model.json and graph: the repository is a function of those)."""
+    from d2build.deploy import triton
+
+    dest.mkdir(parents=True)
+    doc = json.loads((bundle / "model.json").read_text())
+    doc["triton"]["model"] = triton.resolve_model(model, doc["graph"]["flavour"], False)
+    (dest / "model.json").write_text(json.dumps(doc))
+    os.link(bundle / "model.onnx", dest / "model.onnx")
+    triton.write_repository(dest, doc)
+    return dest
+
+
+def check_python_model(pb2, configs, bundle: Path, name: str, role: str) -> None:
+    py = configs[name]
+    assert py.backend == "python" and py.parameters["role"].string_value == role
+    assert (bundle / "triton" / name / "1" / "model.py").is_file()
+    assert (bundle / "triton" / name / "1" / "model.json").read_bytes() == (bundle / "model.json").read_bytes()
+    assert (bundle / "triton" / name / "1" / "d2build" / "deploy" / "onnx_runner.py").is_file()
+
+
+def test_triton_repository_parses_with_tritons_model_config(plugin_bundle, standard_bundle, tmp_path):
+    from d2build.deploy.triton import TritonChoiceError, resolve_model
+
     for bundle in (plugin_bundle, standard_bundle):
         doc = json.loads((bundle / "model.json").read_text())
-        pb2, configs = parse_repository(bundle)
         graph_out = {o["name"]: o["shape"] for o in doc["outputs"]}
-        engine = configs["mask_rcnn_r50_engine"]
-        assert engine.platform == "tensorrt_plan" and engine.max_batch_size == 0
-        assert [(i.name, _dims(i), i.data_type) for i in engine.input] == [("input_tensor", [1, 3, 320, 320],
-                                                                            pb2.TYPE_FP32)]
-        assert {o.name: _dims(o) for o in engine.output} == graph_out
-        assert {o.name: o.data_type for o in engine.output}["num_detections"] == pb2.TYPE_INT32
-        assert engine.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
-        for role in ("preprocess", "postprocess"):
-            py = configs[f"mask_rcnn_r50_{role}"]
-            assert py.backend == "python" and py.parameters["role"].string_value == role
-            assert (bundle / "triton" / py.name / "1" / "model.py").is_file()
-            assert (bundle / "triton" / py.name / "1" / "model.json").read_bytes() == (bundle / "model.json").read_bytes()
-        check_ensemble(pb2, configs, "mask_rcnn_r50", "mask_rcnn_r50_engine")
-        assert not (bundle / "triton" / "mask_rcnn_r50_engine" / "1" / "model.plan").exists()  # no TensorRT here
-        readme = (bundle / "triton" / "README.md").read_text()
-        assert "nvcr.io/nvidia/tritonserver" in readme and "model.plan missing" in readme
-        if doc["graph"]["flavour"] == "standard":
-            ort = configs["mask_rcnn_r50_onnxruntime"]
-            assert ort.platform == "onnxruntime_onnx" and {o.name: _dims(o) for o in ort.output} == graph_out
-            assert (bundle / "triton" / ort.name / "1" / "model.onnx").read_bytes()[:64] == \
-                (bundle / "model.onnx").read_bytes()[:64]
-            check_ensemble(pb2, configs, "mask_rcnn_r50_ort", "mask_rcnn_r50_onnxruntime")
-            assert "--load-model=mask_rcnn_r50_ort" in readme
+        standard = doc["graph"]["flavour"] == "standard"
+        # deploy.triton.model=auto without an engine: python for a standard-op graph, the engine for plugins
+        assert doc["triton"]["model"] == ("python" if standard else "tensorrt")
+        choices = ("tensorrt", "onnxruntime", "python") if standard else ("tensorrt",)
+        for model in choices:
+            root = bundle if model == doc["triton"]["model"] else repository_for(bundle, model, tmp_path / model)
+            pb2, configs = parse_repository(root)
+            infer = {"tensorrt": "mask_rcnn_r50_engine", "onnxruntime": "mask_rcnn_r50_onnxruntime",
+                     "python": "mask_rcnn_r50_ort_python"}[model]
+            assert set(configs) == {"mask_rcnn_r50", "mask_rcnn_r50_preprocess", infer, "mask_rcnn_r50_postprocess"}
+            check_python_model(pb2, configs, root, "mask_rcnn_r50_preprocess", "preprocess")
+            check_python_model(pb2, configs, root, "mask_rcnn_r50_postprocess", "postprocess")
+            check_ensemble(pb2, configs, "mask_rcnn_r50", infer)
+            graph = configs[infer]
+            assert [(i.name, _dims(i), i.data_type) for i in graph.input] == [("input_tensor", [1, 3, 320, 320],
+                                                                               pb2.TYPE_FP32)]
+            assert {o.name: _dims(o) for o in graph.output} == graph_out
+            assert {o.name: o.data_type for o in graph.output}["num_detections"] == pb2.TYPE_INT32
+            readme = (root / "triton" / "README.md").read_text()
+            assert f"deploy.triton.model={model}" in readme and "nvcr.io/nvidia/tritonserver" in readme
+            if model == "tensorrt":
+                assert graph.platform == "tensorrt_plan" and graph.max_batch_size == 0
+                assert graph.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+                assert not (root / "triton" / infer / "1" / "model.plan").exists()  # no TensorRT here
+                assert "model.plan missing" in readme
+            elif model == "onnxruntime":
+                assert graph.platform == "onnxruntime_onnx"
+                assert (root / "triton" / infer / "1" / "model.onnx").stat().st_ino == (root / "model.onnx").stat().st_ino
+            else:
+                check_python_model(pb2, configs, root, infer, "onnxruntime")
+                assert graph.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_AUTO  # GPU where there is one
+                assert (root / "triton" / infer / "1" / "model.onnx").stat().st_ino == (root / "model.onnx").stat().st_ino
+                assert "d2build serve" in readme and "pip install pillow onnxruntime" in readme
+        if not standard:
+            assert "libnvinfer_plugin" in (bundle / "triton" / "README.md").read_text()
+            for model in ("onnxruntime", "python"):
+                with pytest.raises(TritonChoiceError, match=f"deploy.triton.model={model} runs the graph in ONNX "
+                                                            "Runtime.*add surgery.ops=standard"):
+                    resolve_model(model, "plugins", False)
+
+
+def test_serving_repository_adds_the_execution_environment_and_parses(standard_bundle, tmp_path):
+    """What `d2build serve` hands the server: the bundle's configs, EXECUTION_ENV_PATH added to the
+    Python models' (Triton's documented way to give them their Python), version folders linked to the
+    bundle's; still Triton's ModelConfig."""
+    from google.protobuf import text_format
+
+    from d2build.deploy.tritonserver import PythonEnv, serving_repository
+
+    env = PythonEnv(tmp_path / "env", "3.11", {})
+    order = serving_repository(standard_bundle / "triton", tmp_path / "models", env)
+    assert order == ["mask_rcnn_r50_ort_python", "mask_rcnn_r50_postprocess", "mask_rcnn_r50_preprocess",
+                     "mask_rcnn_r50"]  # steps first, the ensemble last: the order they are loaded in
+    pb2 = model_config_pb2()
+    for name in order:
+        config = text_format.Parse((tmp_path / "models" / name / "config.pbtxt").read_text(), pb2.ModelConfig())
+        version = tmp_path / "models" / name / "1"
+        assert version.is_symlink() and version.resolve() == (standard_bundle / "triton" / name / "1").resolve()
+        if config.backend == "python":
+            assert config.parameters["EXECUTION_ENV_PATH"].string_value == str(env.path)
         else:
-            assert "mask_rcnn_r50_onnxruntime" not in configs and "libnvinfer_plugin" in readme
+            assert config.platform == "ensemble" and "EXECUTION_ENV_PATH" not in config.parameters
+    assert "EXECUTION_ENV_PATH" not in (standard_bundle / "triton" / "mask_rcnn_r50_preprocess" / "config.pbtxt").read_text()
 
 
 PB_UTILS_STANDIN = '''
@@ -416,8 +487,13 @@ class Tensor:
 
 
 class TritonError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
     def __init__(self, message, code=None):
-        self._message = message
+        self._message, self._code = message, code
+
+    def code(self):
+        return self._code
 
     def message(self):
         return self._message
@@ -485,6 +561,7 @@ req = pb.InferenceRequest([pb.Tensor("ORIGINAL_HW", out["ORIGINAL_HW"])] + [pb.T
 res = {t.name(): t.as_numpy() for t in resp.output_tensors()}
 blocked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "detectron2", "hydra", "omegaconf"))
 print(json.dumps({"d2build": d2build.__file__, "bad_error": r_bad.error().message() if r_bad.has_error() else None,
+                  "bad_code": r_bad.error().code() if r_bad.has_error() else None,
                   "good_error": r_good.has_error(), "detections": json.loads(res["DETECTIONS"][0]),
                   "boxes_shape": list(res["BOXES"].shape), "classes": res["CLASSES"].tolist(), "blocked": blocked}))
 '''
@@ -515,6 +592,7 @@ def test_python_backend_model_executes_with_the_runtime(plugin_bundle, tmp_path)
     assert got["blocked"] == []
     assert "/triton/mask_rcnn_r50_preprocess/1/d2build/" in got["d2build"]  # the vendored copy ran
     assert got["good_error"] is False and "IMAGE: cannot be decoded as an image" in got["bad_error"]
+    assert got["bad_code"] == "INVALID_ARG" and "BytesIO" not in got["bad_error"]  # a client error, in plain words
     pre = np.load(tmp_path / "pre.npz")
     np.testing.assert_array_equal(pre["input_tensor"], x)
     assert pre["input_tensor"].dtype == np.float32 and pre["ORIGINAL_HW"].tolist() == [512, 512]

@@ -82,13 +82,20 @@ def main(argv: list[str]) -> int:
              bundle_doc["graph"]["file"], bundle_doc["graph"]["flavour"],
              f"{engine['file']} (check {bundle_doc['check'].get('status')})" if engine
              else f"none ({bundle_doc['check'].get('reason', 'not built')})", path / "triton")
-    log.info("deploy: run it with `python -m d2build.deploy %s IMAGE...` (numpy, Pillow and one backend); "
-             "Triton: see %s", path, path / "triton" / "README.md")
+    log.info("deploy: run it with `python %s IMAGE...` (numpy, Pillow and one backend); Triton (%s): "
+             "`d2build serve %s`, or see %s", path / "detect.py", bundle_doc["triton"]["model"], path,
+             path / "triton" / "README.md")
     return 0
 
 
 def _check_backend(recipe, backend: str) -> None:
+    from d2build.deploy.triton import TritonChoiceError, resolve_model
+
     ops = recipe.surgery.ops
+    try:  # the engine is not known yet: a choice that needs a standard-op graph is refused now, before any build
+        resolve_model(recipe.deploy.triton.model, ops, has_engine=False)
+    except TritonChoiceError as e:
+        raise DeployRefused(str(e)) from None
     if backend == "onnxruntime" and ops != "standard":
         raise DeployRefused("--backend onnxruntime serves standard-op graphs; add surgery.ops=standard "
                             "(this recipe's graph has TensorRT plugin nodes)")
@@ -169,6 +176,7 @@ def deploy(recipe, out: Path, run_dir: Path, overrides: list[str], *, backend: s
         verify=verify.info.get("summary"),
         check=check_doc,
         triton_prefix=sanitize(name or recipe.name),
+        triton_model=recipe.deploy.triton.model,
     )
     path, status = b.write_bundle(out, src, say=lambda m: log.info("deploy: %s", m))
     if status == "unchanged":  # intact (every digest checked) and smoke-tested when it was written

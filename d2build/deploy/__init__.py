@@ -5,11 +5,14 @@
     detections, letterbox, seconds = model.detect(bgr)          # original-image pixels
 
     python -m d2build.deploy BUNDLE IMAGE... [--backend auto|tensorrt|onnxruntime|reference]
+    python BUNDLE/detect.py IMAGE...          # the same, with the runtime the bundle carries
 
 bundle.py writes and opens bundles (manifest digests, format version, backend choice), runtime.py
-decodes images and writes detections (numpy + Pillow), triton.py writes the Triton repository and
-triton_model.py is its Python-backend model. Importing this package imports none of them until
-asked (the Triton models vendor this file with runtime.py only).
+decodes images and writes detections (numpy + Pillow), onnx_runner.py opens a float32 graph in ONNX
+Runtime without the `onnx` package, vendor.py says which d2build files a bundle carries, triton.py
+writes the Triton repository and triton_model.py is its Python-backend model; tritonserver.py runs a
+local Triton server (`d2build serve`) and load.py sends it a bounded load. Importing this package
+imports none of them until asked (bundles vendor it with the runtime).
 """
 
 from __future__ import annotations

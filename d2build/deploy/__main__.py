@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m d2build.deploy", description=__doc__.split("\n\n")[0])
-    p.add_argument("bundle", help="a bundle folder written by `d2build deploy`")
+def main(argv: list[str] | None = None, *, bundle: str | None = None, prog: str = "python -m d2build.deploy") -> int:
+    """`bundle` given (a bundle's own detect.py): that bundle, and no bundle argument on the command line."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    if bundle is None:
+        p.add_argument("bundle", help="a bundle folder written by `d2build deploy`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--backend", default="auto", help="auto (default), tensorrt, onnxruntime or reference")
     p.add_argument("--device", default="0", help="cpu, cuda or cuda:N: where the model runs (a standard-op graph on "
@@ -23,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
                                              "engine's CUDA device (a graph then runs on the CPU). Default 0")
     p.add_argument("--out", help="write detections.json here instead of printing it")
     args = p.parse_args(argv)
+    if bundle is not None:
+        args.bundle = bundle
     from d2build.deploy.bundle import BundleError, load_bundle
     from d2build.deploy.runtime import ImageError, detections_to_dict, load_image
 
     try:
         device = int(args.device) if args.device.strip().isdigit() else args.device
-        model, bundle = load_bundle(args.bundle, args.backend, device=device)
+        model, opened = load_bundle(args.bundle, args.backend, device=device)
         images = []
         for path in args.images:
             det, lb, seconds = model.detect(load_image(path))
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ImageError) as e:
         print(f"d2build: {e}", file=sys.stderr)
         return 2
-    doc = {"bundle": bundle.name, "key": bundle.key, "backend": bundle.backend, "input": list(model.input_hw),
+    doc = {"bundle": opened.name, "key": opened.key, "backend": opened.backend, "input": list(model.input_hw),
            "images": images}
     text = json.dumps(doc, indent=1)
     if args.out:

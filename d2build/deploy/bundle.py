@@ -7,6 +7,8 @@
         verify/             verify's report.md and metrics.json (the graph vs Detectron2)
         check/              the engine check's report.md and metrics.json, when there is an engine
         triton/             a Triton Inference Server model repository (d2build/deploy/triton.py)
+        detect.py           `python detect.py IMAGE...`: runs the bundle with its own runtime below
+        runtime/d2build/    the torch-free part of d2build (deploy/vendor.py: runtime_files())
         manifest.json       sha256 and size of every other file, and the bundle's key
 
 The folder name ends in the bundle key: a hash of the cache keys the files came from (precision
@@ -17,7 +19,9 @@ written beside its final place and renamed into it, so a reader sees a whole bun
 `load_bundle(path)` checks every file against manifest.json and the format version before anything
 runs, then opens a runner: the engine when there is one and TensorRT (and a GPU) is here, else
 ONNX Runtime for a standard-op graph, else d2build's CPU reference for a graph with TensorRT plugins.
-Loading imports neither torch nor Detectron2 nor Hydra.
+Loading imports neither torch nor Detectron2 nor Hydra, nor (for a graph without float16 tensors)
+the `onnx` package: a bundle runs where only numpy, Pillow and ONNX Runtime (or TensorRT) are
+installed, from its own vendored runtime (`python BUNDLE/detect.py IMAGE...`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ MANIFEST = "manifest.json"
 MODEL_JSON = "model.json"
 GRAPH = "model.onnx"
 ENGINE = "engine.plan"
+LAUNCHER = "detect.py"
+RUNTIME_DIR = "runtime"
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "reference")
 
 #: What each graph output holds (model.json "outputs"[].meaning).
@@ -150,10 +156,11 @@ class BundleSource:
     verify: dict[str, Any] | None = None  # verify's summary
     check: dict[str, Any] = field(default_factory=dict)  # {"status", "reason" | "summary"}
     triton_prefix: str = "detector"
+    triton_model: str = "auto"  # deploy.triton.model (triton.MODELS)
 
 
-def graph_io(graph: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str, int]:
-    """(input, outputs, flavour, opset) of a graph, as model.json states them."""
+def graph_io(graph: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str, int, bool]:
+    """(input, outputs, flavour, opset, holds float16 tensors) of a graph, as model.json states them."""
     import onnx
 
     from d2build.backends import graphs
@@ -170,7 +177,7 @@ def graph_io(graph: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str, in
     inputs = [desc(v) for v in proto.graph.input]
     outputs = [{**desc(v), "meaning": OUTPUT_MEANING.get(v.name, "")} for v in proto.graph.output]
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return inputs[0], outputs, graphs.flavour(proto), opset
+    return inputs[0], outputs, graphs.flavour(proto), opset, graphs.has_fp16(proto)
 
 
 def resize_rule(info) -> dict[str, Any]:
@@ -194,7 +201,9 @@ def resize_rule(info) -> dict[str, Any]:
 
 def model_document(src: BundleSource) -> dict[str, Any]:
     """model.json's content without the bundle's own name and key (those are derived from it)."""
-    inp, outputs, flavour, opset = graph_io(src.graph)
+    from d2build.deploy.triton import resolve_model
+
+    inp, outputs, flavour, opset, float16 = graph_io(src.graph)
     info = src.info
     h, w = info.input_hw
     return {
@@ -212,7 +221,7 @@ def model_document(src: BundleSource) -> dict[str, Any]:
         "postprocess": {**src.postprocess, "mask_threshold": info.mask_threshold,
                         "boxes": "detector_postprocess: boxes / (resized / original) per axis, clipped; boxes "
                                  "empty after clipping (entirely in the padding) dropped"},
-        "graph": {"file": GRAPH, "flavour": flavour, "opset": opset,
+        "graph": {"file": GRAPH, "flavour": flavour, "opset": opset, "float16": float16,
                   "precision": src.recipe.get("config", {}).get("precision", {}).get("mode")},
         "engine": ({"file": ENGINE, **{k: v for k, v in (src.engine_facts or {}).items()
                                         if k in ("tensorrt", "gpu", "compute_capability", "io", "precision")}}
@@ -221,7 +230,9 @@ def model_document(src: BundleSource) -> dict[str, Any]:
         "cache_keys": dict(sorted(src.keys.items())),
         "verify": src.verify,
         "check": src.check,
-        "triton": {"repository": "triton", "prefix": src.triton_prefix},
+        "triton": {"repository": "triton", "prefix": src.triton_prefix,
+                   "model": resolve_model(src.triton_model, flavour, src.engine is not None)},
+        "runtime": {"launcher": LAUNCHER, "folder": RUNTIME_DIR},
         "created_by": _created_by(),
     }
 
@@ -272,6 +283,7 @@ def write_bundle(out: Path, src: BundleSource, say=print) -> tuple[Path, str]:
         for rel, source in src.reports.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / rel)
+        write_runtime(tmp)
         triton.write_repository(tmp, doc)
         write_manifest(tmp, key, name)
         status = "written"
@@ -289,6 +301,37 @@ def write_bundle(out: Path, src: BundleSource, say=print) -> tuple[Path, str]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, status
+
+
+LAUNCHER_TEXT = '''"""Run this d2build bundle on images, with the runtime it carries (runtime/d2build/).
+
+    python detect.py IMAGE... [--backend auto|tensorrt|onnxruntime|reference] [--out detections.json]
+
+Needs numpy, Pillow and one backend: onnxruntime for a standard-op graph, tensorrt for the engine
+(onnx and onnxruntime-extensions too for a plugin graph on the CPU, or a float16 graph on the CPU).
+Neither torch nor Detectron2 nor d2build itself is needed. Prints (or writes) detections in
+`d2build infer`'s format; exit 2 with one line on a bad bundle or image.
+"""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "runtime"))  # this bundle's own d2build runtime comes first
+
+from d2build.deploy.__main__ import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], bundle=HERE, prog="python detect.py"))
+'''
+
+
+def write_runtime(root: Path) -> None:
+    """The bundle's own runtime: runtime/d2build/ (vendor.runtime_files()) and the detect.py launcher."""
+    from d2build.deploy.vendor import copy_runtime
+
+    copy_runtime(root / RUNTIME_DIR)
+    (root / LAUNCHER).write_text(LAUNCHER_TEXT)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -436,6 +479,11 @@ def run_devices(device: int | str = 0):
     return (dev.index if dev.is_cuda else None), dev
 
 
+#: pip's names for the modules a backend imports
+_PIP_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnx", "onnxruntime_extensions": "onnxruntime-extensions",
+              "tensorrt": "tensorrt", "PIL": "Pillow", "numpy": "numpy"}
+
+
 def load_bundle(path: str | Path, backend: str = "auto", *, device: int | str = 0, threads: int | None = None):
     """(runtime.Model, Bundle): files checked against manifest.json, format version checked, backend
     chosen (`auto`: engine if TensorRT and a GPU are here, else onnxruntime for a standard-op graph,
@@ -458,10 +506,20 @@ def load_bundle(path: str | Path, backend: str = "auto", *, device: int | str = 
         if problem:
             raise BundleError(f"--device {graph_device}: {problem[0]}; {problem[1]}")
     try:
-        runner = (backends.open_engine(file, engine_device or 0) if bundle.backend == "tensorrt"
-                  else backends.open_graph(file, bundle.backend, threads=threads,
-                                           device=graph_device if bundle.backend == "onnxruntime" else "cpu"))
-    except (RunnerError, ImportError) as e:
+        if bundle.backend == "tensorrt":
+            runner = backends.open_engine(file, engine_device or 0)
+        elif (bundle.backend == "onnxruntime" and not graph_device.is_cuda
+              and bundle.doc["graph"].get("float16") is False):
+            from d2build.deploy.onnx_runner import OnnxFileRunner  # numpy + onnxruntime: no `onnx` needed
+
+            runner = OnnxFileRunner(file, threads=threads)
+        else:
+            runner = backends.open_graph(file, bundle.backend, threads=threads,
+                                         device=graph_device if bundle.backend == "onnxruntime" else "cpu")
+    except ImportError as e:
+        raise BundleError(f"{file}: backend {bundle.backend} needs the Python package {e.name or e}, which is not "
+                          f"installed here: pip install {_PIP_NAMES.get(e.name or '', e.name or '<it>')}") from None
+    except RunnerError as e:
         raise BundleError(f"{file}: cannot be opened with backend {bundle.backend}: {e}") from None
     batch = runner.input_shape[0]
     if isinstance(batch, int) and info.batch > batch:

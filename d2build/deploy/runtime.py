@@ -14,6 +14,7 @@ cannot be imported).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def decode_image(data: bytes | bytearray | memoryview | np.ndarray, name: str = 
             im.load()  # decode everything now: a truncated file fails here, not later
             rgb = np.asarray(apply_exif_orientation(im).convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise ImageError(f"{name}: cannot be decoded as an image ({type(e).__name__}: {e}); send the encoded "
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names its buffer object
+        raise ImageError(f"{name}: cannot be decoded as an image ({type(e).__name__}: {why}); send the encoded "
                          f"file's bytes (JPEG, PNG, BMP, WebP, TIFF), {len(raw)} bytes received") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageError(f"{name}: decoded to shape {rgb.shape}, not an [h, w, 3] colour image")
