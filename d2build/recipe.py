@@ -116,7 +116,7 @@ class BuildConfig:
 class CudaConfig:
     """runtime.cuda.*: ONNX Runtime's CUDA provider options (backends/devices.py passes them on)."""
 
-    cudnn_conv_algo_search: str  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cudnn_conv_algo_search: str  # auto (HEURISTIC for float16 graphs) | EXHAUSTIVE | HEURISTIC | DEFAULT
     cudnn_conv_use_max_workspace: bool
     prefer_nhwc: bool
     gpu_mem_limit_gib: float | None  # None: no limit

@@ -244,3 +244,15 @@ def test_deploy_device_argument():
     assert run_devices("cpu") == (None, devices.Device("cpu"))
     with pytest.raises(BundleError, match="--device: 'gpu' is not a device"):
         run_devices("gpu")
+
+
+def test_conv_algo_search_auto_is_heuristic_for_float16_graphs_only():
+    """The default (measured on the H200: docs/BENCHMARKS.md) and its one-place agreement with conf/config.yaml."""
+    from d2build.compose import conf_default
+
+    assert conf_default("runtime.cuda") == devices.CUDA_DEFAULTS  # the runner's fallbacks are conf's defaults
+    cuda = devices.parse("cuda")
+    assert devices.provider_options(cuda, float16=True)["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert devices.provider_options(cuda, float16=False)["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    fixed = {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert devices.provider_options(cuda, cuda=fixed, float16=True)["cudnn_conv_algo_search"] == "EXHAUSTIVE"

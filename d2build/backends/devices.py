@@ -25,10 +25,15 @@ from d2build.backends.base import RunnerError
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+#: runtime.cuda.cudnn_conv_algo_search: ONNX Runtime's three, and `auto`: HEURISTIC for a graph with float16 nodes,
+#: EXHAUSTIVE otherwise. Measured on the H200 (docs/BENCHMARKS.md, Mask R-CNN standard graph, TF32 off): HEURISTIC
+#: takes the fp16 graph from 15.2 to 10.4 ms at 640 and from 39.3 to 14.1 ms at 1344 (EXHAUSTIVE's timed search
+#: lands on fp16 convolutions no faster than fp32), while fp32 is no faster with it (15.8 vs 16.2 ms at 640, 37.9 vs
+#: 32.9 ms at 1344).
+CONV_ALGO_SEARCH = ("auto", "EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 GIB = 1 << 30
 #: runtime.cuda.* as conf/config.yaml writes them (schema.py checks the recipe's against these names)
-CUDA_DEFAULTS: dict[str, Any] = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": True,
+CUDA_DEFAULTS: dict[str, Any] = {"cudnn_conv_algo_search": "auto", "cudnn_conv_use_max_workspace": True,
                                  "prefer_nhwc": False, "gpu_mem_limit_gib": None}
 GPU_INSTALL = ("pip install 'd2build[gpu]', then pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
                "onnxruntime-gpu (both wheels install the same `onnxruntime` package: only one may be installed)")
@@ -78,11 +83,11 @@ def parse(value: Any) -> Device:
 def cuda_option_problems(cuda: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(key under runtime.cuda, message, fix) for values the CUDA provider would refuse or misread."""
     out = []
-    algo = cuda.get("cudnn_conv_algo_search", "EXHAUSTIVE")
+    algo = cuda.get("cudnn_conv_algo_search", CUDA_DEFAULTS["cudnn_conv_algo_search"])
     if algo not in CONV_ALGO_SEARCH:
         out.append(("cudnn_conv_algo_search", f"{algo!r} is not one of {', '.join(CONV_ALGO_SEARCH)}",
-                    "EXHAUSTIVE (ONNX Runtime's default: cuDNN times every algorithm on the first run) or HEURISTIC "
-                    "(cuDNN's guess, no search)"))
+                    "auto (HEURISTIC for float16 graphs, EXHAUSTIVE otherwise), EXHAUSTIVE (cuDNN times every "
+                    "algorithm on the first run) or HEURISTIC (cuDNN's guess, no search)"))
     limit = cuda.get("gpu_mem_limit_gib")
     if limit is not None and not limit > 0:
         out.append(("gpu_mem_limit_gib", f"{limit} is not positive", "use null (no limit) or a size in GiB, e.g. 8"))
@@ -90,12 +95,15 @@ def cuda_option_problems(cuda: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def provider_options(device: Device, *, tf32: bool = False, cuda: Mapping[str, Any] | None = None,
-                     cuda_graph: bool = False) -> dict[str, str]:
+                     cuda_graph: bool = False, float16: bool = False) -> dict[str, str]:
     """The CUDA provider's options for `device` from runtime.tf32 and runtime.cuda.* (strings, as ONNX Runtime
-    parses them)."""
+    parses them); `float16`: the graph has float16 nodes (what cudnn_conv_algo_search=auto decides by)."""
     c = {**CUDA_DEFAULTS, **(cuda or {})}
+    algo = str(c["cudnn_conv_algo_search"])
+    if algo == "auto":
+        algo = "HEURISTIC" if float16 else "EXHAUSTIVE"
     opts = {"device_id": str(device.index), "use_tf32": "1" if tf32 else "0",
-            "cudnn_conv_algo_search": str(c["cudnn_conv_algo_search"]),
+            "cudnn_conv_algo_search": algo,
             "cudnn_conv_use_max_workspace": "1" if c["cudnn_conv_use_max_workspace"] else "0",
             "prefer_nhwc": "1" if c["prefer_nhwc"] else "0"}
     if c.get("gpu_mem_limit_gib"):
@@ -109,12 +117,13 @@ def provider_options(device: Device, *, tf32: bool = False, cuda: Mapping[str, A
 
 
 def providers(device: Device, *, tf32: bool = False, cuda: Mapping[str, Any] | None = None,
-              cuda_graph: bool = False) -> list[Any]:
+              cuda_graph: bool = False, float16: bool = False) -> list[Any]:
     """ONNX Runtime's providers argument: the CPU provider alone, or the CUDA provider (with its options) first
     and the CPU provider for what CUDA has no kernel for."""
     if not device.is_cuda:
         return [CPU_PROVIDER]
-    return [(CUDA_PROVIDER, provider_options(device, tf32=tf32, cuda=cuda, cuda_graph=cuda_graph)), CPU_PROVIDER]
+    return [(CUDA_PROVIDER, provider_options(device, tf32=tf32, cuda=cuda, cuda_graph=cuda_graph, float16=float16)),
+            CPU_PROVIDER]
 
 
 def graph_options(runtime: Any, backend: str, cuda_graph: bool = False) -> dict[str, Any]:

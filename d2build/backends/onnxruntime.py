@@ -50,7 +50,8 @@ class OnnxRuntimeRunner(Runner):
         self._output_shapes = {o.name: graphs.value_shape(o) for o in proto.graph.output}
         self._output_types = {o.name: graphs.value_dtype(o) for o in proto.graph.output}
         if providers is None:
-            providers = devices.providers(self.device, tf32=tf32, cuda=cuda, cuda_graph=cuda_graph)
+            providers = devices.providers(self.device, tf32=tf32, cuda=cuda, cuda_graph=cuda_graph,
+                                          float16=graphs.has_fp16(proto))
         elif _name(providers[0]) == devices.CUDA_PROVIDER and not self.device.is_cuda:  # explicit CUDA providers
             first = providers[0]
             self.device = devices.Device("cuda", int((first[1] if not isinstance(first, str) else {}).get("device_id", 0)))
