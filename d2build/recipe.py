@@ -348,6 +348,25 @@ class ExportSlice:
     input: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class GraphDevice:
+    """Where a stage runs a standard-op graph, and Detectron2 eager beside it: runtime.device on a GPU, with
+    runtime.tf32 (both sides) and the CUDA provider's options. In a slice only when it applies (a GPU and a
+    standard-op graph; plugin graphs run on d2build's CPU reference): None is the CPU, so runtime.* on a CPU
+    never enters a key."""
+
+    device: str
+    tf32: bool
+    cuda: CudaConfig
+
+    @classmethod
+    def of(cls, recipe: "Recipe") -> "GraphDevice | None":
+        rt = recipe.runtime
+        if rt.device == "cpu" or recipe.surgery.ops != "standard":
+            return None
+        return cls(rt.device, rt.tf32, rt.cuda)
+
+
 #: (name, sha256 of the decoded pixels) of each image a stage reads
 ImageDigests = tuple[tuple[str, str], ...]
 
@@ -362,6 +381,7 @@ class CalibrationSlice:
     count: int
     source: str  # `bundled` or a folder
     images: ImageDigests
+    device: GraphDevice | None  # None: the CPU
 
 
 @dataclass(frozen=True)
@@ -372,6 +392,7 @@ class VerifySlice:
     precision: str
     verify: VerifyConfig
     images: ImageDigests
+    device: GraphDevice | None  # None: the CPU (both sides)
 
 
 @dataclass(frozen=True)
@@ -397,6 +418,7 @@ class CandidatesSlice:
     model: ModelSlice  # the candidate graph: final NMS at the score floor, suppressing nothing
     precision: str
     data: EvalImages
+    device: GraphDevice | None  # None: the CPU (every side)
 
 
 @dataclass(frozen=True)

@@ -254,8 +254,15 @@ def test_load_detects_what_verify_ran(api_build, rocket):
 
 
 def test_load_refuses_what_it_cannot_run(api_build, tmp_path):
-    with pytest.raises(ValueError, match="not in this d2build yet; use device='cpu'"):
-        d2build.load(api_build, device="cuda")
+    with pytest.raises(ValueError, match="device='gpu': use cpu, cuda or cuda:N"):
+        d2build.load(api_build, device="gpu")
+    with pytest.raises(ValueError, match="backend='reference': d2build's plugin implementations run on the CPU"):
+        d2build.load(api_build, backend="reference", device="cuda")
+    assert api_build.config.surgery.ops == "plugins"
+    with pytest.raises(d2build.ModelUnavailable, match="this build's graph has TensorRT plugin nodes"):
+        d2build.load(api_build, device="cuda:0")
+    with pytest.raises(d2build.ModelUnavailable, match="reference backend .* runs on the CPU only"):
+        d2build.load(api_build.artifact("precision"), device="cuda", info=d2build.load(api_build).info)
     with pytest.raises(ValueError, match="backend='bogus': use one of auto, tensorrt"):
         d2build.load(api_build, backend="bogus")
     with pytest.raises(d2build.ModelUnavailable, match="backend='tensorrt': no engine was built"):

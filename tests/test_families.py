@@ -220,7 +220,7 @@ def verify_slice(family_name: str):
 
     surgery = SurgeryConfig("plugins", NmsConfig(0.5, 0.05, 100), RpnConfig(1000, 1000, 0.7))
     graph = GraphSpec(family_name, ConfigRef("x.yaml"), (640, 640), 1, None, surgery)
-    return VerifySlice(ModelSlice(graph), "fp32", verify_config(), ())
+    return VerifySlice(ModelSlice(graph), "fp32", verify_config(), (), None)
 
 
 def test_pictures_draw_the_coco_skeleton():

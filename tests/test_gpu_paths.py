@@ -194,6 +194,11 @@ def test_io_binding_on_a_real_standard_graph(cache_320, tmp_path):
     assert int(got["num_detections"][0, 0]) > 0
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+    # the Python API refuses the same graph on a GPU this machine cannot run it on, in one line, before opening it
+    import d2build as api
+
+    with pytest.raises(api.ModelUnavailable, match="device='cuda:0': the installed onnxruntime .* is a CPU build"):
+        api.load(graph, device="cuda:0", info=info)
 
 
 # ------------------------------------------------------------------ TF32 on the eager side, build.tf32
@@ -256,3 +261,31 @@ def test_conv_algo_search_auto_is_heuristic_for_float16_graphs_only():
     assert devices.provider_options(cuda, float16=False)["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     fixed = {"cudnn_conv_algo_search": "EXHAUSTIVE"}
     assert devices.provider_options(cuda, cuda=fixed, float16=True)["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+
+
+def test_stages_run_standard_graphs_where_runtime_device_says_and_key_it():
+    """verify, calibration and candidates carry runtime.device (and runtime.tf32, runtime.cuda.*) in their slices
+    when the graph can run there (a standard-op graph on a GPU), and nothing of runtime.* on the CPU, so a CPU
+    recipe's keys do not change with runtime.tf32; the report states the TF32 policy."""
+    from d2build.recipe import GraphDevice, ModelSlice
+    from d2build.stages.calibration import CalibrationStage
+    from d2build.stages.verify import VerifyStage, render_report, where
+
+    cpu = compose(["surgery.ops=standard", "runtime.tf32=true"])
+    assert GraphDevice.of(cpu) is None and VerifyStage().slice(cpu).device is None
+    assert CalibrationStage().slice(compose(["precision=int8", "calibration=bundled"])).device is None
+    # a GPU recipe (composed past the schema's GPU check, which this CPU machine would refuse)
+    import dataclasses
+
+    gpu = dataclasses.replace(cpu, runtime=dataclasses.replace(cpu.runtime, device="cuda:1"))
+    dev = GraphDevice.of(gpu)
+    assert dev is not None and (dev.device, dev.tf32) == ("cuda:1", True)
+    assert devices.stage_options(dev)["device"] == "cuda:1" and devices.stage_options(None) == {}
+    plugins = dataclasses.replace(gpu, surgery=dataclasses.replace(gpu.surgery, ops="plugins"))
+    assert GraphDevice.of(plugins) is None  # the CPU reference runs plugin graphs
+    assert "TF32 ON" in where(dev) and "TF32 off" in where(dataclasses.replace(dev, tf32=False))
+    cfg = dataclasses.replace(VerifyStage().slice(cpu), device=dev, model=ModelSlice.of(cpu))
+    assert "Where: cuda:1, both sides, TF32 ON" in render_report(cfg, [], {"matched_share": 1.0, "mean_box_iou": 1.0,
+                                                                           "mean_score_shift": 0.0,
+                                                                           "eager_s_per_image": 0.0,
+                                                                           "graph_s_per_image": 0.0}, [])

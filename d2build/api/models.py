@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: or an [h, w, 3] uint8 array in BGR order (OpenCV's)
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "reference", "detectron2")
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "cuda", "cuda:N")  # cuda: ONNX Runtime's CUDA provider (onnxruntime-gpu) for a standard-op graph
 
 
 @dataclass(frozen=True)
@@ -211,13 +211,28 @@ class Model:
 # ---------------------------------------------------------------------------------- load
 
 
-def _check_device(device: str) -> None:
-    if device in DEVICES:
-        return
-    if str(device).startswith("cuda"):
-        raise ValueError(f"device={device!r}: running graphs on ONNX Runtime's CUDA provider is not in this d2build "
-                         "yet; use device='cpu' (a Build's TensorRT engine runs on the GPU with backend='tensorrt')")
-    raise ValueError(f"device={device!r}: use 'cpu'")
+def _check_device(device: Any, backend: str) -> str:
+    """`device` as d2build writes it (cpu | cuda:N); ValueError for a name that is not a device, or a GPU with
+    the reference backend (d2build's plugin implementations run on the CPU)."""
+    from d2build.backends import devices
+
+    try:
+        dev = devices.parse(device)
+    except devices.DeviceError as e:
+        raise ValueError(f"device={device!r}: {str(e).split('; ', 1)[-1]}") from None
+    if dev.is_cuda and backend == "reference":
+        raise ValueError(f"device={device!r} with backend='reference': d2build's plugin implementations run on the "
+                         "CPU; use backend='onnxruntime' (a standard-op graph) or device='cpu'")
+    return str(dev)
+
+
+def _graph_on_gpu(device: str) -> None:
+    """ModelUnavailable, in one line, when ONNX Runtime cannot run a graph on `device` here."""
+    from d2build.backends import devices
+
+    problem = devices.cuda_problem(devices.parse(device))
+    if problem:
+        raise ModelUnavailable(f"device={device!r}: {problem[0]}; {problem[1]}")
 
 
 def _info_from(info: ModelInfo | Mapping[str, Any] | str | os.PathLike[str]) -> ModelInfo:
@@ -254,26 +269,27 @@ def load(source: Any, backend: str = "auto", device: str = "cpu", *, info: Any =
     post-processing need, which a bare graph does not say); a .onnx inside a bundle loads the bundle.
     `backend`: auto (engine, else onnxruntime for a standard-op graph, else reference for a plugin
     graph), tensorrt, onnxruntime, reference, or for a Build detectron2 (the eager model it came from).
-    `device`: where graph backends run: 'cpu' (an engine runs on the GPU). `threads`: ONNX Runtime's.
+    `device`: where a graph runs: 'cpu', or 'cuda' / 'cuda:N' (ONNX Runtime's CUDA provider: onnxruntime-gpu
+    and a standard-op graph; an engine runs on that GPU). `threads`: ONNX Runtime's (CPU).
 
     InputError for a bundle or file that is wrong; ModelUnavailable for what cannot run here; ValueError
     for an unknown backend or device."""
     from d2build.api.builds import Build
 
-    _check_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
+    device = _check_device(device, backend)
     if isinstance(source, Build):
         if info is not None:
             raise ValueError("info= is for a bare .onnx or .plan; a Build knows its model")
-        return _load_build(source, backend, threads)
+        return _load_build(source, backend, device, threads)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load() takes a Build, a bundle folder or a .onnx/.plan path, not {type(source).__name__}")
     path = Path(source).expanduser()
     if backend == "detectron2":
         raise ValueError("backend='detectron2' runs a Build's eager model; a bundle or file holds a graph or engine")
     if path.is_dir() or (path.suffix == ".onnx" and info is None and (path.parent / "model.json").is_file()):
-        return _load_bundle(path if path.is_dir() else path.parent, backend, threads)
+        return _load_bundle(path if path.is_dir() else path.parent, backend, device, threads)
     if not path.is_file():
         raise InputError([Problem(str(path), "source", "no such file or folder",
                                   "pass a Build, a bundle folder (d2build deploy) or a .onnx/.plan file")])
@@ -282,14 +298,18 @@ def load(source: Any, backend: str = "auto", device: str = "cpu", *, info: Any =
                                   "(family, input size, pixel mean, class names)",
                                   "pass info= (a ModelInfo, or a bundle's model.json), or load the Build or "
                                   "bundle it came from")])
-    return _load_file(path, _info_from(info), backend, threads)
+    return _load_file(path, _info_from(info), backend, device, threads)
 
 
-def _load_build(b: Build, backend: str, threads: int | None) -> Model:
+def _load_build(b: Build, backend: str, device: str, threads: int | None) -> Model:
+    import dataclasses
+
     from d2build.api.builds import console, new_run_dir
     from d2build.commands import _runtime
 
     recipe = b.config
+    if device != "cpu":  # the graph (and its engine) on that GPU; runtime.device is not part of any cache key
+        recipe = dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, device=device))
     if backend == "detectron2":  # the weights from the cache (a run of its own finds them, or builds them)
         with console(False):
             return Model(_runtime.eager_model(recipe, new_run_dir("runs", f"{recipe.name}-detectron2"),
@@ -306,6 +326,12 @@ def _load_build(b: Build, backend: str, threads: int | None) -> Model:
 
         usable = engine is not None and tensorrt.skip_reason(tensorrt.environment(recipe.build.device)) is None
         backend = "tensorrt" if usable else ("onnxruntime" if recipe.surgery.ops == "standard" else "reference")
+    if device != "cpu" and backend in ("reference", "onnxruntime"):
+        if recipe.surgery.ops != "standard":
+            raise ModelUnavailable(f"device={device!r}: this build's graph has TensorRT plugin nodes, which ONNX "
+                                   "Runtime cannot run, and no engine can run here; build with surgery.ops=standard "
+                                   "for a graph that runs on ONNX Runtime's CUDA provider, or use device='cpu'")
+        _graph_on_gpu(device)
     if backend == "tensorrt" and engine is None:
         built = b.stages.get("build")
         check = b.stages.get("check")
@@ -328,20 +354,24 @@ def _engine(b: Build) -> Path | None:
     return b.artifact("build", Files.ENGINE)
 
 
-def _load_bundle(folder: Path, backend: str, threads: int | None) -> Model:
+def _load_bundle(folder: Path, backend: str, device: str, threads: int | None) -> Model:
     from d2build.deploy.bundle import BundleError, load_bundle
 
+    if device != "cpu" and backend == "onnxruntime":
+        _graph_on_gpu(device)
     try:
-        inner, bundle = load_bundle(folder, backend, threads=threads)
+        inner, bundle = load_bundle(folder, backend, device=device, threads=threads)
     except BundleError as e:
         text = str(e)
+        if text.startswith("--device"):  # auto chose the graph, and this machine cannot run it on that GPU
+            raise ModelUnavailable(f"device={device!r}{text.removeprefix('--device ' + device)}") from None
         source, _, message = text.partition(": ")
         raise InputError([Problem(source if message else str(folder), "bundle", message or text,
                                   "deploy it again (d2build deploy), or copy the whole bundle folder")]) from None
     return Model(inner, bundle)
 
 
-def _load_file(path: Path, info: ModelInfo, backend: str, threads: int | None) -> Model:
+def _load_file(path: Path, info: ModelInfo, backend: str, device: str, threads: int | None) -> Model:
     from d2build import backends
     from d2build.runtime import Model as RuntimeModel
 
@@ -350,8 +380,22 @@ def _load_file(path: Path, info: ModelInfo, backend: str, threads: int | None) -
         backend = "tensorrt" if engine else "auto"
     if engine != (backend == "tensorrt"):
         raise ValueError(f"{path}: backend={backend!r} does not run a {'TensorRT engine' if engine else 'graph'}")
+    from d2build.backends.devices import DeviceError
+
     try:
-        runner = (backends.open_engine(path) if engine else backends.open_graph(path, backend, threads=threads))
+        if engine:
+            runner = backends.open_engine(path, int(device.partition(":")[2] or 0))
+        else:
+            from d2build.backends import graphs
+
+            graph = graphs.load(path)
+            if backend == "auto":
+                backend = "reference" if graphs.flavour(graph) == "plugins" else "onnxruntime"
+            if device != "cpu" and backend == "onnxruntime":
+                _graph_on_gpu(device)
+            runner = backends.open_graph(graph, backend, threads=threads, device=device)
+    except DeviceError as e:  # a plugin graph (the reference backend) asked to run on a GPU
+        raise ModelUnavailable(f"{path}: {e}") from None
     except backends.RunnerError as e:
         raise InputError([Problem(str(path), "source", str(e).removeprefix(f"{path}: "),
                                   "pass a graph d2build built (a precision graph or a bundle's model.onnx)")]) from None

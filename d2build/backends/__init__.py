@@ -52,7 +52,7 @@ def open_graph(model: Any, backend: str = "auto", *, threads: int | None = None,
         backend = "reference" if flavour == "plugins" else "onnxruntime"
     if backend == "reference":
         if dev.is_cuda:
-            raise RunnerError(f"runtime.device={dev}: the reference backend (d2build's plugin implementations) runs "
+            raise devices.DeviceError(f"runtime.device={dev}: the reference backend (d2build's plugin implementations) runs "
                               "on the CPU only; build the graph with surgery.ops=standard and use "
                               "runtime.backend=onnxruntime to run it on a GPU")
         from d2build.backends.reference import ReferenceRunner

@@ -58,14 +58,16 @@ class EagerModel:
         image = aug.get_transform(bgr).apply_image(bgr)
         if self.model.input_format == "RGB":
             image = image[:, :, ::-1]
-        x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+        x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"),
+                            device=getattr(self.model, "device", "cpu"))
         t0 = time.perf_counter()
         with torch.no_grad():
             inst = self.model([{"image": x, "height": h, "width": w}])[0]["instances"]
         seconds = time.perf_counter() - t0
-        masks = inst.pred_masks.numpy().astype(bool) if inst.has("pred_masks") else None
-        keypoints = inst.pred_keypoints.numpy() if inst.has("pred_keypoints") else None
-        return Detections(inst.pred_boxes.tensor.numpy(), inst.scores.numpy(), inst.pred_classes.numpy(), masks,
+        masks = inst.pred_masks.cpu().numpy().astype(bool) if inst.has("pred_masks") else None
+        keypoints = inst.pred_keypoints.cpu().numpy() if inst.has("pred_keypoints") else None
+        return Detections(inst.pred_boxes.tensor.cpu().numpy(), inst.scores.cpu().numpy(),
+                          inst.pred_classes.cpu().numpy(), masks,
                           keypoints), None, seconds
 
 

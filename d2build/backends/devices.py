@@ -138,6 +138,11 @@ def graph_options(runtime: Any, backend: str, cuda_graph: bool = False) -> dict[
     return {"device": runtime.device, "tf32": runtime.tf32, "cuda": dict(cuda), "cuda_graph": cuda_graph}
 
 
+def stage_options(where: Any) -> dict[str, Any]:
+    """open_graph's device arguments for a stage's `GraphDevice` slice (recipe.py): {} for None (the CPU)."""
+    return graph_options(where, "onnxruntime") if where is not None else {}
+
+
 def preload() -> None:
     """Load the CUDA/cuDNN libraries of the `nvidia-*` wheels before the CUDA provider needs them (a no-op where
     torch loaded them already, or on a CPU build of onnxruntime)."""

@@ -53,11 +53,13 @@ class FamilyBuild:
         raise NotImplementedError
 
     def eager(self, model: Any, image_chw: np.ndarray) -> Any:
-        """Detectron2's own answer on one letterboxed BGR [3, H, W] image: Instances in input pixels."""
+        """Detectron2's own answer on one letterboxed BGR [3, H, W] image: Instances in input pixels (on the model's
+        device: a model on a GPU gets the image there)."""
         import torch
 
+        x = torch.as_tensor(image_chw, device=getattr(model, "device", "cpu"))
         with torch.no_grad():
-            return self.inference(model, [{"image": in_model_format(model, torch.as_tensor(image_chw))}])[0]
+            return self.inference(model, [{"image": in_model_format(model, x)}])[0]
 
     # ------------------------------------------------------------------ export
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import CalibrationSlice, ConfigRef, Files, GraphSpec, NmsConfig, Recipe
+from d2build.recipe import CalibrationSlice, ConfigRef, Files, GraphDevice, GraphSpec, NmsConfig, Recipe
 from d2build.stages.base import Context, Stage
 
 
@@ -34,7 +34,7 @@ def calibration_graph(recipe: Recipe, spec: GraphSpec) -> GraphSpec:
 
 class CalibrationStage(Stage):
     kind = "calibration"
-    VERSION = 2  # 2: reads the surgery[cal] graph instead of rebuilding it
+    VERSION = 3  # 2: reads the surgery[cal] graph instead of rebuilding it; 3: device
     tools = ("onnxruntime", "onnxruntime-extensions", "numpy")
 
     def slice(self, recipe: Recipe) -> CalibrationSlice:
@@ -42,7 +42,7 @@ class CalibrationStage(Stage):
 
         m, c = recipe.model, recipe.calibration
         return CalibrationSlice(ConfigRef.of(m.config), m.input, c.method, c.count, c.images,
-                                photos.source_digest(c.images, c.count))
+                                photos.source_digest(c.images, c.count), GraphDevice.of(recipe))
 
     def run(self, cfg: CalibrationSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import onnx
@@ -60,7 +60,9 @@ class CalibrationStage(Stage):
         for t in found:
             consumers.setdefault(t.activation, []).append(t.node)
         probe = with_outputs(graph, tensors)
-        runner = backends.open_graph(probe)
+        from d2build.backends import devices
+
+        runner = backends.open_graph(probe, **devices.stage_options(cfg.device))
         collector = RangeCollector()
         refs = photos.list_images(cfg.source, cfg.count)
         seconds = []

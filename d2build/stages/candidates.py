@@ -21,7 +21,8 @@ from typing import Any
 
 from d2build.cache import Artifact, file_digest
 from d2build.families.base import Outputs
-from d2build.recipe import CandidatesSlice, EvalImages, Files, GraphSpec, ModelSlice, NmsConfig, Problem, Recipe
+from d2build.recipe import (CandidatesSlice, EvalImages, Files, GraphDevice, GraphSpec, ModelSlice, NmsConfig, Problem,
+                            Recipe)
 from d2build.stages.base import Context, Stage
 
 
@@ -59,13 +60,13 @@ class CandidatesStage(Stage):
     """Reads `weights` and `graph` (precision[eval], the candidate graph in the recipe's precision)."""
 
     kind = "candidates"
-    VERSION = 3  # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input
+    VERSION = 4  # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input; 4: device
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions", "pycocotools",
              "numpy")
 
     def slice(self, recipe: Recipe) -> CandidatesSlice:
         return CandidatesSlice(ModelSlice.of(recipe, candidate_graph(recipe, GraphSpec.of(recipe))),
-                               recipe.precision.mode, eval_images(recipe))
+                               recipe.precision.mode, eval_images(recipe), GraphDevice.of(recipe))
 
     def preflight(self, recipe: Recipe) -> list[Problem]:
         """The annotation file's categories must map onto the model's classes (by name or by count)."""
@@ -100,10 +101,16 @@ class CandidatesStage(Stage):
         d2cfg = detectron.load_cfg(g.config.name, fam.eager_overrides(g.surgery))
         ctx.step(f"candidate graph ({g.ops}, {cfg.precision}): final NMS keeps every score > "
                  f"{nms.score_threshold}, suppresses nothing")
-        graph_model = Model(backends.open_graph(inputs["graph"].path(Files.GRAPH)),
+        from d2build.backends import devices
+
+        graph_model = Model(backends.open_graph(inputs["graph"].path(Files.GRAPH), **devices.stage_options(cfg.device)),
                             detectron.model_info(cfg.model, d2cfg))
         runner = graph_model.runner
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
+        if cfg.device is not None:  # every side on the graph's GPU, TF32 as runtime.tf32 says
+            from d2build.backends.detectron2 import on_device
+
+            model = on_device(model, cfg.device.device, tf32=cfg.device.tf32)
         gt = evaluation.load_coco(cfg.data.annotations)
         ids = sorted(gt.getImgIds())[: cfg.data.count or None]
         cap = nms.max_detections
@@ -124,7 +131,7 @@ class CandidatesStage(Stage):
             t1 = time.perf_counter()
             inst = fam.eager(model, chw)
             sides["detectron2"][image_id] = evaluation.Candidates.from_rows(
-                inst.pred_boxes.tensor.numpy(), inst.scores.numpy(), inst.pred_classes.numpy(), lb,
+                inst.pred_boxes.tensor.cpu().numpy(), inst.scores.cpu().numpy(), inst.pred_classes.cpu().numpy(), lb,
                 _eager_heads(inst, lb, torch), cap)
             t2 = time.perf_counter()
             sides["detectron2_native"][image_id] = _native_candidates(fam, model, d2cfg, bgr, cap, torch)
@@ -155,8 +162,8 @@ def _native_candidates(fam, model, cfg, bgr, cap: int, torch):
     chw, lb = resize_shortest_edge(bgr, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, 1)
     lb = Letterbox(lb.original_hw, lb.resized_hw, lb.scale, lb.resized_hw)
     inst = fam.eager(model, chw)
-    return evaluation.Candidates.from_rows(inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
-                                           inst.pred_classes.numpy(), lb, _eager_heads(inst, lb, torch), cap)
+    return evaluation.Candidates.from_rows(inst.pred_boxes.tensor.cpu().numpy(), inst.scores.cpu().numpy(),
+                                           inst.pred_classes.cpu().numpy(), lb, _eager_heads(inst, lb, torch), cap)
 
 
 def _eager_heads(inst, lb, torch):

@@ -92,7 +92,8 @@ class EngineCheckStage(Stage):
             if lock is not None:
                 lock.release()
         meta = {"family": cfg.model.family, "input": list(cfg.model.graph.input), "precision": cfg.precision,
-                "engine": inputs["engine"].info.get("tensorrt"), "gpu": inputs["engine"].info.get("gpu")}
+                "engine": inputs["engine"].info.get("tensorrt"), "gpu": inputs["engine"].info.get("gpu"),
+                "tf32": inputs["engine"].info.get("tf32")}
         report = render_report(meta, outcome, v)
         metrics = outcome.metrics()
         (out_dir / Files.REPORT).write_text(report)
@@ -260,6 +261,17 @@ def _f(x: Any, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
 
+def tf32_line(tf32: bool | None) -> str:
+    """What the engine's float32 layers compute in (build.tf32), as the report states it."""
+    if tf32 is None:
+        return "TF32: not recorded by the build (an engine built before build.tf32 existed)."
+    if tf32:
+        return ("TF32: ON (build.tf32=true): the engine's float32 convolutions and matmuls round their inputs to 10 "
+                "mantissa bits, so its rows may differ from the graph's (computed in float32) beyond float rounding; "
+                "the gates above are verify's, not loosened.")
+    return "TF32: off (build.tf32=false, the default): the engine's float32 layers compute in float32."
+
+
 def render_report(meta: dict[str, Any], outcome: CheckOutcome, v: VerifyConfig) -> str:
     h, w = meta["input"]
     lines = [
@@ -270,6 +282,8 @@ def render_report(meta: dict[str, Any], outcome: CheckOutcome, v: VerifyConfig) 
         "eager (as verify compares the graph), on verify's photographs letterboxed alike. Rows pair when class, "
         f"box IoU >= {v.iou_threshold} and |score difference| <= {v.score_tolerance} agree; each image "
         f"must pair >= {v.min_recovered:.0%} of its rows.",
+        "",
+        tf32_line(meta.get("tf32")),
         "",
         "**Verdict: " + ("FAILED" if outcome.failures else "passed") + "**",
         "",

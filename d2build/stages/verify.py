@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d2build.cache import Artifact
-from d2build.recipe import Files, ModelSlice, Problem, Recipe, VerifyConfig, VerifySlice
+from d2build.recipe import Files, GraphDevice, ModelSlice, Problem, Recipe, VerifyConfig, VerifySlice
 from d2build.stages.base import Context, Stage, StageFailed
 
 
@@ -26,7 +26,8 @@ def verify_slice(recipe: Recipe) -> VerifySlice:
     from d2build import photos
 
     v = recipe.verify
-    return VerifySlice(ModelSlice.of(recipe), recipe.precision.mode, v, photos.source_digest(v.images, v.count))
+    return VerifySlice(ModelSlice.of(recipe), recipe.precision.mode, v, photos.source_digest(v.images, v.count),
+                       GraphDevice.of(recipe))
 
 
 def sizes_problems(recipe: Recipe, key: str, refs: list[str]) -> list[Problem]:
@@ -59,6 +60,10 @@ def eager_and_info(cfg: VerifySlice, weights: Artifact):
     build = builder(cfg.model.family)
     d2cfg = detectron.load_cfg(cfg.model.config, build.eager_overrides(cfg.model.graph.surgery))
     model = detectron.build_model(d2cfg, load_state(weights))
+    if cfg.device is not None:  # Detectron2 on the GPU the graph runs on, TF32 as the graph's (runtime.tf32)
+        from d2build.backends.detectron2 import on_device
+
+        model = on_device(model, cfg.device.device, tf32=cfg.device.tf32)
     return build, model, detectron.model_info(cfg.model, d2cfg)
 
 
@@ -66,7 +71,7 @@ class VerifyStage(Stage):
     """Reads `weights` and `graph` (the precision graph: fp32 = surgery's graph, fp16, int8)."""
 
     kind = "verify"
-    VERSION = 5  # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check)
+    VERSION = 6  # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check); 6: device
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
     def slice(self, recipe: Recipe) -> VerifySlice:
@@ -83,7 +88,10 @@ class VerifyStage(Stage):
 
         v = cfg.verify
         fam, model, info = eager_and_info(cfg, inputs["weights"])
-        graph = Model(backends.open_graph(inputs["graph"].path(Files.GRAPH)), info)
+        from d2build.backends import devices
+
+        runner = backends.open_graph(inputs["graph"].path(Files.GRAPH), **devices.stage_options(cfg.device))
+        graph = Model(runner, info)
         emulated = graph.runner.emulated
         refs = photos.list_images(v.images, v.count)
         (out_dir / Files.PICTURES).mkdir()
@@ -276,6 +284,17 @@ BACKEND_WORDS = {"reference": "plugins run by d2build's CPU reference implementa
                  "onnxruntime": "standard ONNX ops only, run by ONNX Runtime's own kernels"}
 
 
+def where(device: GraphDevice | None) -> str:
+    """The TF32 policy and the device, as every report states them."""
+    if device is None:
+        return "the CPU, both sides (float32 is float32: no TF32 on a CPU)"
+    if device.tf32:
+        return (f"{device.device}, both sides, TF32 ON (runtime.tf32=true): convolutions and matmuls round their "
+                "inputs to 10 mantissa bits on both sides, so near-tied detections may swap and the gates above "
+                "tolerate what they tolerate; set runtime.tf32=false for an fp32 comparison")
+    return f"{device.device}, both sides, TF32 off (ONNX Runtime use_tf32=0, PyTorch's TF32 switches off)"
+
+
 def render_report(cfg: VerifySlice, rows: list[dict[str, Any]], summary: dict[str, Any],
                   failures: list[str], backend: str = "reference") -> str:
     v = cfg.verify
@@ -287,6 +306,8 @@ def render_report(cfg: VerifySlice, rows: list[dict[str, Any]], summary: dict[st
         f"Detectron2 eager on the same letterboxed input. A match needs the same class, box IoU >= "
         f"{v.iou_threshold} and |score difference| <= {v.score_tolerance}; each image must recover >= "
         f"{v.min_recovered:.0%} of Detectron2's detections with mean mask IoU >= {v.min_mask_iou}.",
+        "",
+        f"Where: {where(cfg.device)}.",
         "",
         "**Verdict: " + ("FAILED" if failures else "passed") + "**",
         "",
@@ -312,7 +333,8 @@ def render_report(cfg: VerifySlice, rows: list[dict[str, Any]], summary: dict[st
     lines += ["", f"All images: {summary['matched_share']:.1%} of Detectron2's detections matched, mean box IoU "
               f"{summary['mean_box_iou']:.4f}, mean score shift {summary['mean_score_shift']:+.5f}.",
               "", f"Mean per image: Detectron2 eager {summary['eager_s_per_image']:.2f} s, "
-              f"graph on ONNX Runtime {summary['graph_s_per_image']:.2f} s (same CPU, same process)."]
+              f"graph on ONNX Runtime {summary['graph_s_per_image']:.2f} s "
+              f"(same {'CPU' if cfg.device is None else 'GPU'}, same process)."]
     if failures:
         lines += ["", "## What differs", "", "```", *failures, "```"]
     return "\n".join(lines) + "\n"
