@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import calls_ms, host_cpu, spread
 
 MODELS = {  # name -> (Detectron2 config, d2build family)
     "mask_rcnn_r50": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", "mask_rcnn"),
@@ -42,19 +43,6 @@ MODELS = {  # name -> (Detectron2 config, d2build family)
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def timed(fn, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def gpu_busy_ms(fn, iters: int) -> float | None:
@@ -77,21 +65,9 @@ def gpu_busy_ms(fn, iters: int) -> float | None:
     return round(us / 1000 / iters, 2)
 
 
-def summary(seconds: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in seconds)
-    med = statistics.median(ms)
-    return {"median_ms": round(med, 2), "p10_ms": round(ms[len(ms) // 10], 2),
-            "p90_ms": round(ms[(9 * len(ms)) // 10], 2), "fps": round(1000.0 / med, 1)}
-
-
-def host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+def summary(ms: list[float]) -> dict[str, float]:
+    out = spread(ms)
+    return {**out, "fps": round(1000.0 / out["median_ms"], 1)}
 
 
 def main() -> None:
@@ -154,9 +130,9 @@ def main() -> None:
     for r in range(args.rounds):
         for i, c in enumerate(configs):
             for path, fn in c["fns"].items():
-                t = timed(fn, n, args.warmup)
+                t = calls_ms(fn, sync, n, args.warmup)
                 samples[i, path] += t
-                per_round[i, path].append(statistics.median(t) * 1000)
+                per_round[i, path].append(statistics.median(t))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
     for i, c in enumerate(configs):

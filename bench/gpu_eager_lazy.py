@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import calls_ms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,19 +40,6 @@ MODELS = {
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def timed(fn, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
 
 
 def main() -> None:
@@ -105,7 +93,7 @@ def main() -> None:
                                                              enabled=fp16 and a.device == "cuda"):
                             return m.inference(x, do_postprocess=False)
 
-                    ms = timed(call, a.iters, a.warmup)
+                    ms = calls_ms(call, sync, a.iters, a.warmup)
                     dets = []
                     for n in names:
                         with torch.no_grad(), torch.autocast(a.device, dtype=torch.float16,

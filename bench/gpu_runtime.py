@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from timing import calls_ms, host_cpu, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -327,20 +327,8 @@ def _info(entry: dict[str, Any], batch: int | None = None):
 
 
 def summary(ms: list[float], images: int) -> dict[str, Any]:
-    s = sorted(ms)
-    med = statistics.median(s)
-    return {"median_ms": round(med, 3), "p10_ms": round(s[len(s) // 10], 3), "p90_ms": round(s[(9 * len(s)) // 10], 3),
-            "images_per_s": round(images * 1000.0 / med, 1), "runs": len(s)}
-
-
-def time_calls(fn: Callable[[], Any], sync: Callable[[], None], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
+    out = spread(ms, 3)
+    return {**out, "images_per_s": round(images * 1000.0 / out["median_ms"], 1), "runs": len(ms)}
 
 
 def gpu_busy_ms(fn: Callable[[], Any], sync: Callable[[], None], n: int) -> dict[str, Any] | None:
@@ -494,7 +482,7 @@ class Bench:
             per_round = max(1, iters // a.rounds)
             for _ in range(a.rounds):
                 for s, (fn, sync) in sides.items():
-                    samples[s] += time_calls(fn, sync, per_round)
+                    samples[s] += calls_ms(fn, sync, per_round)
             for s, (fn, sync) in sides.items():
                 row = {"model": entry["model"], "input": entry["size"], "batch": batch, "side": s, "tf32": tf32,
                        **summary(samples[s], batch)}
@@ -616,7 +604,7 @@ class Bench:
                 for _ in range(a.warmup):
                     r.execute()
                 row["session_start_s"] = round(time.perf_counter() - t0, 2)
-                row.update(summary(time_calls(r.execute, r.synchronize, a.iters), 1))
+                row.update(summary(calls_ms(r.execute, r.synchronize, a.iters), 1))
                 if a.busy_iters:
                     row.update(gpu_busy_ms(r.execute, r.synchronize, a.busy_iters) or {})
                 if opts.get("cuda_graph"):  # a captured graph replays its own buffers: check through fetch()
@@ -720,7 +708,7 @@ def environment() -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
            "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
-           "onnx": onnx.__version__, "host_cpu": _host_cpu()}
+           "onnx": onnx.__version__, "host_cpu": host_cpu()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         try:
@@ -729,16 +717,6 @@ def environment() -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             env["driver"] = None
     return env
-
-
-def _host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
 
 
 def markdown(doc: dict[str, Any]) -> str:

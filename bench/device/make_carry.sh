@@ -25,7 +25,7 @@ $PY -m pip wheel -q --no-deps -w "$WHEELS/pure" fvcore==0.1.5.post20221221 iopat
 ls "$WHEELS"/pure/sal_detectron2-*.whl >/dev/null 2>&1 || $PY tools/repack_detectron2.py "$WHEELS/pure"
 grep -qx '/.gpu/' "$1/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$1/.git/info/exclude"
 rm -rf "$DEST"; mkdir -p "$DEST"/c1/pure "$DEST"/p1 "$DEST"/p2 "$DEST"/p3 "$DEST"/p4 "$DEST"/p5 "$DEST"/p6
-tar czf "$DEST/c1/code.tgz" --exclude=__pycache__ d2build conf recipes bench/gpu_runtime.py bench/gpu_eager_lazy.py \
+tar czf "$DEST/c1/code.tgz" --exclude=__pycache__ d2build conf recipes bench/gpu_runtime.py bench/gpu_eager_lazy.py bench/timing.py \
     tools/train_lazy_small.py pyproject.toml
 cp "$WHEELS"/pure/*.whl "$DEST/c1/pure/"
 cp bench/device/setup.sh "$DEST/c1/"; cp bench/device/assemble.sh "$DEST/p5/"; cp bench/device/final.sh "$DEST/p6/"
