@@ -145,6 +145,9 @@ class VerifyConfig:
     min_detections: int
     keypoint_median_px: float
     keypoint_p95_px: float
+    min_semantic_agreement: float  # semantic heads: share of pixels of Detectron2's class, per image
+    segment_iou_threshold: float  # panoptic: a segment matches one of the same category at this IoU ...
+    min_segments_matched: float  # ... and this share of Detectron2's segments must match, per image
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 # Config names d2build refuses, and what the model is (the structural check below names the key for any config).
 _UNSUPPORTED_KINDS = (
     (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"),
-    (r"LVIS", "an LVIS model"), (r"[Pp]anoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
+    (r"LVIS", "an LVIS model"), (r"Cityscapes", "a Cityscapes model"),
     (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
 )
 _ZOO_UNSUPPORTED = re.compile("|".join(f"({p})" for p, _ in _UNSUPPORTED_KINDS))
@@ -161,8 +161,8 @@ def _supported_models() -> str:
 
 
 _EXAMPLE_CONFIGS = ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, "
-                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, COCO-Detection/retinanet_R_50_FPN_3x.yaml or "
-                    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml")
+                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, COCO-Detection/retinanet_R_50_FPN_3x.yaml, "
+                    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml or COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml")
 
 
 def _detectron2_configs_dir() -> Path | None:
@@ -521,7 +521,8 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     _check_device(rt, ck)
     v = r.verify
     _check_images(ck, "verify.images", v.images, v.count)
-    for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
+    for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou", "min_semantic_agreement",
+                "segment_iou_threshold", "min_segments_matched"):
         _in_unit(ck, f"verify.{key}", getattr(v, key), ck.default(f"verify.{key}"), "the default is")
     if v.count < 1:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")

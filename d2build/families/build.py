@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class FamilyBuild:
     #: the family's runtime half (families/<name>/__init__.py)
     family_class: ClassVar[type[Family]]
-    #: the traced Instances fields, sorted by name, then image_size
+    #: the traced Instances fields, sorted by name, then image_size (then a family's image-level outputs)
     export_outputs: ClassVar[tuple[str, ...]]
 
     def __init__(self) -> None:
@@ -58,6 +58,14 @@ class FamilyBuild:
 
         with torch.no_grad():
             return self.inference(model, [{"image": in_model_format(model, torch.as_tensor(image_chw))}])[0]
+
+    def eager_detections(self, model: Any, image_chw: np.ndarray, lb: Letterbox, info: Any = None) -> Detections:
+        """Detectron2's answer on one letterboxed image as verify compares it: Detections in original pixels,
+        post-processed by Detectron2's own code (mask pasting; a family's image-level results too). `info`:
+        the model's ModelInfo (names of what it finds)."""
+        from d2build.processing import detections_from_instances
+
+        return detections_from_instances(self.eager(model, image_chw), lb)
 
     # ------------------------------------------------------------------ export
 
