@@ -210,13 +210,15 @@ def _random_model(cfg, seed: int, image_chw, family: Any = None):
     finally:
         for h in hooks:
             h.remove()
+    done: tuple[str, ...] = ()
     if family is not None:  # before the generic predictors: a cascade's mask head sees detections only after it
-        family.adjust_random(model, image_chw)
+        done = tuple(family.adjust_random(model, image_chw) or ())
     # Detectron2 initialises the predictors with std 0.01/0.001, so class scores sit at ~1/81 and
     # mask logits at ~0: nothing clears the 0.05 score threshold and masks are coin flips. Rescale
-    # each predictor so its outputs on the photograph have a spread like a trained model's.
+    # each predictor so its outputs on the photograph have a spread like a trained model's (unless the
+    # family's adjust_random has, to the same spread: rescaling again would measure it and change nothing).
     for path, target in PREDICTOR_SPREAD.items():
-        layer = model.get_submodule(path) if _has(model, path) else None
+        layer = model.get_submodule(path) if _has(model, path) and path not in done else None
         if layer is not None:
             rescale_outputs(model, layer, image_chw, target)
     return model

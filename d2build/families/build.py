@@ -112,9 +112,10 @@ class FamilyBuild:
         """What the family adds to random weights (keyed by the weights stage when not empty)."""
         return {}
 
-    def adjust_random(self, model: Any, image_chw: np.ndarray) -> None:
+    def adjust_random(self, model: Any, image_chw: np.ndarray) -> tuple[str, ...] | None:
         """Make seeded random weights behave beyond `detectron.random_model`'s generic steps (none by default).
-        Runs after the BN statistics are set, before the generic predictor spreads (PREDICTOR_SPREAD)."""
+        Runs after the BN statistics are set, before the generic predictor spreads (PREDICTOR_SPREAD); returns
+        the PREDICTOR_SPREAD paths it already rescaled to their spread (the generic step skips them)."""
 
     # ------------------------------------------------------------------ graph
 

@@ -25,11 +25,32 @@ class PointRendBuild(MaskRCNNBuild):
     def random_key(self):
         return {"pointrend_spread": POINTREND_SPREAD}
 
-    def adjust_random(self, model, image_chw) -> None:
+    def adjust_random(self, model, image_chw) -> tuple[str, ...]:
+        """Each predictor measured on the cheapest forward that reaches it (the same outputs as a full one: the
+        classifier sees proposals, the coarse head the final boxes); the point head on the full subdivision."""
+        import contextlib
+        from unittest import mock
+
+        import torch
+
         from d2build import detectron
 
+        heads, mask_head = model.roi_heads, model.roi_heads.mask_head
+
+        def forward(*patches):
+            def run():
+                with contextlib.ExitStack() as stack:
+                    for target, name, value in patches:
+                        stack.enter_context(mock.patch.object(target, name, value))
+                    model.inference([{"image": torch.as_tensor(image_chw)}], do_postprocess=False)
+            return run
+
+        cheap = {"roi_heads.box_predictor.cls_score": forward((heads, "mask_on", False)),
+                 "roi_heads.mask_head.coarse_head.prediction":
+                     forward((mask_head, "_subdivision_inference", lambda _f, _c, instances: instances))}
         for path, target in POINTREND_SPREAD.items():
-            detectron.rescale_outputs(model, model.get_submodule(path), image_chw, target)
+            detectron.rescale_outputs(model, model.get_submodule(path), image_chw, target, forward=cheap.get(path))
+        return ("roi_heads.box_predictor.cls_score",)
 
     def surgery(self, export_model, cfg, graph: "GraphSpec"):
         """Mask R-CNN's graph with PointRend's subdivision in place of the 28x28 mask head, in either flavour."""
