@@ -156,3 +156,159 @@ def test_grid_sample_and_scatter_elements_import_rules():
     assert standard_ops.problems(_one_node("ScatterElements", {"axis": 1}, scatter)) == []
     assert "reduction" in standard_ops.problems(_one_node("ScatterElements", {"axis": 1, "reduction": "add"},
                                                           scatter))[0]
+
+
+# ------------------------------------------------------------------ recipes and their rules
+
+
+def test_recipes_compose_with_their_configs():
+    pan = compose(["recipe=panoptic_fpn_r50"])
+    assert pan.model.family == "panoptic_fpn" and pan.model.input == (800, 1344)
+    pr = compose(["recipe=pointrend_mask_rcnn_r50"])
+    assert pr.model.family == "pointrend" and Path(pr.model.config).is_file()  # the config shipped beside the recipe
+    assert pan.verify.min_semantic_agreement == 0.995 and pan.verify.segment_iou_threshold == 0.9
+    assert compose(["recipe=panoptic_fpn_r50", "precision=fp16"]).verify.min_segments_matched == 0.8
+
+
+def test_pointrend_config_reads_with_detectron2s_pointrend_keys():
+    """detectron.load_cfg adds PointRend's keys (add_pointrend_config) for a config that sets MODEL.POINT_HEAD."""
+    from d2build import detectron
+
+    cfg = detectron.load_cfg(compose(["recipe=pointrend_mask_rcnn_r50"]).model.config)
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "PointRendMaskHead" and cfg.MODEL.POINT_HEAD.SUBDIVISION_NUM_POINTS == 784
+    assert not hasattr(detectron.load_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml").MODEL, "POINT_HEAD")
+
+
+@pytest.mark.parametrize(("overrides", "key", "says"), [
+    (["recipe=pointrend_mask_rcnn_r50", "model.family=mask_rcnn"], "model.family", "is a PointRend Mask R-CNN"),
+    (["recipe=panoptic_fpn_r50", "model.family=mask_rcnn"], "model.family", "is a Panoptic FPN"),
+    (["recipe=mask_rcnn_r50", "model.family=panoptic_fpn"], "model.family", "is a Mask R-CNN"),
+    (["recipe=panoptic_fpn_r50", "verify.min_semantic_agreement=1.5"], "verify.min_semantic_agreement",
+     "outside [0, 1]"),
+])
+def test_family_rules(overrides, key, says):
+    from d2build.schema import RecipeError
+
+    with pytest.raises(RecipeError) as info:
+        compose(overrides)
+    [p] = [p for p in info.value.problems if p.key == key]
+    assert says in p.message and p.fix, p
+
+
+# ------------------------------------------------------------------ end to end (320x320, random weights that behave)
+
+SIZE = "[320,320]"
+PANOPTIC = ["recipe=panoptic_fpn_r50", "model.weights=random", f"model.input={SIZE}", "verify.count=2"]
+POINTREND = ["recipe=pointrend_mask_rcnn_r50", "model.weights=random", f"model.input={SIZE}", "verify.count=2"]
+IO = {"num_detections": [1, 1], "detection_boxes": [1, 100, 4], "detection_scores": [1, 100],
+      "detection_classes": [1, 100]}
+
+
+def _graph_checks(run, ops: str) -> None:
+    used = run.stage("surgery")["info"]["op_counts"]
+    if ops == "plugins":
+        assert used.get("EfficientNMS_TRT") == 2 and not {"If", "Loop", "NonZero", "Scan"} & set(used)
+    else:
+        model = onnx.load(str(Path(run.stage("precision")["dir"]) / "model.onnx"))
+        assert {n.domain for n in model.graph.node} <= {""} and standard_ops.problems(model) == []
+
+
+def _rows(run) -> list[dict]:
+    return json.loads((Path(run.stage("verify")["dir"]) / "metrics.json").read_text())["images"]
+
+
+@pytest.mark.parametrize(("ops", "precision"), [("plugins", "fp32"), ("standard", "fp32"), ("plugins", "fp16")])
+def test_panoptic_fpn_verifies(shared_cache, tmp_path, ops, precision):
+    run = d2build([*PANOPTIC, f"surgery.ops={ops}", f"precision={precision}"], shared_cache, tmp_path / "r",
+                  until="verify")
+    assert run.run_json["ok"], run.output[-3000:]
+    info = run.stage("surgery")["info"]
+    assert info["io"]["outputs"] == {**IO, "detection_masks": [1, 100, 28, 28], "semantic_logits": [1, 54, 80, 80]}
+    _graph_checks(run, ops)
+    floor = {"fp32": (0.99, 0.995, 0.95), "fp16": (0.97, 0.99, 0.8)}[precision]
+    rows = _rows(run)
+    for r in rows:
+        assert r["detectron2"] >= 20 and r["recovered"] >= floor[0], r
+        assert r["semantic_classes"] >= 5, r  # several stuff classes, not an all-background map
+        assert r["semantic_agreement"] >= floor[1] and r["segments_detectron2"] >= 5, r
+        assert r["segments_matched_share"] >= floor[2], r
+    assert sum(r["things"] for r in rows) >= 3  # instances reach the panoptic result too
+
+
+@pytest.mark.parametrize("ops", ["plugins", "standard"])
+def test_pointrend_verifies_with_subdivided_masks(shared_cache, tmp_path, ops):
+    run = d2build([*POINTREND, f"surgery.ops={ops}"], shared_cache, tmp_path / "r", until="verify")
+    assert run.run_json["ok"], run.output[-3000:]
+    info = run.stage("surgery")["info"]
+    assert info["io"]["outputs"] == {**IO, "detection_masks": [1, 100, 224, 224]}
+    assert info["point_rend"] == {"coarse": "7x7", "first_pass": "28x28", "steps": 3, "points_per_step": 784,
+                                  "mask": "224x224"}
+    assert info["op_counts"]["GridSample"] == 2 * 4 + 1 and info["op_counts"]["ScatterElements"] == 3
+    _graph_checks(run, ops)
+    for r in _rows(run):
+        assert r["detectron2"] >= 20 and r["recovered"] >= 0.99 and r["mean_mask_iou"] >= 0.95, r
+    if ops == "plugins":  # the masks are objects, not empty or full boxes (an IoU of two empty masks is 1)
+        from d2build import backends, detectron, photos
+        from d2build.recipe import ModelSlice
+        from d2build.runtime import Model
+
+        recipe = compose([*POINTREND, f"surgery.ops={ops}"])
+        model = Model(backends.open_graph(Path(run.stage("precision")["dir"]) / "model.onnx"),
+                      detectron.model_info(ModelSlice.of(recipe)))
+        det, _, _ = model.detect(photos.bundled("coffee").bgr)
+        box_area = np.prod(det.boxes[:, 2:] - det.boxes[:, :2], axis=1)
+        fill = det.masks.reshape(len(det), -1).sum(axis=1) / np.maximum(box_area, 1)
+        assert len(det) >= 20 and 0.1 < float(np.median(fill)) < 0.9, np.median(fill)
+
+
+def _command(args: list[str], cache: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "d2build", *args, f"cache.dir={cache}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_panoptic_infer_and_bundle(shared_cache, tmp_path):
+    """infer writes the panoptic/semantic PNGs and their segments_info; the bundle's model.json and Triton
+    repository carry semantic_logits and the combination thresholds; the bundle's runtime JSON inlines them."""
+    from PIL import Image
+
+    from d2build import photos
+    from d2build.deploy import load_bundle
+    from d2build.deploy.runtime import detections_to_dict
+
+    overrides = [*PANOPTIC, "surgery.ops=plugins", "precision=fp32"]  # the graph and verify of the e2e test
+    _command(["infer", "--out", str(tmp_path / "infer"), "--count", "1", *overrides, "runtime.backend=reference"],
+             shared_cache)
+    [image] = json.loads((tmp_path / "infer" / "detections.json").read_text())["images"]
+    pan = image["panoptic"]
+    assert pan["file_name"] == "panoptic/astronaut.png" and image["semantic"]["file_name"] == "semantic/astronaut.png"
+    ids = np.asarray(Image.open(tmp_path / "infer" / pan["file_name"])).astype(np.int64)
+    ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
+    assert ids.shape == (512, 512) and set(np.unique(ids)) - {0} == {s["id"] for s in pan["segments_info"]}
+    assert {s["area"] for s in pan["segments_info"]} == {int((ids == s["id"]).sum()) for s in pan["segments_info"]}
+    assert any(s["isthing"] for s in pan["segments_info"]) and any(not s["isthing"] for s in pan["segments_info"])
+
+    _command(["deploy", "--out", str(tmp_path / "bundle"), "--run-dir", str(tmp_path / "run"), *overrides],
+             shared_cache)
+    [folder] = sorted((tmp_path / "bundle").glob("panoptic_fpn_r50-*"))
+    model, bundle = load_bundle(folder)
+    outputs = {o["name"]: o for o in bundle.doc["outputs"]}
+    assert outputs["semantic_logits"]["shape"] == [1, 54, 80, 80] and outputs["semantic_logits"]["meaning"]
+    settings = bundle.doc["model"]["extra"]["panoptic"]
+    assert settings["stuff_area_limit"] == 4096 and settings["overlap_threshold"] == 0.5
+    assert len(settings["stuff_classes"]) == 54 and settings["stuff_classes"][0] == "things"
+    configs = "\n".join(p.read_text() for p in (folder / "triton").rglob("config.pbtxt"))
+    assert "semantic_logits" in configs
+    photo = photos.bundled("astronaut")
+    det, lb, _ = model.detect(photo.bgr)
+    doc = detections_to_dict("astronaut", det, lb.original_hw, model.info)
+    assert [s["id"] for s in doc["panoptic"]["segments_info"]] == [s["id"] for s in pan["segments_info"]]
+    png = Image.open(io.BytesIO(base64.b64decode(doc["panoptic"]["png_base64"])))
+    assert png.size == (512, 512)
