@@ -117,6 +117,17 @@ class Family:
         """Per-detection extras (masks, keypoints) of the kept `rows`; none by default."""
         return {}
 
+    def image_maps(self, outputs: Mapping[str, np.ndarray], image_index: int, lb: Letterbox) -> dict[str, np.ndarray]:
+        """Image-level maps in original pixels (Panoptic FPN: {"semantic": class per pixel}), as the eval stages
+        store them beside the candidates; none by default."""
+        return {}
+
+    def segmentation_of(self, det: Detections, maps: Mapping[str, np.ndarray],
+                        info: "ModelInfo | None" = None) -> Any:
+        """The image's processing.Segmentation from its final detections and `image_maps` (None: the family has
+        none), so eval scores each NMS variant's panoptic result."""
+        return None
+
     # ------------------------------------------------------------------ verify
 
     def verify_extra(self, ref: Detections, got: Detections, match: Any,

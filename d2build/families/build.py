@@ -59,6 +59,11 @@ class FamilyBuild:
         with torch.no_grad():
             return self.inference(model, [{"image": in_model_format(model, torch.as_tensor(image_chw))}])[0]
 
+    def eager_with_maps(self, model: Any, image_chw: np.ndarray, lb: Letterbox) -> tuple[Any, dict[str, np.ndarray]]:
+        """One eager run: the Instances (as `eager`) and the family's image-level maps in original pixels, made by
+        Detectron2's own post-processing (what `Family.image_maps` computes from the graph); none by default."""
+        return self.eager(model, image_chw), {}
+
     def eager_detections(self, model: Any, image_chw: np.ndarray, lb: Letterbox, info: Any = None) -> Detections:
         """Detectron2's answer on one letterboxed image as verify compares it: Detections in original pixels,
         post-processed by Detectron2's own code (mask pasting; a family's image-level results too). `info`:

@@ -66,11 +66,15 @@ class PanopticFPN(MaskRCNN):
     def decode(self, outputs, lb, image_index=0, mask_threshold=0.5, info=None) -> Detections:
         """Mask R-CNN's detections, then the semantic map and the panoptic segmentation of the image."""
         det = super().decode(outputs, lb, image_index, mask_threshold, info)
-        semantic = semantic_to_original(np.asarray(outputs[Outputs.SEMANTIC])[image_index], lb)
-        settings = {**COMBINE_DEFAULTS, **((info.extra.get("panoptic") or {}) if info is not None else {})}
-        thing_names = info.class_names if info is not None else None
-        det.segmentation = combine(det, semantic, settings, thing_names)
+        det.segmentation = self.segmentation_of(det, self.image_maps(outputs, image_index, lb), info)
         return det
+
+    def image_maps(self, outputs, image_index, lb) -> dict[str, np.ndarray]:
+        return {"semantic": semantic_to_original(np.asarray(outputs[Outputs.SEMANTIC])[image_index], lb)}
+
+    def segmentation_of(self, det, maps, info=None) -> Segmentation:
+        settings = {**COMBINE_DEFAULTS, **((info.extra.get("panoptic") or {}) if info is not None else {})}
+        return combine(det, maps["semantic"], settings, info.class_names if info is not None else None)
 
     # ------------------------------------------------------------------ verify
 

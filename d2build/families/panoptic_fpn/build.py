@@ -41,22 +41,29 @@ class PanopticFPNBuild(MaskRCNNBuild):
         """The instances (what the instance comparisons, the export check and eval read)."""
         return self.eager_outputs(model, image_chw)[0]
 
+    def eager_with_maps(self, model, image_chw: np.ndarray, lb: "Letterbox") -> tuple[Any, dict[str, np.ndarray]]:
+        """The instances and Detectron2's semantic map (sem_seg_postprocess to the photograph, argmax)."""
+        from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+        instances, logits = self.eager_outputs(model, image_chw)
+        semantic = sem_seg_postprocess(logits, lb.resized_hw, *lb.original_hw).argmax(dim=0)
+        return instances, {"semantic": semantic.numpy().astype(np.int32)}
+
     def eager_detections(self, model, image_chw: np.ndarray, lb: "Letterbox", info: Any = None) -> "Detections":
         """Detectron2's post-processing end to end: detector_postprocess'd instances (pasted masks),
         `sem_seg_postprocess` of the semantic logits to the photograph, its argmax, and Detectron2's own
         `combine_semantic_and_instance_outputs` with the model's thresholds."""
         import torch
         from detectron2.modeling.meta_arch.panoptic_fpn import combine_semantic_and_instance_outputs
-        from detectron2.modeling.postprocessing import sem_seg_postprocess
         from detectron2.structures import Instances
 
         from d2build.families.panoptic_fpn import _name
         from d2build.processing import Segmentation, detections_from_instances
 
-        instances, logits = self.eager_outputs(model, image_chw)
+        instances, maps = self.eager_with_maps(model, image_chw, lb)
         det = detections_from_instances(instances, lb)
         h, w = lb.original_hw
-        semantic = sem_seg_postprocess(logits, lb.resized_hw, h, w).argmax(dim=0)
+        semantic = torch.from_numpy(maps["semantic"]).long()
         found = Instances((h, w), scores=torch.from_numpy(det.scores), pred_classes=torch.from_numpy(det.classes),
                           pred_masks=torch.from_numpy(det.masks))
         with torch.no_grad():
@@ -69,7 +76,7 @@ class PanopticFPNBuild(MaskRCNNBuild):
         named = [{**s, "category": _name(things if s["isthing"] else stuff, s["category_id"],
                                          "class" if s["isthing"] else "stuff"),
                   "area": int(np.count_nonzero(panoptic == s["id"]))} for s in segments]
-        det.segmentation = Segmentation(semantic.numpy().astype(np.int32), panoptic, named)
+        det.segmentation = Segmentation(maps["semantic"], panoptic, named)
         return det
 
     def random_key(self):
