@@ -197,6 +197,8 @@ def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.n
         key = name.replace("detection_", "")
         out[key] = _stats(g[ii], e[jj])  # paired rows
         out[key]["aligned_max_abs"] = _stats(g[:k], e[:k])["max_abs"]  # row i against row i
+    for name in (o for o in graph_out if o not in (*Outputs.ROWS, Outputs.NUM)):  # image-level (semantic_logits)
+        out[name.replace("detection_", "")] = _stats(np.asarray(graph_out[name])[b], np.asarray(engine_out[name])[b])
     if m.mask_ious is not None:
         out["mask_iou_28"] = float(np.mean(m.mask_ious)) if m.mask_ious else (1.0 if not rows else 0.0)
     problems = []
