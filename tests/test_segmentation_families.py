@@ -352,7 +352,7 @@ def test_panoptic_quality_counts_as_panopticapi(tmp_path):
 
 
 def _ground_truth_from_detectron2(shared_cache, tmp_path) -> list[str]:
-    """A COCO instances json and a COCO panoptic json (+ PNGs) of two bundled photographs, made from Detectron2's
+    """A COCO instances json and a COCO panoptic json (+ PNG) of a bundled photograph, made from Detectron2's
     own panoptic result on the graph's input: the eval stages must score Detectron2 at PQ 100 against it."""
     import torch
     from PIL import Image
@@ -377,7 +377,7 @@ def _ground_truth_from_detectron2(shared_cache, tmp_path) -> list[str]:
     folder.mkdir()
     masks.mkdir()
     images, instances, panoptic = [], [], []
-    for image_id, name in enumerate(("astronaut", "coffee"), 1):
+    for image_id, name in enumerate(("astronaut",), 1):  # 6 things, 7 stuff segments at 320x320
         photo = photos.bundled(name)
         Image.fromarray(photo.bgr[:, :, ::-1]).save(folder / f"{name}.png")
         h, w = photo.bgr.shape[:2]
