@@ -1,17 +1,23 @@
 """GPU baseline: Detectron2 eager latency and FPS, the numbers a TensorRT engine is compared against.
 
-For Mask R-CNN, Keypoint R-CNN, RetinaNet and Cascade Mask R-CNN (R50-FPN, d2build's random weights that
-behave), at several square inputs, batch 1, fp32 and autocast fp16: warm-up, then the median (and p10/p90) of many timed runs
+For Mask R-CNN, Keypoint R-CNN, RetinaNet, Cascade Mask R-CNN, Panoptic FPN and PointRend (R50-FPN, d2build's
+random weights that behave), at several square inputs, batch 1, fp32 and autocast fp16: warm-up, then the median (and p10/p90) of many timed runs
 with CUDA synchronisation. The configurations are timed in interleaved rounds (--rounds), so a slow
 spell of the host (eager Detectron2 is launch- and Python-bound) lands on all of them alike; the
 spread of the per-round medians is reported beside the overall median. Two paths are timed: the family's
 `inference` (GeneralizedRCNN's `inference(do_postprocess=False)`, RetinaNet's forward without
-`detector_postprocess`: what an engine computes, boxes, scores, classes, 28x28 masks / heatmaps) and the
-full `model([...])` call with Detectron2's post-processing (mask pasting / keypoint decoding at the
-original image size).
+`detector_postprocess`: what an engine computes, boxes, scores, classes, 28x28 masks / heatmaps; Panoptic
+FPN's also the semantic logits, PointRend's its 224x224 subdivided masks) and the full `model([...])` call with
+Detectron2's post-processing (mask pasting / keypoint decoding at the original image size; Panoptic FPN's
+semantic resize and panoptic combination).
 
     python bench/gpu_eager.py --out bench/results/gpu_eager.json [--iters 150] [--rounds 5] [--sizes 640 1024 1344] \
         [--models mask_rcnn_r50 retinanet_r50 ...] [--reference mask_rcnn_r50 --reference-size 640]
+
+The segmentation families (issue 22), beside Mask R-CNN at the same sizes:
+
+    python bench/gpu_eager.py --out bench/results/gpu_eager_segmentation.json --sizes 512 800 1344 \
+        --models mask_rcnn_r50 panoptic_fpn_r50 pointrend_mask_rcnn_r50
 
 `--reference` models are timed at `--reference-size` only (a point of comparison beside the others).
 
@@ -37,6 +43,10 @@ MODELS = {  # name -> (Detectron2 config, d2build family)
     "keypoint_rcnn_r50": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml", "keypoint_rcnn"),
     "retinanet_r50": ("COCO-Detection/retinanet_R_50_FPN_3x.yaml", "retinanet"),
     "cascade_mask_rcnn_r50": ("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "cascade_rcnn"),
+    "panoptic_fpn_r50": ("COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml", "panoptic_fpn"),
+    # sal-detectron2 ships no PointRend config: the one the recipe names (a checkout's recipes/)
+    "pointrend_mask_rcnn_r50": (str(Path(__file__).resolve().parents[1] / "recipes" / "detectron2"
+                                    / "pointrend_rcnn_R_50_FPN_3x_coco.yaml"), "pointrend"),
 }
 
 
@@ -121,8 +131,10 @@ def main() -> None:
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
                         return model([{"image": x, "height": h, "width": w}])
 
+                first = raw()[0]  # Instances, or Panoptic FPN's (Instances, semantic logits)
                 configs.append({"model": name, "input": size, "precision": precision,
-                                "detections": len(raw()[0]), "fns": {"raw": raw, "with_postprocess": full}})
+                                "detections": len(first[0] if isinstance(first, tuple) else first),
+                                "fns": {"raw": raw, "with_postprocess": full}})
     load_before = os.getloadavg()
     samples = {(i, path): [] for i in range(len(configs)) for path in ("raw", "with_postprocess")}
     per_round = {key: [] for key in samples}

@@ -20,7 +20,10 @@ KNOWN: tuple[tuple[type[Warning], str], ...] = (
     (DeprecationWarning, "`torch.jit.script` is deprecated"),
 )
 # loggers whose warnings are library notices about d2build's own (correct) use
-QUIET_LOGGERS = ("torch.fx._symbolic_trace",)  # "is_fx_tracing will return true for both ..." (export)
+QUIET_LOGGERS = ("torch.fx._symbolic_trace",  # "is_fx_tracing will return true for both ..." (export)
+                 # "Weight format of PointRend models have changed!": d2build's own weights file (a state dict
+                 # without torch's version metadata) already has the current names; the conversion changes nothing
+                 "detectron2.projects.point_rend.mask_head")
 
 _state = {"verbose": False, "configured": False}
 

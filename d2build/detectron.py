@@ -32,7 +32,9 @@ def load_cfg(config: str, overrides: dict[str, Any] | None = None):
 
     cfg = get_cfg()
     path = Path(config).expanduser()
-    cfg.merge_from_file(str(path) if path.is_file() else model_zoo.get_config_file(config))
+    file = str(path) if path.is_file() else model_zoo.get_config_file(config)
+    add_project_keys(cfg, file)
+    cfg.merge_from_file(file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     for k, v in (overrides or {}).items():
@@ -43,6 +45,33 @@ def load_cfg(config: str, overrides: dict[str, Any] | None = None):
         setattr(node, leaf, v)
     cfg.freeze()
     return cfg
+
+
+#: Detectron2 projects whose configs hold keys get_cfg() lacks: (the MODEL key only their configs set, the module that
+#: registers their heads, the function that adds their keys). PointRend ships in sal-detectron2 without configs.
+PROJECT_CONFIGS = (("POINT_HEAD", "detectron2.projects.point_rend", "add_pointrend_config"),)
+
+
+def add_project_keys(cfg, file: str) -> None:
+    """Before merging `file`: the keys (and head registrations) of the Detectron2 projects it configures."""
+    import importlib
+
+    import yaml
+
+    from d2build.recipe import config_chain
+
+    class Loader(yaml.SafeLoader):  # configs may hold !!python tags: never construct them
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    model_keys: set[str] = set()
+    for p in config_chain(Path(file)):
+        tree = yaml.load(p.read_text(), Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+        model = tree.get("MODEL") if isinstance(tree, dict) else None
+        model_keys |= set(model) if isinstance(model, dict) else set()
+    for key, module, adder in PROJECT_CONFIGS:
+        if key in model_keys:
+            getattr(importlib.import_module(module), adder)(cfg)
 
 
 def build_model(cfg, state_dict: dict[str, Any] | None = None):
@@ -181,13 +210,15 @@ def _random_model(cfg, seed: int, image_chw, family: Any = None):
     finally:
         for h in hooks:
             h.remove()
+    done: tuple[str, ...] = ()
     if family is not None:  # before the generic predictors: a cascade's mask head sees detections only after it
-        family.adjust_random(model, image_chw)
+        done = tuple(family.adjust_random(model, image_chw) or ())
     # Detectron2 initialises the predictors with std 0.01/0.001, so class scores sit at ~1/81 and
     # mask logits at ~0: nothing clears the 0.05 score threshold and masks are coin flips. Rescale
-    # each predictor so its outputs on the photograph have a spread like a trained model's.
+    # each predictor so its outputs on the photograph have a spread like a trained model's (unless the
+    # family's adjust_random has, to the same spread: rescaling again would measure it and change nothing).
     for path, target in PREDICTOR_SPREAD.items():
-        layer = model.get_submodule(path) if _has(model, path) else None
+        layer = model.get_submodule(path) if _has(model, path) and path not in done else None
         if layer is not None:
             rescale_outputs(model, layer, image_chw, target)
     return model
@@ -272,7 +303,7 @@ def dataset_metadata(cfg) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for ds in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]:
         meta = MetadataCatalog.get(ds)
-        for key in ("thing_classes", "keypoint_names", "keypoint_connection_rules"):
+        for key in ("thing_classes", "stuff_classes", "keypoint_names", "keypoint_connection_rules"):
             value = meta.get(key, None)
             if value and key not in found:
                 found[key] = list(value)
@@ -319,4 +350,4 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
         family=g.family, input_hw=g.input, pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
         keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
-        pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD))
+        pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD), extra=fam.info_extra(cfg, meta))

@@ -194,6 +194,21 @@ class Candidates:
         return cls(boxes_input, np.asarray(scores, np.float32), np.asarray(classes, np.int64), shown, boxes, rles,
                    keypoints, truncated=len(boxes_input) >= cap)
 
+    def detections(self, keep: np.ndarray, image_hw: tuple[int, int]):
+        """The kept rows that are shown as processing.Detections in original pixels (masks decoded)."""
+        from pycocotools import mask as mask_utils
+
+        from d2build.processing import Detections
+
+        keep = np.asarray([k for k in keep if self.shown[k]], np.int64)
+        masks = None
+        if self.rles is not None:
+            masks = np.zeros((len(keep), *image_hw), bool)
+            for i, k in enumerate(keep):
+                rle = dict(self.rles[k])
+                masks[i] = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+        return Detections(self.boxes[keep], self.scores[keep], self.classes[keep], masks)
+
     def results(self, keep: np.ndarray, image_id: int, category_of: dict) -> list[dict]:
         """COCO records of the kept rows that are shown (in keep's order)."""
         keep = np.asarray([k for k in keep if self.shown[k]], np.int64)
@@ -290,3 +305,88 @@ def save_candidates(path: Path, per_image: dict[int, Candidates]) -> None:
 
 def load_candidates(path: Path) -> dict[int, Candidates]:
     return {int(k): Candidates.from_json(v) for k, v in json.loads(path.read_text()).items()}
+
+
+# ---------------------------------------------------------------- panoptic quality (COCO panoptic ground truth)
+
+PANOPTIC_VOID = 0  # segment id 0 in a PNG: unlabelled pixels
+
+
+def png_ids(path: Path) -> np.ndarray:
+    """A COCO panoptic PNG's segment ids (id = R + 256 G + 256^2 B)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def panoptic_quality(gt: dict[str, Any], masks_dir: Path, predictions: dict[int, Any]) -> dict[str, dict[str, float]]:
+    """PQ, SQ and RQ over All / Things / Stuff categories, as panopticapi's pq_compute counts them.
+
+    `gt`: a COCO panoptic json; `predictions`: image id -> processing.Segmentation whose segments name their
+    category (`category`, `isthing`), matched to the json's categories by name and thing/stuff (a segment of
+    another category counts as unlabelled). Per image, a predicted and a ground-truth segment of one category
+    match at IoU > 0.5, where the IoU leaves out the prediction's pixels on unlabelled ground truth; crowd
+    segments never match, and unmatched predictions lying more than half on unlabelled or same-category crowd
+    pixels are not false positives. PQ = sum of matched IoUs / (TP + FP/2 + FN/2) per category, averaged over
+    the categories with any TP, FP or FN. Images without a prediction are skipped."""
+    cats = {c["id"]: c for c in gt["categories"]}
+    by_name = {(c["name"], bool(c["isthing"])): c["id"] for c in gt["categories"]}
+    stats = {cid: {"iou": 0.0, "tp": 0, "fp": 0, "fn": 0} for cid in cats}
+    for ann in gt["annotations"]:
+        seg = predictions.get(ann["image_id"])
+        if seg is None:
+            continue
+        gt_ids = png_ids(Path(masks_dir) / ann["file_name"])
+        if gt_ids.shape != seg.panoptic.shape:
+            raise ValueError(f"{ann['file_name']} is {gt_ids.shape[0]}x{gt_ids.shape[1]}, the prediction "
+                             f"{seg.panoptic.shape[0]}x{seg.panoptic.shape[1]}")
+        gt_seg = {s["id"]: s for s in ann["segments_info"]}
+        pred_cat = {s["id"]: by_name.get((s.get("category"), bool(s["isthing"]))) for s in seg.segments}
+        pred = np.where(np.isin(seg.panoptic, [k for k, c in pred_cat.items() if c is not None]), seg.panoptic, 0)
+        pairs, counts = np.unique(np.stack([gt_ids.ravel(), pred.ravel().astype(np.int64)]), axis=1,
+                                  return_counts=True)
+        inter = {(int(g), int(p)): int(n) for (g, p), n in zip(pairs.T, counts)}
+        gt_area = {g: sum(n for (a, _), n in inter.items() if a == g) for g in gt_seg}
+        pred_area = {p: sum(n for (_, b), n in inter.items() if b == p) for p in pred_cat if pred_cat[p] is not None}
+        gt_hit, pred_hit = set(), set()
+        for (g, p), n in inter.items():
+            if g not in gt_seg or p not in pred_area or gt_seg[g].get("iscrowd", 0):
+                continue
+            if gt_seg[g]["category_id"] != pred_cat[p]:
+                continue
+            union = pred_area[p] + gt_area[g] - n - inter.get((PANOPTIC_VOID, p), 0)
+            iou = n / union
+            if iou > 0.5:
+                stats[pred_cat[p]]["tp"] += 1
+                stats[pred_cat[p]]["iou"] += iou
+                gt_hit.add(g)
+                pred_hit.add(p)
+        crowd = {}
+        for g, s in gt_seg.items():
+            if s.get("iscrowd", 0):
+                crowd[s["category_id"]] = g
+            elif g not in gt_hit:
+                stats[s["category_id"]]["fn"] += 1
+        for p, area in pred_area.items():
+            if p in pred_hit:
+                continue
+            ignored = inter.get((PANOPTIC_VOID, p), 0) + inter.get((crowd.get(pred_cat[p], -1), p), 0)
+            if ignored / area <= 0.5:
+                stats[pred_cat[p]]["fp"] += 1
+    out = {}
+    for label, keep in (("All", lambda c: True), ("Things", lambda c: bool(c["isthing"])),
+                        ("Stuff", lambda c: not c["isthing"])):
+        pq = sq = rq = 0.0
+        n = 0
+        for cid, st in stats.items():
+            if not keep(cats[cid]) or st["tp"] + st["fp"] + st["fn"] == 0:
+                continue
+            n += 1
+            denom = st["tp"] + 0.5 * st["fp"] + 0.5 * st["fn"]
+            pq += st["iou"] / denom
+            sq += st["iou"] / st["tp"] if st["tp"] else 0.0
+            rq += st["tp"] / denom
+        out[label] = {"PQ": pq / n if n else 0.0, "SQ": sq / n if n else 0.0, "RQ": rq / n if n else 0.0,
+                      "categories": n}
+    return out

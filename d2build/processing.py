@@ -40,6 +40,8 @@ __all__ = [
     "shortest_edge_size",
     "load_image_bgr",
     "Detections",
+    "Segmentation",
+    "semantic_to_original",
     "boxes_to_original",
     "boxes_to_input",
     "paste_masks",
@@ -248,6 +250,24 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 
 @dataclass
+class Segmentation:
+    """One image's semantic and panoptic segmentation, in ORIGINAL image pixels.
+
+    Attributes:
+        semantic: int32 [h, w], the semantic head's contiguous class per pixel (for Panoptic FPN: 0 is
+            "things", 1.. the stuff classes).
+        panoptic: int32 [h, w], the segment id per pixel (0: no segment).
+        segments: one dict per segment id, in id order: ``id``, ``isthing``, ``category_id`` (a thing's
+            contiguous class, or a stuff class of ``semantic``), ``category`` (its name), ``area`` (pixels),
+            and for things ``score`` and ``instance_id`` (its row in the Detections).
+    """
+
+    semantic: np.ndarray
+    panoptic: np.ndarray
+    segments: list[dict[str, Any]]
+
+
+@dataclass
 class Detections:
     """Detections of one image, in ORIGINAL image pixels.
 
@@ -257,6 +277,8 @@ class Detections:
         classes: int64 [N], contiguous class ids of the model.
         masks: bool [N, h, w] pasted at original size, or None for box-only output.
         keypoints: float32 [N, K, 3] (x, y, score), or None.
+        segmentation: the image's semantic and panoptic maps (Panoptic FPN), or None. It belongs to the
+            image, not to rows: `subset` keeps it whole.
     """
 
     boxes: np.ndarray
@@ -264,6 +286,7 @@ class Detections:
     classes: np.ndarray
     masks: np.ndarray | None = None
     keypoints: np.ndarray | None = None
+    segmentation: Segmentation | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -294,6 +317,7 @@ class Detections:
             classes=self.classes[index],
             masks=None if self.masks is None else self.masks[index],
             keypoints=None if self.keypoints is None else self.keypoints[index],
+            segmentation=self.segmentation,
         )
 
     @classmethod
@@ -335,6 +359,76 @@ def keypoints_to_original(keypoints: np.ndarray, lb: Letterbox) -> np.ndarray:
     kp[..., 0] /= sx
     kp[..., 1] /= sy
     return kp
+
+
+# --------------------------------------------------------------------------- #
+# Semantic maps
+# --------------------------------------------------------------------------- #
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis:
+    source ``(o + 0.5) * n_in / n_out - 0.5`` clamped at 0, its two neighbours (the upper one clamped to the
+    last cell) weighted by distance, in float32 as torch computes them."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
+                     np.float32(0))
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float64)
+    m = np.zeros((n_out, n_in), np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - w1)
+    np.add.at(m, (rows, i1), w1)
+    return m
+
+
+def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse resampling matrix as (index [n_out, K], weight [n_out, K] float32), K its most nonzeros."""
+    k = max(1, int((m != 0).sum(axis=1).max()))
+    idx = np.argsort(m == 0, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(m, idx, axis=1).astype(np.float32)
+
+
+def semantic_to_original(logits: np.ndarray, lb: Letterbox, band: int = 64) -> np.ndarray:
+    """A semantic head's per-class logits over the input canvas at 1/stride -> the class per ORIGINAL pixel.
+
+    What Detectron2 does to ``SemSegFPNHead``'s predictor output, as one resampling: the head's x stride
+    bilinear upsample to the input canvas (``F.interpolate(scale_factor=stride)``), then
+    ``sem_seg_postprocess``: the image's region of the canvas (``lb.resized_hw``, top-left) bilinearly
+    resized to the original size, then the argmax over classes (first maximum on ties, as torch). Both
+    resamplings are linear and separable, so each axis is one composed map of at most four taps; rows are
+    done in bands of ``band`` so memory stays [C, band, w].
+
+    Args:
+        logits: [C, H / stride, W / stride] float (the graph's ``semantic_logits`` of one image).
+        lb: the image's letterbox (its input canvas is H x W).
+
+    Returns:
+        int32 [h, w].
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 3:
+        raise ValueError(f"semantic logits must be [C, h, w], got {logits.shape}")
+    c, fh, fw = logits.shape
+    (H, W), (rh, rw), (h, w) = lb.input_hw, lb.resized_hw, lb.original_hw
+    if H % fh or W % fw or H // fh != W // fw:
+        raise ValueError(f"semantic logits {fh}x{fw} are not the input {H}x{W} at one stride")
+    rows = _bilinear_matrix(rh, h) @ _bilinear_matrix(fh, H)[:rh]  # [h, fh]
+    cols = _bilinear_matrix(rw, w) @ _bilinear_matrix(fw, W)[:rw]  # [w, fw]
+    ri, rwt = _taps(rows)
+    ci, cwt = _taps(cols)
+    by_cols = logits[:, :, ci[:, 0]] * cwt[:, 0]  # [C, fh, w]
+    for k in range(1, ci.shape[1]):
+        by_cols += logits[:, :, ci[:, k]] * cwt[:, k]
+    out = np.empty((h, w), np.int32)
+    for start in range(0, h, band):
+        stop = min(start + band, h)
+        acc = by_cols[:, ri[start:stop, 0], :] * rwt[start:stop, 0, None]  # [C, band, w]
+        for k in range(1, ri.shape[1]):
+            acc += by_cols[:, ri[start:stop, k], :] * rwt[start:stop, k, None]
+        out[start:stop] = acc.argmax(axis=0)
+    return out
 
 
 # --------------------------------------------------------------------------- #

@@ -147,6 +147,9 @@ class VerifyConfig:
     min_detections: int
     keypoint_median_px: float
     keypoint_p95_px: float
+    min_semantic_agreement: float  # semantic heads: share of pixels of Detectron2's class, per image
+    segment_iou_threshold: float  # panoptic: a segment matches one of the same category at this IoU ...
+    min_segments_matched: float  # ... and this share of Detectron2's segments must match, per image
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class EvalConfig:
     keypoint_oks_sigmas: tuple[float, ...] | None  # per keypoint; None: the config's, or COCO's for 17
     score_floor: float  # candidates keep every score above this (NMS variants need thresholds >= it)
     max_candidates: int  # per image
+    panoptic: str | None  # COCO panoptic json of the same images: PQ/SQ/RQ (models with a semantic head)
+    panoptic_masks: str | None  # folder of its segment-id PNGs (the json's annotations' file_name)
 
 
 @dataclass(frozen=True)
@@ -422,8 +427,19 @@ class CandidatesSlice:
 
 
 @dataclass(frozen=True)
+class PanopticTruth:
+    """A COCO panoptic ground truth, keyed by content: the json and the bytes of its PNGs."""
+
+    annotations: str  # resolved path of the json
+    annotations_sha256: str
+    masks: str  # resolved folder of its PNGs
+    masks_sha256: str
+
+
+@dataclass(frozen=True)
 class EvalSlice:
     """The eval images come in with the candidates (their key holds them)."""
 
     model: ModelSlice  # the recipe's final NMS, applied to the candidates
     keypoint_oks_sigmas: tuple[float, ...] | None
+    panoptic: PanopticTruth | None = None  # PQ/SQ/RQ where eval.panoptic is set

@@ -146,7 +146,7 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 # Config names d2build refuses, and what the model is (the structural check below names the key for any config).
 _UNSUPPORTED_KINDS = (
     (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"),
-    (r"LVIS", "an LVIS model"), (r"[Pp]anoptic", "a panoptic FPN"), (r"Cityscapes", "a Cityscapes model"),
+    (r"LVIS", "an LVIS model"), (r"Cityscapes", "a Cityscapes model"),
     (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
 )
 _ZOO_UNSUPPORTED = re.compile("|".join(f"({p})" for p, _ in _UNSUPPORTED_KINDS))
@@ -161,8 +161,8 @@ def _supported_models() -> str:
 
 
 _EXAMPLE_CONFIGS = ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml, COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, "
-                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, COCO-Detection/retinanet_R_50_FPN_3x.yaml or "
-                    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml")
+                    "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml, COCO-Detection/retinanet_R_50_FPN_3x.yaml, "
+                    "Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml or COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml")
 
 
 def _detectron2_configs_dir() -> Path | None:
@@ -392,6 +392,7 @@ def _check_eval(r: Recipe, get, ck: _Checker) -> None:
                "pads its output with sub-threshold boxes", f"use >= {plugins.DENSE_MODE_BELOW}")
     if not 1 <= e.max_candidates <= 1000:
         ck.add("eval.max_candidates", f"{e.max_candidates} is outside 1..1000", "use e.g. 1000")
+    _check_panoptic(r, ck)
     if e.annotations is None:
         if e.images is not None:
             ck.add("eval.annotations", "eval.images is set but eval.annotations is not",
@@ -431,6 +432,50 @@ def _check_eval(r: Recipe, get, ck: _Checker) -> None:
         if len(e.keypoint_oks_sigmas) != k:
             ck.add("eval.keypoint_oks_sigmas", f"{len(e.keypoint_oks_sigmas)} sigmas for {k} keypoints",
                    f"give exactly {k}")
+
+
+def _check_panoptic(r: Recipe, ck: _Checker) -> None:
+    """eval.panoptic / eval.panoptic_masks: a COCO panoptic json and its PNG folder, for a model with a semantic head."""
+    from d2build.families import family
+    from d2build.families.base import Outputs
+
+    e = r.eval
+    if e.panoptic is None and e.panoptic_masks is None:
+        return
+    if e.panoptic is None or e.panoptic_masks is None:
+        given, missing = ("eval.panoptic", "eval.panoptic_masks") if e.panoptic else ("eval.panoptic_masks",
+                                                                                    "eval.panoptic")
+        ck.add(missing, f"{given} is set but {missing} is not", "set both: the COCO panoptic .json and the folder "
+               "of its PNGs", set_by=given)
+        return
+    if r.model.family in FAMILIES_SUPPORTED and Outputs.SEMANTIC not in family(r.model.family).head_outputs:
+        ck.add("eval.panoptic", f"model.family={r.model.family} has no semantic head, so no panoptic result to score",
+               "remove eval.panoptic, or use model.family=panoptic_fpn")
+    if e.annotations is None:
+        ck.add("eval.annotations", "eval.panoptic needs eval.annotations and eval.images too (the instances of the same "
+               "images: the eval stages run on them)", "set eval.annotations to the COCO instances .json",
+               set_by="eval.panoptic")
+    path, folder = Path(e.panoptic).expanduser(), Path(e.panoptic_masks).expanduser()
+    if not path.is_file():
+        ck.add("eval.panoptic", f"{e.panoptic} is not a file", "pass a COCO panoptic .json")
+        return
+    if not folder.is_dir():
+        ck.add("eval.panoptic_masks", f"{e.panoptic_masks} is not a folder", "pass the folder of the json's PNGs")
+        return
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        files = [a["file_name"] for a in doc["annotations"]]
+        assert isinstance(doc["categories"], list) and all("isthing" in c for c in doc["categories"])
+    except (ValueError, KeyError, TypeError, AssertionError):
+        ck.add("eval.panoptic", f"{e.panoptic} is not a COCO panoptic json (annotations with file_name and "
+               "segments_info, categories with isthing)", "pass the panoptic json, e.g. panoptic_val2017.json")
+        return
+    missing_png = [f for f in files if not (folder / f).is_file()]
+    if missing_png:
+        ck.add("eval.panoptic_masks", f"{len(missing_png)} of the json's {len(files)} PNGs are missing under "
+               f"{e.panoptic_masks} (e.g. {missing_png[0]})", "point eval.panoptic_masks at the folder of the PNGs")
 
 
 def m_has_keypoints(r: Recipe) -> bool:
@@ -521,7 +566,8 @@ def _check_rest(r: Recipe, ck: _Checker) -> None:
     _check_device(rt, ck)
     v = r.verify
     _check_images(ck, "verify.images", v.images, v.count)
-    for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou"):
+    for key in ("iou_threshold", "score_tolerance", "min_recovered", "min_mask_iou", "min_semantic_agreement",
+                "segment_iou_threshold", "min_segments_matched"):
         _in_unit(ck, f"verify.{key}", getattr(v, key), ck.default(f"verify.{key}"), "the default is")
     if v.count < 1:
         ck.add("verify.count", f"{v.count} images verify nothing", "use verify.count >= 1")

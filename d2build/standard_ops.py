@@ -2,7 +2,14 @@
 
 Read from onnx-tensorrt's docs/operators.md (the TensorRT 10.15 edition, opset 9-24), its importers
 (onnxOpImporters.cpp / onnxOpCheckers.cpp) and NvInfer.h (TensorRT 11.1); TensorRT 11.0 added
-parser ops but removed none of these. `check(model)` fails a graph with the first node TensorRT could
+parser ops but removed none of these. The ops Panoptic FPN's semantic head and PointRend's point head
+added (Abs, GridSample, InstanceNormalization, Neg, ScatterElements) were read from operators.md and
+onnxOpImporters.cpp of the 10.0-GA / 10.1-GA editions: all "Y"; GridSample "Input must be 4D input",
+its importer reads mode "nearest" | "bilinear" | "bicubic" (GridSample-16's spellings; another string,
+such as GridSample-20's "linear", is left at its initial nearest), padding_mode zeros | border |
+reflection, align_corners; InstanceNormalization imports natively (kNATIVE_INSTANCENORM is on by
+default) when input, scale and bias have one type; ScatterElements without a reduction is
+IScatterLayer's element mode (a reduction goes through a plugin). `check(model)` fails a graph with the first node TensorRT could
 not import, naming the node, the op and the rule.
 """
 
@@ -14,13 +21,16 @@ from onnx import helper
 #: The ops d2build's standard graphs (and their fp16/int8 forms) may contain; all are "supported" in
 #: onnx-tensorrt's operator table for TensorRT 10.x (and still in 11.x).
 SUPPORTED = frozenset({
-    "Add", "And", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "DequantizeLinear",
-    "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm", "Greater",
-    "GreaterOrEqual", "Identity", "Less", "LessOrEqual", "MatMul", "Max", "MaxPool", "Min", "Mul",
-    "NonMaxSuppression", "NonZero", "Not", "QuantizeLinear", "Range", "ReduceMax", "ReduceMin", "ReduceSum",
-    "Relu", "Reshape", "Resize", "RoiAlign", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax", "Split",
-    "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+    "Abs", "Add", "And", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose",
+    "DequantizeLinear", "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm",
+    "Greater", "GreaterOrEqual", "GridSample", "Identity", "InstanceNormalization", "Less", "LessOrEqual", "MatMul",
+    "Max", "MaxPool", "Min", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not", "QuantizeLinear", "Range",
+    "ReduceMax", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "RoiAlign", "ScatterElements", "ScatterND",
+    "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze",
+    "Where",
 })
+#: GridSample modes TensorRT's importer reads (GridSample-16's spellings)
+GRID_SAMPLE_MODES = ("bilinear", "nearest", "bicubic")
 #: Standard ops TensorRT's parser implements through a plugin of libnvinfer_plugin (not deprecated ones):
 #: RoiAlign -> ROIAlign_TRT version 2 (IPluginV3; version 1 until 10.0). The build still loads the library.
 PARSER_PLUGINS = {"RoiAlign": ("ROIAlign_TRT", "2")}
@@ -45,6 +55,10 @@ def _const_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
     return None
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def problems(model: onnx.ModelProto) -> list[str]:
     """One line per node TensorRT 10/11 could not import as d2build needs it."""
     out = []
@@ -66,6 +80,16 @@ def problems(model: onnx.ModelProto) -> list[str]:
                 out.append(f"{label}: TensorRT requires sorted=1")
         elif n.op_type == "ScatterND" and "reduction" in a:
             out.append(f"{label}: TensorRT's importer rejects the reduction attribute (even 'none'); omit it")
+        elif n.op_type == "ScatterElements" and _text(a.get("reduction", "none")) != "none":
+            out.append(f"{label}: a reduction makes TensorRT import it through a plugin; d2build's graphs use none")
+        elif n.op_type == "GridSample":
+            mode = _text(a.get("mode", "bilinear"))
+            if mode not in GRID_SAMPLE_MODES:
+                out.append(f"{label}: mode {mode!r} is not one TensorRT's importer reads ({', '.join(GRID_SAMPLE_MODES)}; "
+                           "GridSample-20's 'linear' would import as nearest)")
+            shape = shapes.get(n.input[0])
+            if shape is not None and len(shape.dim) != 4:
+                out.append(f"{label}: TensorRT's GridSample takes 4-D input only")
         elif n.op_type == "RoiAlign":
             if a.get("coordinate_transformation_mode", b"half_pixel") not in (b"half_pixel", "half_pixel"):
                 out.append(f"{label}: coordinate_transformation_mode must be half_pixel (Detectron2's ROIAlignV2)")

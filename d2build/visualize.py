@@ -27,7 +27,7 @@ from d2build.processing import Detections
 if TYPE_CHECKING:  # only for annotations; keeps import order free of cycles
     from d2build.compare import MatchResult
 
-__all__ = ["class_color", "draw_detections", "side_by_side", "HIGHLIGHT_COLOR"]
+__all__ = ["class_color", "stuff_color", "draw_detections", "side_by_side", "HIGHLIGHT_COLOR"]
 
 #: Colour of detections that found no partner; class colours avoid this hue.
 HIGHLIGHT_COLOR: tuple[int, int, int] = (255, 0, 255)
@@ -168,6 +168,41 @@ def _blend_masks(
         region[crop & ~interior] = color
 
 
+def stuff_color(category_id: int) -> tuple[int, int, int]:
+    """A stuff class's colour: class_color's hues, paler, so stuff reads as background to the things."""
+    r, g, b = class_color(int(category_id) + 101)
+    return (r + 255) // 2, (g + 255) // 2, (b + 255) // 2
+
+
+def _blend_segments(rgb: np.ndarray, det: Detections, alpha: float) -> list[tuple[str, tuple[float, float], tuple]]:
+    """Blend the panoptic segments into ``rgb`` in place (things in their class colour, stuff paler, outlines
+    where segments meet); returns each stuff segment's (name, label position, colour) to write on it."""
+    seg = det.segmentation
+    if seg is None:
+        return []
+    if seg.panoptic.shape != rgb.shape[:2]:
+        raise ValueError(f"panoptic map is {seg.panoptic.shape}, image is {rgb.shape[:2]}")
+    palette = np.zeros((len(seg.segments) + 1, 3), np.float32)
+    for s in seg.segments:
+        palette[s["id"]] = class_color(s["category_id"]) if s["isthing"] else stuff_color(s["category_id"])
+    ids = seg.panoptic
+    covered = ids > 0
+    rgb[covered] = rgb[covered] * (1.0 - alpha) + palette[ids[covered]] * alpha
+    edge = np.zeros_like(covered)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    rgb[edge & covered] = palette[ids[edge & covered]]
+    labels = []
+    for s in seg.segments:
+        if s["isthing"]:
+            continue
+        rows, cols = np.nonzero(ids == s["id"])
+        if rows.size:
+            labels.append((str(s.get("category", s["category_id"])), (float(np.median(cols)), float(np.median(rows))),
+                          stuff_color(s["category_id"])))
+    return labels
+
+
 #: Keypoints scored at or below this are not drawn (Detectron2's Visualizer uses the same 0.05).
 KEYPOINT_THRESHOLD = 0.05
 _LIMB_PALETTE = ((255, 140, 0), (0, 170, 255), (60, 220, 60), (255, 220, 0), (170, 110, 255))
@@ -209,7 +244,8 @@ def draw_detections(
     """Render detections over their image.
 
     Boxes and "class score" labels in a per-class colour, masks as
-    translucent overlays with solid outlines, keypoints (when ``det.keypoints``
+    translucent overlays with solid outlines (or, when ``det.segmentation`` is set, the panoptic
+    segments instead: things in their class colour, stuff paler and named), keypoints (when ``det.keypoints``
     is set) as dots joined by the limbs of ``skeleton`` (keypoint index pairs).  Detections whose index is in
     ``highlight`` are drawn in ``HIGHLIGHT_COLOR`` with a thicker, white-edged
     box and an "unmatched" label, so they stand out from any class colour.
@@ -227,12 +263,23 @@ def draw_detections(
     ]
 
     rgb = image_bgr[:, :, ::-1].astype(np.float32)
-    _blend_masks(rgb, det, colors, mask_alpha)
+    if det.segmentation is not None:
+        stuff = _blend_segments(rgb, det, mask_alpha)
+    else:
+        stuff = []
+        _blend_masks(rgb, det, colors, mask_alpha)
     canvas = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
 
     line_w, font_size = _sizes(h, w)
     font = _font(font_size)
     draw = ImageDraw.Draw(canvas)
+    for name, (cx, cy), color in stuff:  # stuff names on their segments, on a tag of their colour
+        tw, th = _text_wh(draw, name, font)
+        pad = max(2, font_size // 6)
+        tx, ty = min(max(cx - tw / 2, 0), max(w - tw - 2 * pad, 0)), min(max(cy - th / 2, 0), max(h - th - 2 * pad, 0))
+        draw.rectangle((tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad), fill=color)
+        left, top, _, _ = draw.textbbox((0, 0), name, font=font)
+        draw.text((tx + pad - left, ty + pad - top), name, fill=_ink_for(color), font=font)
     _draw_keypoints(draw, det, marked, line_w, skeleton)
     # Highest score drawn last so its label is on top; highlighted ones above all.
     order = sorted(range(len(det)), key=lambda k: (k in marked, float(det.scores[k])))

@@ -129,7 +129,8 @@ def test_compare_tensors_tolerates_reordered_ties_and_reports_drift():
     from d2build.recipe import VerifyConfig
 
     v = VerifyConfig(images="bundled", count=1, iou_threshold=0.98, score_tolerance=0.01, min_recovered=0.99,
-                     min_mask_iou=0.95, min_detections=1, keypoint_median_px=1.0, keypoint_p95_px=3.0)
+                     min_mask_iou=0.95, min_detections=1, keypoint_median_px=1.0, keypoint_p95_px=3.0,
+                     min_semantic_agreement=0.995, segment_iou_threshold=0.9, min_segments_matched=0.95)
     got = {k: a.copy() for k, a in ref.items()}
     swap = [1, 0] + list(range(2, 100))  # two rows in the other order, values drifted a little
     for k in ("detection_boxes", "detection_scores", "detection_classes", "detection_masks"):

@@ -49,7 +49,8 @@ class Detection:
 class Detections(_Detections):
     """The detections of one image, in its original pixels: `boxes` float32 [N, 4] (x1, y1, x2, y2),
     `scores` [N], `classes` int64 [N], `class_names` (one per detection), `masks` bool [N, h, w] for mask
-    families, `keypoints` float32 [N, K, 3] for keypoint families (else None); `image_hw` the image's
+    families, `keypoints` float32 [N, K, 3] for keypoint families (else None), `segmentation` the image's semantic
+    and panoptic maps for Panoptic FPN (processing.Segmentation, else None); `image_hw` the image's
     size. Iterating gives `Detection`s; `above(score)` a subset; `to_dict()` `d2build infer`'s JSON."""
 
     info: ModelInfo | None = None  # the model's names (class, keypoint) and mask threshold
@@ -69,7 +70,8 @@ class Detections(_Detections):
     def subset(self, index: Any) -> Detections:
         """The detections a numpy index selects (a boolean mask, indices or a slice)."""
         base = _Detections.subset(self, index)
-        return Detections(base.boxes, base.scores, base.classes, base.masks, base.keypoints, self.info, self.image_hw)
+        return Detections(base.boxes, base.scores, base.classes, base.masks, base.keypoints, base.segmentation, self.info,
+                          self.image_hw)
 
     def above(self, score: float) -> Detections:
         """The detections scoring at least `score`."""
@@ -192,7 +194,7 @@ class Model:
                 message, fix = range_problem(info, outside, len(sizes))
                 raise InputError([Problem(next(iter(outside)), "image", message, fix)])
         dets, _, _ = self._inner.detect_batch([bgr for bgr, _ in read])
-        return [Detections(d.boxes, d.scores, d.classes, d.masks, d.keypoints, info,
+        return [Detections(d.boxes, d.scores, d.classes, d.masks, d.keypoints, d.segmentation, info,
                            (int(bgr.shape[0]), int(bgr.shape[1]))) for d, (bgr, _) in zip(dets, read)]
 
     def draw(self, image: ImageLike, detections: _Detections, *, score_threshold: float | None = None,

@@ -42,6 +42,8 @@ def main(argv: list[str]) -> int:
                                   f"({model.backend})").save(out / "pictures" / f"{stem}.png")
             results.append(detections_json(photo.name, det, lb.original_hw if lb else photo.bgr.shape[:2],
                                            model.info, seconds / len(chunk)))
+            if det.segmentation is not None:  # panoptic/<stem>.png (COCO panoptic ids), semantic/<stem>.png
+                results[-1].update(segmentation_files(out, stem, det.segmentation))
             log.info("[%d/%d] %s: %d detections (%d >= %.2f), %.2f s", i, len(refs), photo.name, len(det),
                      len(shown), thr, seconds / len(chunk))
     doc = {"model": str(model.path), "backend": model.backend, "input": list(model.input_hw), "batch": batch,
@@ -61,6 +63,17 @@ def _images(args) -> list[str]:
         return photos.list_images(args.images, args.count)
     except OSError as e:
         raise ValueError(f"--images {args.images}: not `bundled` or a folder ({e.strerror or e})") from None
+
+
+def segmentation_files(out, stem: str, seg) -> dict:
+    """Write an image's panoptic and semantic PNGs under `out`; their JSON (file names, segments_info)."""
+    from d2build.deploy.runtime import segmentation_pngs, segmentation_to_dict
+
+    names = (f"panoptic/{stem}.png", f"semantic/{stem}.png")
+    for name, data in zip(names, segmentation_pngs(seg)):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(data)
+    return segmentation_to_dict(seg, files=names)
 
 
 def detections_json(name: str, det, hw, info, seconds: float) -> dict:

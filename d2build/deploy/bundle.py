@@ -59,10 +59,14 @@ OUTPUT_MEANING = {
                        "letterbox (x / (resized_w / w), y / (resized_h / h)), then clip to the image",
     Outputs.SCORES: "class probability, descending across classes",
     Outputs.CLASSES: "contiguous class id (index into model.class_names)",
-    Outputs.MASKS: "per detection, its class's 28x28 mask probabilities over its box: paste into the box "
-                       "bilinearly (Detectron2's paste_masks_in_image), keep >= mask_threshold",
+    Outputs.MASKS: "per detection, its class's mask probabilities over its box (28x28; PointRend's subdivided "
+                   "224x224): paste into the box bilinearly (Detectron2's paste_masks_in_image), keep >= mask_threshold",
     Outputs.HEATMAPS: "per detection, K x 56 x 56 keypoint logits over its box: decode with "
                           "d2build.families.keypoint_rcnn.decode_keypoints (Detectron2's heatmaps_to_keypoints)",
+    Outputs.SEMANTIC: "per image, the semantic head's class logits over the input canvas at 1/4 (class 0 "
+                      "'things', then model.extra.panoptic.stuff_classes): upsample x4, crop to the image, resize "
+                      "to it, argmax (d2build.processing.semantic_to_original); combined with the instances by "
+                      "d2build.families.panoptic_fpn.combine",
 }
 
 

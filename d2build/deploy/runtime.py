@@ -83,7 +83,8 @@ def postprocess(outputs: Mapping[str, np.ndarray], original_hw: tuple[int, int],
     """The graph's (or engine's) outputs for one image -> Detections in original pixels."""
     from d2build.families import family
 
-    return family(info.family).decode(outputs, letterbox_for(original_hw, info), image_index, info.mask_threshold)
+    return family(info.family).decode(outputs, letterbox_for(original_hw, info), image_index, info.mask_threshold,
+                                      info=info)
 
 
 # ----------------------------------------------------------------------------- masks as COCO RLE
@@ -146,4 +147,54 @@ def detections_to_dict(name: str, det: Detections, original_hw: tuple[int, int],
     if seconds is not None:
         doc["seconds"] = round(seconds, 4)
     doc["detections"] = items
+    if det.segmentation is not None:
+        doc.update(segmentation_to_dict(det.segmentation))
     return doc
+
+
+# ----------------------------------------------------------------------------- segmentations as PNG + JSON
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 [h, w] (grey) or [h, w, 3] (RGB) array as PNG bytes."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def segmentation_pngs(seg: Any) -> tuple[bytes, bytes]:
+    """(the panoptic PNG, the semantic PNG): segment ids as COCO panoptic writes them (RGB, id = R + 256 G +
+    256^2 B; 0: no segment), and the semantic class per pixel (8-bit grey; 16-bit values cannot be PNG-8)."""
+    ids = np.asarray(seg.panoptic, np.int64)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1)
+    return png_bytes(rgb), png_bytes(np.clip(np.asarray(seg.semantic), 0, 255))
+
+
+def segmentation_to_dict(seg: Any, files: tuple[str, str] | None = None) -> dict[str, Any]:
+    """{"panoptic": {png or file_name, segments_info}, "semantic": {png or file_name}} of one image: COCO panoptic
+    predictions (segments_info with id, category_id, isthing, category name, area, bbox [x, y, w, h], iscrowd 0,
+    and a thing's score). The PNGs inline (base64) or, with `files` (panoptic, semantic file names the caller
+    writes `segmentation_pngs` to), by name."""
+    import base64
+
+    segments = []
+    for s in seg.segments:
+        rows, cols = np.nonzero(np.asarray(seg.panoptic) == s["id"])
+        bbox = ([int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)]
+                if rows.size else [0, 0, 0, 0])
+        item = {"id": int(s["id"]), "category_id": int(s["category_id"]), "isthing": bool(s["isthing"]),
+                "category": s.get("category"), "area": int(rows.size), "bbox": bbox, "iscrowd": 0}
+        if "score" in s:
+            item["score"] = round(float(s["score"]), 5)
+        if "instance_id" in s:
+            item["instance_id"] = int(s["instance_id"])
+        segments.append(item)
+    if files is None:
+        pan, sem = (base64.b64encode(b).decode("ascii") for b in segmentation_pngs(seg))
+        where = ({"png_base64": pan}, {"png_base64": sem})
+    else:
+        where = ({"file_name": files[0]}, {"file_name": files[1]})
+    return {"panoptic": {**where[0], "segments_info": segments},
+            "semantic": {**where[1], "encoding": "8-bit grey PNG: the semantic head's class per pixel"}}

@@ -26,6 +26,8 @@ FAMILIES = {
     "faster_rcnn": "d2build.families.faster_rcnn",
     "retinanet": "d2build.families.retinanet",
     "cascade_rcnn": "d2build.families.cascade_rcnn",
+    "panoptic_fpn": "d2build.families.panoptic_fpn",
+    "pointrend": "d2build.families.pointrend",
 }
 
 

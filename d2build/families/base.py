@@ -25,6 +25,7 @@ from d2build.processing import Detections, Letterbox, boxes_to_original, nonempt
 
 if TYPE_CHECKING:
     from d2build.recipe import Recipe, VerifyConfig
+    from d2build.runtime.info import ModelInfo
 
 
 class Outputs:
@@ -36,8 +37,12 @@ class Outputs:
     CLASSES = "detection_classes"  # [B, D] int32
     MASKS = "detection_masks"  # [B, D, 28, 28] probabilities of each detection's own class
     HEATMAPS = "detection_heatmaps"  # [B, D, K, 56, 56] keypoint logits
+    #: [B, C, H / 4, W / 4] the semantic head's per-class logits over the input canvas (Panoptic FPN: class 0 is
+    #: "things", 1.. the stuff classes); an image-level output, not per detection
+    SEMANTIC = "semantic_logits"
     DETECTIONS = (NUM, BOXES, SCORES, CLASSES)
-    #: the per-detection rows (everything but NUM)
+    #: the per-detection rows (everything but NUM and the image-level SEMANTIC); PointRend's MASKS are
+    #: [B, D, 224, 224], its subdivided resolution
     ROWS = (BOXES, SCORES, CLASSES, MASKS, HEATMAPS)
 
 
@@ -78,15 +83,22 @@ class Family:
         `default(key)`: the key's default as conf/ writes it."""
         return []
 
+    def info_extra(self, cfg: Any, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """What decoding needs beyond ModelInfo's fields, read from the Detectron2 config (any object with its
+        attributes) and its dataset metadata: ModelInfo.extra, written into a bundle's model.json."""
+        return {}
+
     # ------------------------------------------------------------------ decoding
 
     def decode(self, outputs: Mapping[str, np.ndarray], lb: Letterbox, image_index: int = 0,
-               mask_threshold: float = 0.5) -> Detections:
+               mask_threshold: float = 0.5, info: "ModelInfo | None" = None) -> Detections:
         """One image's detections from the graph's named outputs, in original pixels.
 
         Rows past `num_detections` are padding and are dropped, and so are boxes lying entirely in
         the letterbox padding (empty once clipped to the photograph, as Detectron2's
-        `detector_postprocess` drops them); the family's heads decode the rest (`decode_heads`)."""
+        `detector_postprocess` drops them); the family's heads decode the rest (`decode_heads`).
+        `info`: the model's ModelInfo, for families whose decoding reads `info.extra` (Panoptic FPN's
+        combination thresholds and stuff names); without it they use Detectron2's defaults."""
         b = image_index
         n = int(np.asarray(outputs[Outputs.NUM])[b].reshape(-1)[0])
         boxes_in = np.asarray(outputs[Outputs.BOXES], dtype=np.float32)[b]
@@ -105,9 +117,25 @@ class Family:
         """Per-detection extras (masks, keypoints) of the kept `rows`; none by default."""
         return {}
 
+    def image_maps(self, outputs: Mapping[str, np.ndarray], image_index: int, lb: Letterbox) -> dict[str, np.ndarray]:
+        """Image-level maps in original pixels (Panoptic FPN: {"semantic": class per pixel}), as the eval stages
+        store them beside the candidates; none by default."""
+        return {}
+
+    def segmentation_of(self, det: Detections, maps: Mapping[str, np.ndarray],
+                        info: "ModelInfo | None" = None) -> Any:
+        """The image's processing.Segmentation from its final detections and `image_maps` (None: the family has
+        none), so eval scores each NMS variant's panoptic result."""
+        return None
+
     # ------------------------------------------------------------------ verify
 
     def verify_extra(self, ref: Detections, got: Detections, match: Any,
                      verify: "VerifyConfig") -> tuple[dict[str, Any], list[str]]:
         """Family-specific verify metrics and failures beyond boxes and masks (none by default)."""
         return {}, []
+
+    def verify_summary(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        """Over all verified images: the family's summary metrics and a phrase for verify's console line
+        (", semantic agreement >= 0.9990"); none by default."""
+        return {}, ""

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class FamilyBuild:
     #: the family's runtime half (families/<name>/__init__.py)
     family_class: ClassVar[type[Family]]
-    #: the traced Instances fields, sorted by name, then image_size
+    #: the traced Instances fields, sorted by name, then image_size (then a family's image-level outputs)
     export_outputs: ClassVar[tuple[str, ...]]
 
     def __init__(self) -> None:
@@ -60,6 +60,19 @@ class FamilyBuild:
         x = torch.as_tensor(image_chw, device=getattr(model, "device", "cpu"))
         with torch.no_grad():
             return self.inference(model, [{"image": in_model_format(model, x)}])[0]
+
+    def eager_with_maps(self, model: Any, image_chw: np.ndarray, lb: Letterbox) -> tuple[Any, dict[str, np.ndarray]]:
+        """One eager run: the Instances (as `eager`) and the family's image-level maps in original pixels, made by
+        Detectron2's own post-processing (what `Family.image_maps` computes from the graph); none by default."""
+        return self.eager(model, image_chw), {}
+
+    def eager_detections(self, model: Any, image_chw: np.ndarray, lb: Letterbox, info: Any = None) -> Detections:
+        """Detectron2's answer on one letterboxed image as verify compares it: Detections in original pixels,
+        post-processed by Detectron2's own code (mask pasting; a family's image-level results too). `info`:
+        the model's ModelInfo (names of what it finds)."""
+        from d2build.processing import detections_from_instances
+
+        return detections_from_instances(self.eager(model, image_chw), lb)
 
     # ------------------------------------------------------------------ export
 
@@ -106,9 +119,10 @@ class FamilyBuild:
         """What the family adds to random weights (keyed by the weights stage when not empty)."""
         return {}
 
-    def adjust_random(self, model: Any, image_chw: np.ndarray) -> None:
+    def adjust_random(self, model: Any, image_chw: np.ndarray) -> tuple[str, ...] | None:
         """Make seeded random weights behave beyond `detectron.random_model`'s generic steps (none by default).
-        Runs after the BN statistics are set, before the generic predictor spreads (PREDICTOR_SPREAD)."""
+        Runs after the BN statistics are set, before the generic predictor spreads (PREDICTOR_SPREAD); returns
+        the PREDICTOR_SPREAD paths it already rescaled to their spread (the generic step skips them)."""
 
     # ------------------------------------------------------------------ graph
 

@@ -121,7 +121,7 @@ class Model:
             outputs = self.runner.run({self.runner.input_name: x})
             seconds += time.perf_counter() - t0
             for i, lb in enumerate(chunk_lbs):
-                out.append(self.family.decode(outputs, lb, i, self.info.mask_threshold))
+                out.append(self.family.decode(outputs, lb, i, self.info.mask_threshold, info=self.info))
                 lbs.append(lb)
         return out, lbs, seconds
 

@@ -60,7 +60,8 @@ class CandidatesStage(Stage):
     """Reads `weights` and `graph` (precision[eval], the candidate graph in the recipe's precision)."""
 
     kind = "candidates"
-    VERSION = 4  # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input; 4: device
+    # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input; 4: device, image maps
+    VERSION = 4
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions", "pycocotools",
              "numpy")
 
@@ -128,13 +129,16 @@ class CandidatesStage(Stage):
             sides["graph"][image_id] = evaluation.Candidates.from_rows(
                 out[Outputs.BOXES][0, :n], out[Outputs.SCORES][0, :n], out[Outputs.CLASSES][0, :n], lb,
                 lambda rows, b_in, b: fam.family.decode_heads(out, 0, rows, b_in, b, lb, 0.5), cap)
+            save_maps(out_dir, "graph", image_id, fam.family.image_maps(out, 0, lb))  # e.g. semantic maps
             t1 = time.perf_counter()
-            inst = fam.eager(model, chw)
+            inst, maps = fam.eager_with_maps(model, chw, lb)
             sides["detectron2"][image_id] = evaluation.Candidates.from_rows(
                 inst.pred_boxes.tensor.cpu().numpy(), inst.scores.cpu().numpy(), inst.pred_classes.cpu().numpy(), lb,
                 _eager_heads(inst, lb, torch), cap)
+            save_maps(out_dir, "detectron2", image_id, maps)
             t2 = time.perf_counter()
-            sides["detectron2_native"][image_id] = _native_candidates(fam, model, d2cfg, bgr, cap, torch)
+            sides["detectron2_native"][image_id] = _native_candidates(fam, model, d2cfg, bgr, cap, torch, out_dir,
+                                                                      image_id)
             seconds["graph"] += t1 - t0
             seconds["detectron2"] += t2 - t1
             seconds["detectron2_native"] += time.perf_counter() - t2
@@ -151,9 +155,31 @@ class CandidatesStage(Stage):
 
 
 SIDES = ("graph", "detectron2", "detectron2_native")
+MAPS = "maps"  # <side>/<image id>-<name>.png: a family's image-level maps (Panoptic FPN's semantic map)
 
 
-def _native_candidates(fam, model, cfg, bgr, cap: int, torch):
+def save_maps(out_dir: Path, side: str, image_id: int, maps: dict[str, Any]) -> None:
+    from d2build.deploy.runtime import png_bytes
+
+    for name, array in maps.items():
+        if int(array.max(initial=0)) > 255:
+            raise ValueError(f"{name} map of image {image_id} has values above 255: not an 8-bit PNG")
+        path = out_dir / MAPS / side / f"{image_id}-{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(array))
+
+
+def load_maps(candidates: Artifact, side: str, image_id: int) -> dict[str, Any]:
+    """The maps `save_maps` wrote for one image and side, by name (none for families without them)."""
+    import numpy as np
+    from PIL import Image
+
+    prefix = f"{MAPS}/{side}/{image_id}-"
+    return {name[len(prefix):-len(".png")]: np.asarray(Image.open(candidates.path(name))).astype(np.int32)
+            for name in sorted(candidates.manifest["files"]) if name.startswith(prefix)}
+
+
+def _native_candidates(fam, model, cfg, bgr, cap: int, torch, out_dir: Path, image_id: int):
     """Detectron2 as it runs on its own: ResizeShortestEdge (INPUT.MIN/MAX_SIZE_TEST), the unpadded image
     (the model pads it and clips to its real size), results mapped back as detector_postprocess does."""
     from d2build import evaluation
@@ -161,7 +187,8 @@ def _native_candidates(fam, model, cfg, bgr, cap: int, torch):
 
     chw, lb = resize_shortest_edge(bgr, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, 1)
     lb = Letterbox(lb.original_hw, lb.resized_hw, lb.scale, lb.resized_hw)
-    inst = fam.eager(model, chw)
+    inst, maps = fam.eager_with_maps(model, chw, lb)
+    save_maps(out_dir, "detectron2_native", image_id, maps)
     return evaluation.Candidates.from_rows(inst.pred_boxes.tensor.cpu().numpy(), inst.scores.cpu().numpy(),
                                            inst.pred_classes.cpu().numpy(), lb, _eager_heads(inst, lb, torch), cap)
 

@@ -46,7 +46,7 @@ class EngineCheckStage(Stage):
     """Reads `weights`, `graph` (the precision graph) and `engine` (the build)."""
 
     kind = "check"
-    VERSION = 2  # 2: the engine's batch and dynamic range in its ModelInfo (as verify's)
+    VERSION = 3  # 2: the engine's batch and dynamic range in its ModelInfo (as verify's); 3: image-level outputs compared
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
     def __init__(self, needs=None, *, device: int = 0, environment=None, **kw):
@@ -198,6 +198,8 @@ def compare_tensors(graph_out: dict[str, np.ndarray], engine_out: dict[str, np.n
         key = name.replace("detection_", "")
         out[key] = _stats(g[ii], e[jj])  # paired rows
         out[key]["aligned_max_abs"] = _stats(g[:k], e[:k])["max_abs"]  # row i against row i
+    for name in (o for o in graph_out if o not in (*Outputs.ROWS, Outputs.NUM)):  # image-level (semantic_logits)
+        out[name.replace("detection_", "")] = _stats(np.asarray(graph_out[name])[b], np.asarray(engine_out[name])[b])
     if m.mask_ious is not None:
         out["mask_iou_28"] = float(np.mean(m.mask_ious)) if m.mask_ious else (1.0 if not rows else 0.0)
     problems = []

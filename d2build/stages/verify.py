@@ -71,7 +71,9 @@ class VerifyStage(Stage):
     """Reads `weights` and `graph` (the precision graph: fp32 = surgery's graph, fp16, int8)."""
 
     kind = "verify"
-    VERSION = 6  # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check); 6: device
+    # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check); 6: device,
+    # the family's image-level gates (semantic, panoptic)
+    VERSION = 6
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
     def slice(self, recipe: Recipe) -> VerifySlice:
@@ -104,6 +106,9 @@ class VerifyStage(Stage):
             if problem:
                 failures.append(problem)
         summary = summarize(rows)
+        family_summary, family_line = fam.family.verify_summary(rows)  # e.g. semantic agreement
+        if family_summary:
+            summary["family"], summary["family_line"] = family_summary, family_line
         if info.batch > 1:
             ctx.step(f"batch of {info.batch}: each image's detections against the same image alone")
             batch = batch_consistency(graph, [photos.load(r) for r in refs])
@@ -133,8 +138,9 @@ class VerifyStage(Stage):
         batch = f"; a batch of {s['batch']['batch']} = each image alone" if s.get("batch") else ""
         sizes = sorted({tuple(r["input"]) for r in images if r.get("input")})
         at = f" at {', '.join(f'{h}x{w}' for h, w in sizes)}" + (" (one graph)" if len(sizes) > 1 else "")
+        extra = s.get("family_line", "")
         return (f"passed: {matched}/{total} matched on {len(images)} images{at}, mean box IoU "
-                f"{s['mean_box_iou']:.4f}{masks}{batch}; report {folder / 'report.md'}")
+                f"{s['mean_box_iou']:.4f}{masks}{extra}{batch}; report {folder / 'report.md'}")
 
 
 SUMMARY_KEYS = ("image", "input", "detectron2", "graph", "matched", "recovered", "mean_box_iou",
@@ -157,8 +163,8 @@ def batch_consistency(graph, photos_: list) -> dict[str, Any]:
     differs, worst = [], 1.0
     for i, (p, lb) in enumerate(zip(chosen, lbs)):
         alone = graph.runner.run({name: np.repeat(x[i:i + 1], n, axis=0)})
-        m = match_detections(graph.family.decode(alone, lb, 0), graph.family.decode(together, lb, i),
-                             iou_min=0.999, score_tol=1e-4)
+        m = match_detections(graph.family.decode(alone, lb, 0, info=graph.info),
+                             graph.family.decode(together, lb, i, info=graph.info), iou_min=0.999, score_tol=1e-4)
         worst = min(worst, m.recovered, m.precision)
         if not m.all_matched:
             differs.append(p.name)
@@ -188,15 +194,13 @@ def precision_facts(mode: str, info: dict[str, Any], emulated: list[dict[str, st
 def compare_one(fam, model, graph, photo, v: VerifyConfig, pictures: Path) -> tuple[dict[str, Any], str | None]:
     """Detectron2 eager and the graph (a runtime Model) on one photograph, letterboxed alike."""
     from d2build.compare import describe_mismatches, match_detections
-    from d2build.processing import detections_from_instances
     from d2build.visualize import side_by_side
 
     x, (lb,) = graph.prepare([photo.bgr])
     t0 = time.perf_counter()
-    inst = fam.eager(model, x[0])
+    ref = fam.eager_detections(model, x[0], lb, graph.info)  # Detectron2's own post-processing, in original pixels
     t1 = time.perf_counter()
     got, _, graph_s = graph.detect(photo.bgr)
-    ref = detections_from_instances(inst, lb)
     m = match_detections(ref, got, iou_min=v.iou_threshold, score_tol=v.score_tolerance)
     stem = Path(photo.name).stem
     info = graph.info

@@ -25,6 +25,9 @@ RCNN_STRUCTURE: tuple[tuple[str, Any, Any, str], ...] = (
     ("MODEL.ROI_BOX_HEAD.NAME", "", ("FastRCNNConvFCHead",), "another box head"),
     ("MODEL.ROI_BOX_HEAD.NUM_CONV", 0, (0,), "a box head with convolutions"),
 )
+#: the 28x28 mask head (PointRend's is another family's)
+MASK_HEAD_ROW = ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", ("MaskRCNNConvUpsampleHead",),
+                 "another mask head")
 
 
 class MaskRCNN(Family):
@@ -32,7 +35,7 @@ class MaskRCNN(Family):
     with_masks = True
     with_keypoints = False
     head_outputs = (Outputs.MASKS,)
-    structure = RCNN_STRUCTURE
+    structure = RCNN_STRUCTURE + (MASK_HEAD_ROW,)
     described_as = "Mask R-CNN (GeneralizedRCNN, ResNet/ResNeXt-FPN, RPN, StandardROIHeads, mask head)"
     test_settings = (("surgery.nms.iou_threshold", "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5),
                      ("surgery.nms.score_threshold", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05),

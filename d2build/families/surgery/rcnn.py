@@ -48,6 +48,9 @@ from d2build.families.surgery.surgeon import (BIG, CORNERS_TO_PARAMS, CORNERS_TO
 from d2build.graph import GraphMismatch, find_calls, find_one
 
 I64 = np.int64
+#: GridSample as Detectron2's point_sample calls grid_sample (bilinear, zeros padding, align_corners=False), in the
+#: opset 16-19 spelling TensorRT's importer reads ("bilinear"; opset 20 renamed it "linear")
+GRID_SAMPLE = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": 0}
 # EfficientNMS_TRT with score_activation=1 compares logits against logit(score_threshold):
 # the smallest normal float32 gives about -87, far above -BIG and below any real logit.
 RPN_SCORE_THRESHOLD = 1.1754944e-38
@@ -67,11 +70,142 @@ class RCNNSurgeon(Surgeon):
         """The graph outputs: proposals, box stage(s) and detections, then the family's heads."""
         proposals = self.ops.proposals(self)
         outs = self.ops.detections(self, *proposals)
-        if self.spec.mask_pooler is not None:
+        if self.spec.point_rend is not None:
+            outs.append(self.point_rend_masks(outs[3], outs[1]))
+        elif self.spec.mask_pooler is not None:
             outs.append(self.ops.masks(self, outs[3], outs[1]))
         if self.spec.keypoint_pooler is not None:
             outs.append(self.ops.keypoints(self, outs[1]))
+        if self.spec.semantic_classes:
+            outs.append(self.semantic_logits())
         return outs
+
+    # ------------------------------------------------------------------ image-level and point heads (both flavours)
+
+    def semantic_logits(self) -> gs.Variable:
+        """Panoptic FPN's semantic head as exported (SemSegFPNHead on p2..p5: convs, GroupNorm, x2 upsamples,
+        the predictor), its per-class logits at 1/4 of the input: `semantic_logits [B, C, H/4, W/4]`.
+
+        The head's own final x4 upsample (Detectron2 runs it at inference) is left out: an output 16 times
+        larger, and Detectron2 resizes again to the photograph after it; the runtime composes both resizes
+        (processing.semantic_to_original). The head has no data-dependent op, so it is the same in both
+        flavours; its GroupNorm exports as Reshape [0, G, -1] + InstanceNormalization + Reshape to the
+        input's Shape, which holds for any batch and size."""
+        s = self.spec
+        out = find_one(self.graph, "sem_seg_head.predictor", "Conv").outputs[0]
+        out.name, out.dtype = Outputs.SEMANTIC, np.float32
+        if s.dynamic:
+            out.shape = [s.batch, s.semantic_classes, "semantic_height", "semantic_width"]
+        else:
+            h, w = s.input_hw
+            out.shape = [s.batch, s.semantic_classes, h // s.semantic_stride, w // s.semantic_stride]
+        return out
+
+    def point_rend_masks(self, det_classes: gs.Variable, det_boxes: gs.Variable) -> gs.Variable:
+        """PointRend's mask head on the final detections (PointRendMaskHead._subdivision_inference) with static
+        shapes: `detection_masks [B, D, M, M]` probabilities of each detection's class, M = 224 for the COCO
+        config (28x28 first pass, three 2x subdivision steps of 784 points each).
+
+        The coarse head samples p2 on a regular grid of points in each box (`_roi_pooler`: GridSample, not
+        ROIAlign) and predicts 7x7 logits; the point head (1x1 Conv1d MLP on p2's features and the coarse
+        logits at each point) first fills a regular 28x28 grid, then each step upsamples x2 (bilinear), takes
+        the `num_points` most uncertain cells (TopK of -|logit|), re-predicts them and writes them back
+        (ScatterElements). Only each detection's own class channel is carried: Detectron2 refines all
+        classes, but channels are independent and only that one is read (uncertainty and mask_rcnn_inference).
+        Every op is standard (GridSample opset 16, bilinear, zeros padding, align_corners 0; TopK K=784), the
+        same in both flavours; it runs on every detection slot, and the standard graph zeroes the masks of
+        slots past num_detections, as its other heads' outputs are zero there."""
+        s, b, g = self.spec, self.b, self.graph
+        pr = s.point_rend
+        assert pr is not None
+        B, D, C = s.batch, s.max_detections, s.num_classes
+        R = B * D
+        p2 = self.features(("p2",))[0]
+        channels = p2.shape[1] if p2.shape else 256
+        boxes = b.op("Reshape", [det_boxes, i64(B, D, 1, 4)], name="pointrend_boxes")
+        size = b.op("MatMul", [boxes, CORNERS_TO_WH], name="pointrend_box_size")  # [B, D, 1, 2] (x2-x1, y2-y1)
+        origin = b.op("Slice", [boxes, i64(0), i64(2), i64(3)], name="pointrend_box_origin")  # [B, D, 1, 2]
+        limits = self.clip_limits()  # [W, H, W, H] of the input: the padded canvas p2 covers at stride 4
+        canvas = (limits[:2] if isinstance(limits, np.ndarray)
+                  else b.op("Slice", [limits, i64(0), i64(2), i64(0)], name="pointrend_canvas"))
+
+        def fine_features(points: Any, tag: str) -> gs.Variable:
+            """point_sample_fine_grained_features: box-normalised points [B, D, P, 2] (or [1, 1, P, 2]) -> p2's
+            features there, [R, F, P]; the same float32 steps (x * w + x1, / canvas, * 2 - 1)."""
+            img = b.op("Add", [b.op("Mul", [points, size], name=f"{tag}_scaled"), origin], name=f"{tag}_in_image")
+            unit = b.op("Div", [img, canvas], name=f"{tag}_normalised")
+            grid = b.op("Sub", [b.op("Mul", [unit, np.float32(2)], name=f"{tag}_doubled"), np.float32(1)],
+                        name=f"{tag}_grid")  # [B, D, P, 2] (a constant grid of points broadcasts over the boxes)
+            sampled = b.op("GridSample", [p2, grid], GRID_SAMPLE, name=f"{tag}_sample")  # [B, F, D, P]
+            by_box = b.op("Transpose", [sampled], {"perm": [0, 2, 1, 3]}, name=f"{tag}_by_box")
+            return b.op("Reshape", [by_box, i64(R, channels, -1)], name=f"{tag}_features")
+
+        # the coarse head on p2 sampled at a regular grid in each box
+        pooled = fine_features(pr.pooler_points.reshape(1, 1, -1, 2), "pointrend_pooler")
+        pooled = b.op("Reshape", [pooled, i64(R, channels, pr.pooler_side, pr.pooler_side)],
+                      name="pointrend_pooled")
+        entry = (find_calls(g, "roi_heads.mask_head.coarse_head.reduce_channel_dim_conv", "Conv")
+                 or find_calls(g, "roi_heads.mask_head.coarse_head.reduce_spatial_dim_conv", "Conv", 1))[0]
+        entry.inputs[0] = pooled
+        prediction = find_one(g, "roi_heads.mask_head.coarse_head.prediction", "Gemm")
+        k = pr.coarse_side
+        coarse = b.op("Reshape", [prediction.outputs[0], i64(R, C, k, k)], name="pointrend_coarse_logits")
+
+        # the point head's layers, once per call in the export (shared weights): the first call's weights
+        fcs = [find_calls(g, f"roi_heads.mask_head.point_head.fc{j}", "Conv")[0] for j in range(1, pr.num_fc + 1)]
+        predictor = find_calls(g, "roi_heads.mask_head.point_head.predictor", "Conv")[0]
+        own = b.op("Reshape", [b.op("Add", [det_classes, (np.arange(R, dtype=np.int32) * C).reshape(B, D)],
+                                    name="pointrend_class_row"), i64(R)], name="pointrend_class_index")
+
+        def point_logits(points_box: Any, tag: str) -> gs.Variable:
+            """The point head at box-normalised points ([B, D, P, 2] or a constant [1, 1, P, 2]): each
+            detection's own-class logit per point, [R, P]."""
+            fine = fine_features(points_box, tag)
+            grid = b.op("Sub", [b.op("Mul", [points_box, np.float32(2)], name=f"{tag}_box_doubled"),
+                                np.float32(1)], name=f"{tag}_box_grid")  # point_sample on the coarse logits
+            count = int(points_box.shape[2]) if isinstance(points_box, np.ndarray) else pr.num_points
+            grid = b.op("Reshape", [grid, i64(-1, count, 1, 2)], name=f"{tag}_box_grid_4d")
+            if isinstance(points_box, np.ndarray):  # one constant grid: the same for every detection slot
+                grid = b.op("Expand", [grid, i64(R, count, 1, 2)], name=f"{tag}_box_grid_all")
+            at = b.op("GridSample", [coarse, grid], GRID_SAMPLE, name=f"{tag}_coarse_sample")  # [R, C, P, 1]
+            at = b.op("Reshape", [at, i64(R, C, -1)], name=f"{tag}_coarse_features")
+            x = b.op("Concat", [fine, at], {"axis": 1}, name=f"{tag}_head_input")
+            for j, fc in enumerate(fcs, 1):
+                x = b.op("Relu", [b.op("Conv", [x, *fc.inputs[1:]], dict(fc.attrs), name=f"{tag}_fc{j}")],
+                         name=f"{tag}_fc{j}_relu")
+                if pr.coarse_pred_each_layer:
+                    x = b.op("Concat", [x, at], {"axis": 1}, name=f"{tag}_fc{j}_with_coarse")
+            logits = b.op("Conv", [x, *predictor.inputs[1:]], dict(predictor.attrs), name=f"{tag}_predictor")
+            flat = b.op("Reshape", [logits, i64(R * C, -1)], name=f"{tag}_logits_by_class")
+            return b.op("Gather", [flat, own], {"axis": 0}, name=f"{tag}_own_class")  # [R, P]
+
+        side = pr.init_side
+        mask = b.op("Reshape", [point_logits(pr.init_points.reshape(1, 1, -1, 2), "pointrend_init"),
+                                i64(R, 1, side, side)], name="pointrend_init_logits")
+        for step, table in enumerate(pr.step_grids, 1):
+            tag = f"pointrend_step{step}"
+            side *= 2
+            n = min(pr.num_points, side * side)
+            up = b.op("Resize", [mask, gs.Variable.empty(), np.array([1, 1, 2, 2], np.float32)],
+                      {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, name=f"{tag}_upsample")
+            flat = b.op("Reshape", [up, i64(R, side * side)], name=f"{tag}_flat")
+            uncertainty = b.op("Neg", [b.op("Abs", [flat], name=f"{tag}_abs")], name=f"{tag}_uncertainty")
+            _, idx = b.op("TopK", [uncertainty, i64(n)], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2,
+                          name=f"{tag}_most_uncertain")  # [R, n]
+            points = b.op("Gather", [table, idx], {"axis": 0}, name=f"{tag}_points")  # [R, n, 2]
+            points = b.op("Reshape", [points, i64(B, D, n, 2)], name=f"{tag}_points_by_image")
+            refined = point_logits(points, tag)
+            flat = b.op("ScatterElements", [flat, idx, refined], {"axis": 1}, name=f"{tag}_write_back")
+            mask = b.op("Reshape", [flat, i64(R, 1, side, side)], name=f"{tag}_logits")
+        probs = b.op("Sigmoid", [mask], name="pointrend_mask_probs")
+        valid = getattr(self.ops, "det_valid", None)
+        if valid is not None:  # the standard graph's outputs are zero past num_detections
+            probs = b.op("Reshape", [probs, i64(B, D, side, side)], name="pointrend_masks_4d")
+            probs = b.op("Where", [b.op("Reshape", [valid, i64(B, D, 1, 1)], name="pointrend_valid"), probs,
+                                   np.float32(0)], name="pointrend_valid_masks")
+        out = b.op("Reshape", [probs, i64(B, D, side, side)], name=Outputs.MASKS)
+        out.name, out.dtype, out.shape = Outputs.MASKS, np.float32, [B, D, side, side]
+        return out
 
     # ------------------------------------------------------------------ the RPN (both flavours)
 

@@ -50,6 +50,11 @@ class HeadSpec:
     #: Cascade R-CNN: one (dx, dy, dw, dh) weight per box stage (ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS), each
     #: stage with its own box head and class-agnostic regression; () for one class-specific box stage
     cascade_bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = ()
+    #: Panoptic FPN: the semantic head's classes (SEM_SEG_HEAD.NUM_CLASSES) and stride; 0: no semantic head
+    semantic_classes: int = 0
+    semantic_stride: int = 4
+    #: PointRend's mask head (instead of the 28x28 mask head); None: none
+    point_rend: PointRendSpec | None = None
 
     @property
     def box_stages(self) -> tuple[BoxStage, ...]:
@@ -58,6 +63,65 @@ class HeadSpec:
             return (BoxStage("", self.bbox_reg_weights, agnostic=False),)
         return tuple(BoxStage(f".{k}", tuple(w), agnostic=True, tag=f"_stage{k}")
                      for k, w in enumerate(self.cascade_bbox_reg_weights))
+
+
+@dataclass(frozen=True)
+class PointRendSpec:
+    """PointRendMaskHead at inference (Detectron2's `_subdivision_inference`) as static data: every point set and
+    grid is computed by Detectron2's own point_features functions here, so the graph holds them as constants."""
+
+    stride: int  # of the feature both heads sample (ROI_MASK_HEAD.IN_FEATURES = POINT_HEAD.IN_FEATURES = [p2])
+    pooler_side: int  # the coarse head's regular grid of points per box (ROI_MASK_HEAD.POOLER_RESOLUTION)
+    pooler_points: np.ndarray  # [pooler_side^2, 2] box-normalised (x, y) of that grid
+    coarse_side: int  # the coarse head's mask side (OUTPUT_SIDE_RESOLUTION)
+    init_side: int  # side of the first point-head pass on a regular grid (after Detectron2's step skipping)
+    init_points: np.ndarray  # [init_side^2, 2]
+    num_points: int  # points refined per subdivision step (SUBDIVISION_NUM_POINTS)
+    #: per subdivision step, the (x, y) of every cell of its 2x upsampled grid, row-major: [H*W, 2]
+    step_grids: tuple[np.ndarray, ...]
+    num_fc: int  # the point head's hidden layers (POINT_HEAD.NUM_FC), then its predictor
+    coarse_pred_each_layer: bool
+
+    @property
+    def mask_side(self) -> int:
+        return self.init_side * 2 ** len(self.step_grids)
+
+
+def point_rend_spec(cfg) -> PointRendSpec:
+    """PointRend's inference facts from the config, with Detectron2's own grid functions."""
+    import torch
+    from detectron2.projects.point_rend.point_features import (generate_regular_grid_point_coords,
+                                                               get_uncertain_point_coords_on_grid)
+
+    m = cfg.MODEL
+    mh, ph = m.ROI_MASK_HEAD, m.POINT_HEAD
+    for key, val, ok in (("MODEL.ROI_MASK_HEAD.NAME", mh.NAME, ("PointRendMaskHead",)),
+                         ("MODEL.ROI_MASK_HEAD.POINT_HEAD_ON", mh.POINT_HEAD_ON, (True,)),
+                         ("MODEL.ROI_MASK_HEAD.IN_FEATURES", tuple(mh.IN_FEATURES), (("p2",),)),
+                         ("MODEL.POINT_HEAD.NAME", ph.NAME, ("StandardPointHead",)),
+                         ("MODEL.POINT_HEAD.IN_FEATURES", tuple(ph.IN_FEATURES), (("p2",),)),
+                         ("MODEL.POINT_HEAD.CLS_AGNOSTIC_MASK", ph.CLS_AGNOSTIC_MASK, (False,))):
+        if val not in ok:
+            raise GraphMismatch(f"{key}={val!r} is not supported by PointRend surgery (supported: {ok})")
+    # PointRendMaskHead._init_point_head: a step whose points would cover its whole grid is skipped by doubling
+    # the first pass's resolution instead
+    init, steps, n = int(mh.OUTPUT_SIDE_RESOLUTION), int(ph.SUBDIVISION_STEPS), int(ph.SUBDIVISION_NUM_POINTS)
+    while 4 * init ** 2 <= n:
+        init, steps = init * 2, steps - 1
+    grids = []
+    for k in range(steps):
+        side = init * 2 ** (k + 1)
+        order = -torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side)  # topk keeps index order
+        _, coords = get_uncertain_point_coords_on_grid(order, side * side)
+        grids.append(coords[0].numpy().astype(np.float32))
+    side = int(mh.POOLER_RESOLUTION)
+    return PointRendSpec(
+        stride=STRIDES["p2"], pooler_side=side,
+        pooler_points=generate_regular_grid_point_coords(1, side, "cpu")[0].numpy().astype(np.float32),
+        coarse_side=int(mh.OUTPUT_SIDE_RESOLUTION), init_side=init,
+        init_points=generate_regular_grid_point_coords(1, init, "cpu")[0].numpy().astype(np.float32),
+        num_points=n, step_grids=tuple(grids), num_fc=int(ph.NUM_FC),
+        coarse_pred_each_layer=bool(ph.COARSE_PRED_EACH_LAYER))
 
 
 @dataclass(frozen=True)
@@ -95,12 +159,15 @@ def anchor_facts(cfg, in_features: tuple[str, ...], input_hw: tuple[int, int]) -
 
 
 def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks: bool,
-              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False, cascade: bool = False) -> HeadSpec:
+              with_keypoints: bool = False, batch: int = 1, dynamic: bool = False, cascade: bool = False,
+              semantic: bool = False, point_rend: bool = False) -> HeadSpec:
     """Read the config facts surgery needs; generate anchors for this input size with Detectron2's own code.
 
     `with_masks` / `with_keypoints` say which heads the family's graph carries; the config must
     have exactly those heads on (MODEL.MASK_ON, MODEL.KEYPOINT_ON). `cascade`: CascadeROIHeads (box
     stages with class-agnostic regression, ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS) instead of StandardROIHeads.
+    `semantic`: Panoptic FPN's semantic head (SemSegFPNHead) as an output; `point_rend`: PointRend's mask head
+    (coarse head + point head by subdivision) instead of the 28x28 one.
     """
     m = cfg.MODEL
     for key, val, ok in (
@@ -117,8 +184,14 @@ def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks
         if bool(on) != wanted:
             raise GraphMismatch(f"{key}={on} but this family's graph {'has' if wanted else 'has no'} that head: "
                                 "model.family and model.config disagree")
-    if with_masks and (m.ROI_MASK_HEAD.POOLER_TYPE != "ROIAlignV2" or m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK):
+    if with_masks and not point_rend and (m.ROI_MASK_HEAD.POOLER_TYPE != "ROIAlignV2"
+                                          or m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK):
         raise GraphMismatch("mask head must use ROIAlignV2 pooling and class-specific masks")
+    if semantic:
+        sh = m.SEM_SEG_HEAD
+        if sh.NAME != "SemSegFPNHead" or tuple(sh.IN_FEATURES) != ("p2", "p3", "p4", "p5") or sh.COMMON_STRIDE != 4:
+            raise GraphMismatch(f"semantic head must be SemSegFPNHead on p2..p5 at stride 4 (config: {sh.NAME} on "
+                                f"{list(sh.IN_FEATURES)}, stride {sh.COMMON_STRIDE})")
     kp = m.ROI_KEYPOINT_HEAD
     if with_keypoints and (kp.POOLER_TYPE != "ROIAlignV2" or kp.NAME != "KRCNNConvDeconvUpsampleHead"):
         raise GraphMismatch(f"keypoint head must be KRCNNConvDeconvUpsampleHead with ROIAlignV2 pooling "
@@ -132,7 +205,9 @@ def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks
         bbox_reg_weights=tuple(float(v) for v in m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
         box_pooler=(int(m.ROI_BOX_HEAD.POOLER_RESOLUTION), int(m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO)),
         mask_pooler=(int(m.ROI_MASK_HEAD.POOLER_RESOLUTION), int(m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO))
-        if with_masks else None,
+        if with_masks and not point_rend else None,
+        point_rend=point_rend_spec(cfg) if point_rend else None,
+        semantic_classes=int(m.SEM_SEG_HEAD.NUM_CLASSES) if semantic else 0,
         keypoint_pooler=(int(kp.POOLER_RESOLUTION), int(kp.POOLER_SAMPLING_RATIO)) if with_keypoints else None,
         num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
         cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
