@@ -237,14 +237,15 @@ def test_every_model_ready_and_detections_equal_the_runtime(bundle, photos, expe
 
 
 def test_bounded_load_every_answer_equals_the_runtime(bundle, photos, expected, tmp_path):
-    """8 concurrent clients (4 HTTP, 4 gRPC) x 25 requests: no error, every answer the runtime's.
+    """8 concurrent clients (4 HTTP, 4 gRPC) x 6 requests: no error, every answer the runtime's (8 clients keep
+    the server's queue full on this 2-core machine; bench/serve_load.py sends 25 each).
     (The latency figures are bench/serve_load.py's, in docs/DEPLOY.md: tests do not time things.)"""
     from d2build.deploy import load
 
     with serve(bundle, tmp_path) as served:
         assert "ready" in served.output(), served.output()
-        answers, _ = load.run_load(served.http, served.grpc, ENSEMBLE, photos, clients=8, requests=25)
-        assert len(answers) == 200 and {a.protocol for a in answers} == {"http", "grpc"}
+        answers, _ = load.run_load(served.http, served.grpc, ENSEMBLE, photos, clients=8, requests=6)
+        assert len(answers) == 48 and {a.protocol for a in answers} == {"http", "grpc"}
         errors = [f"client {a.client} #{a.index} {a.image}: {a.error}" for a in answers if a.error]
         assert errors == []
         wrong = [f"client {a.client} #{a.index} {a.image}" for a in answers if a.detections != expected[a.image]["doc"]]
