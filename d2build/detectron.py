@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from d2build import model_facts
+
 if TYPE_CHECKING:
     from d2build.recipe import ConfigRef, ModelSlice
     from d2build.runtime import ModelInfo
@@ -92,7 +94,7 @@ def _lazy_as_yacs(config: str, overrides_json: str, _digest: str | None):
     from detectron2.config import CfgNode, get_cfg
     from omegaconf import OmegaConf
 
-    from d2build import lazyconfig, model_facts
+    from d2build import lazyconfig
 
     overrides = json.loads(overrides_json)
     d = model_facts.LazyDefinition(config, overrides)
@@ -265,7 +267,7 @@ def build_lazy_model(cfg):
     reach a lazy model this way)."""
     import json
 
-    from d2build import lazyconfig, model_facts
+    from d2build import lazyconfig
 
     lazy = cfg.D2BUILD_LAZY
     model = lazyconfig.build_model(lazyconfig.load(lazy.CONFIG, json.loads(lazy.OVERRIDES)), lazy.CONFIG)
@@ -379,7 +381,8 @@ def random_model(cfg, seed: int, image_chw, family: Any = None, report: dict[str
 
             torch.manual_seed(seed)
             model = build_model(cfg)
-            done = random_norms.behave(model, image_chw, seed=seed, family=family)
+            done = random_norms.behave(model, image_chw, seed=seed, family=family, predictor_spread=PREDICTOR_SPREAD,
+                                       rescale=rescale_outputs)
             if report is not None:
                 report.update(done)
             return model
@@ -558,3 +561,34 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
         keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
         pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD), extra=fam.info_extra(cfg, meta))
+
+
+# ---------------------------------------------------------------- model definitions (model_facts.Definition)
+
+class YacsDefinition(model_facts.Definition):
+    """A yacs config as a Definition (a LazyConfig's is model_facts.LazyDefinition)."""
+
+    def __init__(self, config: str, overrides: dict[str, Any] | None = None):
+        self.config = config
+        self.cfg = load_cfg(config, overrides)
+
+    def build(self):
+        return build_model(self.cfg)
+
+    def test_resize(self):
+        return int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST)
+
+    def dataset_names(self):
+        return [*self.cfg.DATASETS.TEST, *self.cfg.DATASETS.TRAIN]
+
+    def keypoint_oks_sigmas(self):
+        return tuple(self.cfg.TEST.KEYPOINT_OKS_SIGMAS)
+
+
+def definition(config: str, overrides: dict[str, Any] | None = None) -> model_facts.Definition:
+    """model.config as a Definition of either kind."""
+    from d2build import lazyconfig
+
+    if lazyconfig.is_lazy(config):
+        return model_facts.LazyDefinition(config, overrides)
+    return YacsDefinition(config, overrides)

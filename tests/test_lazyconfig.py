@@ -167,10 +167,10 @@ def test_yacs_configs_are_not_lazy():
 
 def test_facts_from_the_model_equal_the_yacs_keys():
     """What head_spec reads from yacs keys, read from the instantiated model instead: the same values."""
-    from d2build import model_facts
+    from d2build import detectron, model_facts
     from d2build.families.surgery.spec import anchor_facts
 
-    d = model_facts.definition("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    d = detectron.definition("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
     cfg, m = d.cfg, d.cfg.MODEL
     f = model_facts.facts(d.build())
     f32 = np.float32  # the model keeps them as float32 buffers; surgery uses float32 of the config's values
@@ -191,18 +191,18 @@ def test_facts_from_the_model_equal_the_yacs_keys():
 
 
 def test_facts_of_the_lazy_baselines():
-    from d2build import model_facts
+    from d2build import detectron, model_facts
 
-    lsj = model_facts.facts(model_facts.definition(LSJ_R50).build())
+    lsj = model_facts.facts(detectron.definition(LSJ_R50).build())
     assert (lsj.box_head_convs, lsj.box_head_fcs, lsj.num_classes) == (4, 1, 80)
     assert lsj.norms == {"NaiveSyncBatchNorm": 8, "SyncBatchNorm": 61}  # the heads' 4 + 4 convs; backbone and FPN
-    d = model_facts.definition(VITDET, {"model.backbone.square_pad": 512})
+    d = detectron.definition(VITDET, {"model.backbone.square_pad": 512})
     vit = model_facts.facts(d.build())
     assert vit.input_format == "RGB" and vit.square_pad == 512 and vit.pixel_std[0] == pytest.approx(58.395)
     assert vit.strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
     with pytest.raises(ValueError, match="has no dataloader.test"):
         d.test_resize()  # common/models/*.py are models only
-    assert model_facts.definition(LSJ_R50).test_resize() == (800, 1333)  # the LSJ configs test at 800/1333
+    assert detectron.definition(LSJ_R50).test_resize() == (800, 1333)  # the LSJ configs test at 800/1333
 
 
 def test_test_settings_on_the_model_match_yacs_overrides():
@@ -221,7 +221,7 @@ def test_test_settings_on_the_model_match_yacs_overrides():
     settings = SurgeryConfig("plugins", NmsConfig(**surgery["nms"]), RpnConfig(**surgery["rpn"]))
     yacs = detectron.build_model(detectron.load_cfg(config, fam.eager_overrides(settings)))
     torch.manual_seed(0)
-    model = model_facts.definition(config).build()
+    model = detectron.definition(config).build()
     chw, _ = letterbox(photos.bundled("astronaut").bgr, (320, 320), yacs.pixel_mean.flatten().tolist())
     before = fam.eager(model, chw)  # the config's own thresholds (score 0.05, NMS 0.5, RPN 1000/1000 at 0.7)
     model_facts.apply_test_settings(model, surgery)
