@@ -277,6 +277,21 @@ def _check_lazy(m: ModelConfig, ck: _Checker) -> None:
         ck.add("model.family", f"{m.family} is not built from LazyConfigs", f"use one of {', '.join(lazyconfig.SUPPORTED)}")
 
 
+def _family_from_lazy_config(tree: dict[str, Any], ck: _Checker) -> None:
+    """model.family is optional for a LazyConfig: left out, it follows from the config's classes
+    (lazyconfig.family_of). Only then is Detectron2 imported here (to load the config, 0.05 s after the import);
+    a recipe that names its family is checked against the built model when a stage loads it."""
+    m = tree.get("model")
+    if not isinstance(m, dict) or m.get("family") not in (None, "???") or not isinstance(m.get("config"), str) \
+            or not lazyconfig.is_lazy(m["config"]) or importlib.util.find_spec("detectron2") is None:
+        return
+    overrides = m.get("config_overrides") or {}
+    try:
+        m["family"] = lazyconfig.family_of(lazyconfig.load(m["config"], dict(overrides)), m["config"])
+    except lazyconfig.LazyConfigError as e:
+        ck.add("model.config", str(e), "use a LazyConfig of a supported model, or name model.family")
+
+
 def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     """A Detectron2 yacs config as a dict, `_BASE_` chains merged (child keys win), without Detectron2."""
     import yaml
@@ -719,6 +734,7 @@ def parse_recipe(tree: dict[str, Any], defaults: Callable[[str], Any], *, name: 
     `defaults(key)`: a key's default as conf/ writes it (`compose.conf_default`), for the hints."""
     ck = _Checker(source, dict(overrides or {}), defaults)
     tree = {k: v for k, v in tree.items() if k not in ("hydra", "recipe")}
+    _family_from_lazy_config(tree, ck)
     recipe = _build(Recipe, tree, "", ck)
     if recipe is not None:
         recipe = dataclasses.replace(recipe, name=name, source=source)

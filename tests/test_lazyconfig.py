@@ -287,3 +287,17 @@ def test_lazy_cfg_carries_the_model_facts_and_the_family():
     detectron.check_family(cfg, "mask_rcnn")
     with pytest.raises(LazyConfigError, match="model.family=keypoint_rcnn but .* builds a mask_rcnn model"):
         detectron.check_family(cfg, "keypoint_rcnn")
+
+
+def test_a_lazy_recipe_may_leave_the_family_out(tmp_path, monkeypatch):
+    """model.family follows from the LazyConfig's classes when a recipe leaves it out; compose resolves it."""
+    import yaml
+
+    from d2build.compose import compose
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "my_lsj.yaml").write_text("# @package _global_\n" + yaml.safe_dump(
+        {"model": {"config": LSJ_R50, "weights": "random", "input": [512, 512]}}))
+    recipe = compose(["recipe=my_lsj"])
+    assert recipe.model.family == "mask_rcnn" and recipe.model.config == LSJ_R50
