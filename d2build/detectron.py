@@ -161,7 +161,8 @@ def _lazy_as_yacs(config: str, overrides_json: str, _digest: str | None):
         pass  # a config without a test loader (common/models/*.py): Detectron2's defaults (800, 1333)
     names = d.dataset_names()
     cfg.DATASETS.TEST, cfg.DATASETS.TRAIN = tuple(names[:1]), tuple(names[1:])
-    cfg.D2BUILD_LAZY = CfgNode({"CONFIG": config, "OVERRIDES": overrides_json, "FAMILY": d.family})
+    cfg.D2BUILD_LAZY = CfgNode({"CONFIG": config, "OVERRIDES": overrides_json, "FAMILY": d.family,
+                                "SQUARE_PAD": f.square_pad})
     # the model's own anchors equal what anchor_facts builds from the keys (it generates the graph's anchors)
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.anchor_generator import build_anchor_generator
@@ -205,6 +206,25 @@ def lazy_structure_problems(model: Any, f: Any) -> list[str]:
     if f.class_agnostic_masks:
         out.append("class-agnostic masks; surgery supports class-specific masks")
     return out
+
+
+def check_input(cfg, input_hw: tuple[int, int], dynamic: bool = False) -> None:
+    """A backbone that pads every image to a square (ViTDet's SimpleFeaturePyramid.square_pad) runs at that size
+    whatever model.input is: the input must be that square, and fixed (yacs: no-op)."""
+    from d2build import lazyconfig
+
+    lazy = cfg.get("D2BUILD_LAZY")
+    pad = int(lazy.SQUARE_PAD) if lazy is not None else 0
+    if not pad:
+        return
+    if dynamic:
+        raise lazyconfig.LazyConfigError(f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad): "
+                                         "it has one input size; remove model.dynamic")
+    if tuple(input_hw) != (pad, pad):
+        raise lazyconfig.LazyConfigError(
+            f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad) but model.input is "
+            f"{input_hw[0]}x{input_hw[1]}: set model.config_overrides={{model.backbone.square_pad:{input_hw[0]}}} "
+            f"(a square input) or model.input=[{pad},{pad}]")
 
 
 def check_family(cfg, family: str) -> None:

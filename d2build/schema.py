@@ -84,6 +84,8 @@ def _coerce(value: Any, tp: Any, key: str, ck: _Checker) -> Any:
         return _build(tp, value, key, ck)
     result: Any = bad
     if tp == ConfigOverrides:
+        if value is None:
+            return ()
         if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("model.") for k in value):
             ck.add(key, f"{value!r} is not a mapping of the LazyConfig's dotted keys",
                    f"set {key}={{model.backbone.square_pad:512}} (keys from the config's root, `model.` first)")

@@ -43,6 +43,7 @@ class ExportStage(Stage):
         fam = builder(cfg.family)
         d2cfg = detectron.load_cfg(cfg.config)
         detectron.check_family(d2cfg, cfg.family)
+        detectron.check_input(d2cfg, cfg.input)
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         hw = cfg.input
         pad = d2cfg.MODEL.PIXEL_MEAN

@@ -58,6 +58,28 @@ def i64(*v: int) -> np.ndarray:
     return np.array(v, np.int64)
 
 
+def static_export(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The export with every shape computation folded: ONNX Runtime's basic optimisations (constant folding, shape
+    to initializer, redundant node removal; standard-domain ops, module scopes kept in the node names)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "export.onnx", Path(tmp) / "static.onnx"
+        onnx.save(proto, str(src))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        out = onnx.load(str(dst))
+    del out.opset_import[:]
+    out.opset_import.extend([onnx.helper.make_opsetid("", OPSET)])
+    return out
+
+
 class Surgeon:
     """Rewrites one export with one flavour; `run()` returns the TensorRT-ready ModelProto and facts."""
 
@@ -66,6 +88,10 @@ class Surgeon:
         self.ops = ops
         folded = gs.import_onnx(export)
         folded.fold_constants().cleanup()  # makes the export's padding arithmetic static, so shapes infer
+        if any(n.op == "Shape" and (n.name or "").startswith("/backbone/") for n in folded.nodes):
+            # ViT's shape arithmetic (window partition, position interpolation) outlives one fold: ONNX Runtime's
+            # basic optimiser makes the backbone static in one pass (yacs backbones have no Shape node here)
+            folded = gs.import_onnx(static_export(gs.export_onnx(folded)))
         self.graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(folded)))
         self.b = Builder(self.graph, "d2build")
         self.facts: dict[str, Any] = {}
