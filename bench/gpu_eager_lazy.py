@@ -54,7 +54,7 @@ def main() -> None:
     a = p.parse_args()
     t_start = time.monotonic()
 
-    from d2build import lazyconfig, photos, random_norms
+    from d2build import detectron, lazyconfig, photos, random_norms
     from d2build.backends.detectron2 import set_tf32
     from d2build.processing import letterbox
 
@@ -80,7 +80,8 @@ def main() -> None:
                 bgr = photos.bundled("astronaut").bgr
                 chw, _ = letterbox(bgr, (size, size), mean)
                 t0 = time.perf_counter()
-                random_norms.behave(model, chw, seed=0)
+                random_norms.behave(model, chw, seed=0, family=None, predictor_spread=detectron.PREDICTOR_SPREAD,
+                                    rescale=detectron.rescale_outputs)
                 random_s = time.perf_counter() - t0
                 model = model.to(a.device).eval()
                 inputs = {n: torch.as_tensor(letterbox(photos.bundled(n).bgr, (size, size), mean)[0], device=a.device)

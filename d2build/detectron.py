@@ -9,6 +9,7 @@ ordinary detections instead of the degenerate ones identity BN gives.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import urllib.error
@@ -18,23 +19,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from d2build import model_facts
+
 if TYPE_CHECKING:
-    from d2build.recipe import ModelSlice
+    from d2build.recipe import ConfigRef, ModelSlice
     from d2build.runtime import ModelInfo
 
 BN_PHOTO = "astronaut"  # the photograph whose activations set random weights' BN statistics
 
 
-def load_cfg(config: str, overrides: dict[str, Any] | None = None):
-    """A frozen Detectron2 CfgNode on CPU from a model-zoo name or a local .yaml path."""
+def load_cfg(config: "str | ConfigRef", overrides: dict[str, Any] | None = None):
+    """A frozen Detectron2 CfgNode on CPU from a model-zoo name or a local .yaml path; for a LazyConfig (a .py, or
+    a LazyConfig.save dump; a ConfigRef carries its model.config_overrides) the yacs keys d2build reads, filled from
+    the built model (`lazy_as_yacs`). `overrides`: yacs keys (the families' eager_overrides) for either kind."""
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
-    cfg = get_cfg()
-    path = Path(config).expanduser()
-    file = str(path) if path.is_file() else model_zoo.get_config_file(config)
-    add_project_keys(cfg, file)
-    cfg.merge_from_file(file)
+    from d2build import lazyconfig
+
+    name = config if isinstance(config, str) else config.name
+    if lazyconfig.is_lazy(name):
+        cfg = lazy_as_yacs(name, {} if isinstance(config, str) else config.overrides_dict)
+    else:
+        cfg = get_cfg()
+        path = Path(name).expanduser()
+        file = str(path) if path.is_file() else model_zoo.get_config_file(name)
+        add_project_keys(cfg, file)
+        cfg.merge_from_file(file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     for k, v in (overrides or {}).items():
@@ -45,6 +56,186 @@ def load_cfg(config: str, overrides: dict[str, Any] | None = None):
         setattr(node, leaf, v)
     cfg.freeze()
     return cfg
+
+
+#: the yacs keys of the recipe's test settings and the lazy model's attributes they set (model_facts.apply_test_settings)
+LAZY_TEST_KEYS = {"nms.score_threshold": "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+                  "nms.iou_threshold": "MODEL.ROI_HEADS.NMS_THRESH_TEST",
+                  "nms.max_detections": "TEST.DETECTIONS_PER_IMAGE",
+                  "rpn.pre_nms_topk": "MODEL.RPN.PRE_NMS_TOPK_TEST",
+                  "rpn.post_nms_topk": "MODEL.RPN.POST_NMS_TOPK_TEST",
+                  "rpn.iou_threshold": "MODEL.RPN.NMS_THRESH"}
+
+
+def lazy_as_yacs(config: str, config_overrides: dict[str, Any]):
+    """A LazyConfig as the yacs CfgNode d2build's stages read: every key they read is FILLED FROM THE BUILT MODEL'S
+    FACTS (`model_facts.facts`: classes, levels, poolers, box head convs, regression weights, pixel mean/std and
+    format, the anchor generator's sizes checked against the model's own cell anchors), the test resize and the
+    dataset names from the config (`model_facts.LazyDefinition`), the test thresholds from the model's own
+    settings. The cfg carries the LazyConfig itself (`D2BUILD_LAZY`: its name and overrides), so `build_model`
+    instantiates the real lazy model (lazyconfig.build_model) and sets the cfg's test keys on it; nothing pretends
+    the model is a yacs backbone (MODEL.BACKBONE.NAME names the lazy backbone's class, which no yacs builder has).
+
+    Only the GeneralizedRCNN families with StandardROIHeads are filled (lazyconfig.family_of refuses the rest in
+    one line); the cfg is built once per config, overrides and file content (building costs 0.3-5 s)."""
+    import json
+
+    from d2build.recipe import ConfigRef
+
+    ref = ConfigRef.of(config)
+    return _lazy_as_yacs(config, json.dumps(config_overrides, sort_keys=True), ref.sha256).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _lazy_as_yacs(config: str, overrides_json: str, _digest: str | None):
+    import json
+
+    import torch
+    from detectron2.config import CfgNode, get_cfg
+    from omegaconf import OmegaConf
+
+    from d2build import lazyconfig
+
+    overrides = json.loads(overrides_json)
+    d = model_facts.LazyDefinition(config, overrides)
+    if d.family not in ("mask_rcnn", "faster_rcnn", "keypoint_rcnn"):
+        raise lazyconfig.LazyConfigError(f"model.config {config} builds a {d.family} model; d2build builds "
+                                         "LazyConfig Mask, Faster and Keypoint R-CNN models so far")
+    state = torch.random.get_rng_state()
+    try:
+        model = d.build()
+    finally:
+        torch.random.set_rng_state(state)  # reading facts must not move the caller's seeded stream
+    f = model_facts.facts(model)
+    problems = lazy_structure_problems(model, f)
+    if problems:
+        raise lazyconfig.LazyConfigError(f"model.config {config}: {problems[0]}")
+    cfg = get_cfg()
+    m = cfg.MODEL
+    m.META_ARCHITECTURE = f.meta_architecture
+    m.BACKBONE.NAME = f"lazy:{type(model.backbone).__name__}"
+    m.PIXEL_MEAN, m.PIXEL_STD = list(f.pixel_mean), list(f.pixel_std)
+    cfg.INPUT.FORMAT = f.input_format
+    heads = model.roi_heads
+    m.MASK_ON, m.KEYPOINT_ON = bool(heads.mask_on), bool(getattr(heads, "keypoint_on", False))
+    m.PROPOSAL_GENERATOR.NAME = type(model.proposal_generator).__name__
+    m.RPN.IN_FEATURES = list(f.dense_in_features)
+    m.RPN.BBOX_REG_WEIGHTS = list(f.dense_reg_weights)
+    gen = model.proposal_generator.anchor_generator
+    a = lazyconfig.load(config, overrides).model.proposal_generator.anchor_generator
+    m.ANCHOR_GENERATOR.NAME = f.anchor_generator
+    sizes = OmegaConf.to_container(a.sizes) if OmegaConf.is_config(a.sizes) else list(a.sizes)
+    m.ANCHOR_GENERATOR.SIZES = [v if isinstance(v, list) else [v] for v in sizes]
+    ratios = OmegaConf.to_container(a.aspect_ratios) if OmegaConf.is_config(a.aspect_ratios) else list(a.aspect_ratios)
+    m.ANCHOR_GENERATOR.ASPECT_RATIOS = ratios if isinstance(ratios[0], list) else [ratios]
+    m.ANCHOR_GENERATOR.OFFSET = float(gen.offset)
+    m.ROI_HEADS.NAME = f.roi_heads
+    m.ROI_HEADS.IN_FEATURES = list(f.roi_in_features)
+    m.ROI_HEADS.NUM_CLASSES = f.num_classes
+    b = m.ROI_BOX_HEAD
+    b.NAME, b.NUM_CONV, b.NUM_FC = f.box_head, f.box_head_convs, f.box_head_fcs
+    b.CONV_DIM = int(heads.box_head.conv1.out_channels) if f.box_head_convs else b.CONV_DIM
+    b.POOLER_RESOLUTION, b.POOLER_SAMPLING_RATIO = f.box_pooler
+    b.POOLER_TYPE = "ROIAlignV2" if f.pooler_aligned else "ROIAlign"
+    b.CLS_AGNOSTIC_BBOX_REG = f.class_agnostic_boxes
+    b.BBOX_REG_WEIGHTS = list(f.box_reg_weights[0])
+    if f.mask_pooler is not None:
+        m.ROI_MASK_HEAD.POOLER_RESOLUTION, m.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = f.mask_pooler
+        m.ROI_MASK_HEAD.POOLER_TYPE = b.POOLER_TYPE
+        m.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = f.class_agnostic_masks
+    if f.keypoint_pooler is not None:
+        k = m.ROI_KEYPOINT_HEAD
+        k.POOLER_RESOLUTION, k.POOLER_SAMPLING_RATIO = f.keypoint_pooler
+        k.POOLER_TYPE, k.NUM_KEYPOINTS, k.NAME = b.POOLER_TYPE, f.num_keypoints, type(heads.keypoint_head).__name__
+    predictor = heads.box_predictor
+    gen_rpn = model.proposal_generator
+    m.ROI_HEADS.SCORE_THRESH_TEST = float(predictor.test_score_thresh)
+    m.ROI_HEADS.NMS_THRESH_TEST = float(predictor.test_nms_thresh)
+    cfg.TEST.DETECTIONS_PER_IMAGE = int(predictor.test_topk_per_image)
+    m.RPN.PRE_NMS_TOPK_TEST = int(gen_rpn.pre_nms_topk[False])
+    m.RPN.POST_NMS_TOPK_TEST = int(gen_rpn.post_nms_topk[False])
+    m.RPN.NMS_THRESH = float(gen_rpn.nms_thresh)
+    try:
+        cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = d.test_resize()
+    except ValueError:
+        pass  # a config without a test loader (common/models/*.py): Detectron2's defaults (800, 1333)
+    names = d.dataset_names()
+    cfg.DATASETS.TEST, cfg.DATASETS.TRAIN = tuple(names[:1]), tuple(names[1:])
+    cfg.D2BUILD_LAZY = CfgNode({"CONFIG": config, "OVERRIDES": overrides_json, "FAMILY": d.family,
+                                "SQUARE_PAD": f.square_pad})
+    # the model's own anchors equal what anchor_facts builds from the keys (it generates the graph's anchors)
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.anchor_generator import build_anchor_generator
+
+    strides = [f.strides[k] for k in f.dense_in_features]
+    rebuilt = build_anchor_generator(cfg, [ShapeSpec(channels=1, stride=s) for s in strides])
+    if not all(torch.equal(x, y) for x, y in zip(rebuilt.cell_anchors, gen.cell_anchors)) \
+            or list(rebuilt.strides) != list(gen.strides):
+        raise lazyconfig.LazyConfigError(f"model.config {config}: its anchor generator is not what d2build's anchors "
+                                         "reproduce (sizes, aspect ratios, strides)")
+    return cfg
+
+
+def lazy_structure_problems(model: Any, f: Any) -> list[str]:
+    """What surgery cannot rebuild in a lazy R-CNN, read from the built model (the yacs configs' RCNN_STRUCTURE
+    rows check the same from keys): FPN levels with the strides surgery assumes, Detectron2's RPN and default
+    anchors, StandardROIHeads with ROIAlignV2 poolers, a FastRCNNConvFCHead box head (convs, then fcs:
+    surgery feeds its first conv, or fc1 without convs), class-specific boxes, an RPN with unit regression weights."""
+    from d2build.families.surgery.spec import STRIDES
+
+    out = []
+    if f.meta_architecture != "GeneralizedRCNN":
+        out.append(f"the model is a {f.meta_architecture}; surgery rebuilds GeneralizedRCNN")
+    for level in (*f.dense_in_features, *f.roi_in_features):
+        if STRIDES.get(level) != f.strides.get(level):
+            out.append(f"feature {level} has stride {f.strides.get(level)}; surgery expects {STRIDES.get(level)}")
+    if type(model.proposal_generator).__name__ != "RPN" or f.anchor_generator != "DefaultAnchorGenerator":
+        out.append(f"proposals come from {type(model.proposal_generator).__name__} with {f.anchor_generator}; "
+                   "surgery rebuilds Detectron2's RPN with DefaultAnchorGenerator")
+    if tuple(f.dense_reg_weights) != (1.0, 1.0, 1.0, 1.0):
+        out.append(f"RPN regression weights {f.dense_reg_weights}; surgery supports (1, 1, 1, 1)")
+    if f.roi_heads != "StandardROIHeads":
+        out.append(f"ROI heads are {f.roi_heads}; surgery supports StandardROIHeads for LazyConfig models")
+    if not f.pooler_aligned:
+        out.append("a pooler is not ROIAlignV2 (aligned); surgery supports ROIAlignV2")
+    if f.box_head != "FastRCNNConvFCHead" or f.box_head_fcs < 1:
+        out.append(f"box head {f.box_head} with {f.box_head_fcs} fc(s); surgery supports FastRCNNConvFCHead "
+                   "(convs, then at least one fc)")
+    if f.class_agnostic_boxes:
+        out.append("class-agnostic box regression; surgery supports class-specific boxes outside a cascade")
+    if f.class_agnostic_masks:
+        out.append("class-agnostic masks; surgery supports class-specific masks")
+    return out
+
+
+def check_input(cfg, input_hw: tuple[int, int], dynamic: bool = False) -> None:
+    """A backbone that pads every image to a square (ViTDet's SimpleFeaturePyramid.square_pad) runs at that size
+    whatever model.input is: the input must be that square, and fixed (yacs: no-op)."""
+    from d2build import lazyconfig
+
+    lazy = cfg.get("D2BUILD_LAZY")
+    pad = int(lazy.SQUARE_PAD) if lazy is not None else 0
+    if not pad:
+        return
+    if dynamic:
+        raise lazyconfig.LazyConfigError(f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad): "
+                                         "it has one input size; remove model.dynamic")
+    if tuple(input_hw) != (pad, pad):
+        raise lazyconfig.LazyConfigError(
+            f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad) but model.input is "
+            f"{input_hw[0]}x{input_hw[1]}: set model.config_overrides={{model.backbone.square_pad:{input_hw[0]}}} "
+            f"(a square input) or model.input=[{pad},{pad}]")
+
+
+def check_family(cfg, family: str) -> None:
+    """A LazyConfig's family follows from its classes: a recipe naming another is one line (yacs: no-op, the
+    schema checked its keys)."""
+    from d2build import lazyconfig
+
+    lazy = cfg.get("D2BUILD_LAZY")
+    if lazy is not None and lazy.FAMILY != family:
+        raise lazyconfig.LazyConfigError(f"model.family={family} but model.config {lazy.CONFIG} builds a "
+                                         f"{lazy.FAMILY} model; use model.family={lazy.FAMILY}")
 
 
 #: Detectron2 projects whose configs hold keys get_cfg() lacks: (the MODEL key only their configs set, the module that
@@ -78,13 +269,41 @@ def build_model(cfg, state_dict: dict[str, Any] | None = None):
     import torch
     from detectron2.modeling import build_model as d2_build
 
-    model = d2_build(cfg)
+    if cfg.get("D2BUILD_LAZY") is not None:
+        model = build_lazy_model(cfg)
+    else:
+        model = d2_build(cfg)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(
             {k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def build_lazy_model(cfg):
+    """The real LazyConfig model a `lazy_as_yacs` cfg carries (lazyconfig.build_model, Detectron2's own
+    initialisation, seeded by the caller), with the cfg's test keys set on it (the families' eager_overrides
+    reach a lazy model this way)."""
+    import json
+
+    from d2build import lazyconfig
+
+    lazy = cfg.D2BUILD_LAZY
+    model = lazyconfig.build_model(lazyconfig.load(lazy.CONFIG, json.loads(lazy.OVERRIDES)), lazy.CONFIG)
+
+    def value(key: str) -> Any:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    settings: dict[str, dict[str, Any]] = {"nms": {}, "rpn": {}}
+    for ours, key in LAZY_TEST_KEYS.items():
+        section, name = ours.split(".")
+        settings[section][name] = value(key)
+    model_facts.apply_test_settings(model, settings)
+    return model
 
 
 # ---------------------------------------------------------------- restricted unpickling
@@ -160,11 +379,12 @@ def load_checkpoint(model, weights: str) -> None:
                          f"e.g. {incompatible.missing_keys[:3]}; does model.config match these weights?")
 
 
-def random_model(cfg, seed: int, image_chw, family: Any = None):
+def random_model(cfg, seed: int, image_chw, family: Any = None, report: dict[str, Any] | None = None):
     """Seeded random weights that behave; the same bytes whatever the thread count (see below).
 
     `family` (a Family, or its name): its `adjust_random` runs last, for what the generic steps do not
-    cover (RetinaNet's dense head, a cascade's per-stage classifiers)."""
+    cover (RetinaNet's dense head, a cascade's per-stage classifiers). `report`: filled with what
+    random_norms.behave did (LazyConfig models: norms reached, residual branches scaled)."""
     import torch
 
     # The statistics come from forward passes whose float sums depend on how many threads split
@@ -176,6 +396,16 @@ def random_model(cfg, seed: int, image_chw, family: Any = None):
             from d2build.families import builder
 
             family = builder(family)
+        if cfg.get("D2BUILD_LAZY") is not None:  # BN/LN heads, RegNet, ViT: random_norms (design note §5)
+            from d2build import random_norms
+
+            torch.manual_seed(seed)
+            model = build_model(cfg)
+            done = random_norms.behave(model, image_chw, seed=seed, family=family, predictor_spread=PREDICTOR_SPREAD,
+                                       rescale=rescale_outputs)
+            if report is not None:
+                report.update(done)
+            return model
         return _random_model(cfg, seed, image_chw, family)
     finally:
         torch.set_num_threads(threads)
@@ -319,7 +549,7 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
     from d2build.runtime import ModelInfo
 
     g, n = ms.graph, ms.names
-    cfg = cfg if cfg is not None else load_cfg(g.config.name)
+    cfg = cfg if cfg is not None else load_cfg(g.config)
     fam = family(g.family)
     meta = dataset_metadata(cfg)
     names = n.class_names or meta.get("thing_classes")
@@ -351,3 +581,34 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
         keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
         pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD), extra=fam.info_extra(cfg, meta))
+
+
+# ---------------------------------------------------------------- model definitions (model_facts.Definition)
+
+class YacsDefinition(model_facts.Definition):
+    """A yacs config as a Definition (a LazyConfig's is model_facts.LazyDefinition)."""
+
+    def __init__(self, config: str, overrides: dict[str, Any] | None = None):
+        self.config = config
+        self.cfg = load_cfg(config, overrides)
+
+    def build(self):
+        return build_model(self.cfg)
+
+    def test_resize(self):
+        return int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST)
+
+    def dataset_names(self):
+        return [*self.cfg.DATASETS.TEST, *self.cfg.DATASETS.TRAIN]
+
+    def keypoint_oks_sigmas(self):
+        return tuple(self.cfg.TEST.KEYPOINT_OKS_SIGMAS)
+
+
+def definition(config: str, overrides: dict[str, Any] | None = None) -> model_facts.Definition:
+    """model.config as a Definition of either kind."""
+    from d2build import lazyconfig
+
+    if lazyconfig.is_lazy(config):
+        return model_facts.LazyDefinition(config, overrides)
+    return YacsDefinition(config, overrides)

@@ -173,28 +173,6 @@ class Definition:
         raise NotImplementedError
 
 
-class YacsDefinition(Definition):
-    def __init__(self, config: str, overrides: dict[str, Any] | None = None):
-        from d2build import detectron
-
-        self.config = config
-        self.cfg = detectron.load_cfg(config, overrides)
-
-    def build(self):
-        from d2build import detectron
-
-        return detectron.build_model(self.cfg)
-
-    def test_resize(self):
-        return int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST)
-
-    def dataset_names(self):
-        return [*self.cfg.DATASETS.TEST, *self.cfg.DATASETS.TRAIN]
-
-    def keypoint_oks_sigmas(self):
-        return tuple(self.cfg.TEST.KEYPOINT_OKS_SIGMAS)
-
-
 class LazyDefinition(Definition):
     def __init__(self, config: str, overrides: dict[str, Any] | None = None):
         from d2build import lazyconfig
@@ -235,9 +213,3 @@ class LazyDefinition(Definition):
 
     def keypoint_oks_sigmas(self):
         return tuple(self._test("evaluator.kpt_oks_sigmas", ()) or ())
-
-
-def definition(config: str, overrides: dict[str, Any] | None = None) -> Definition:
-    from d2build import lazyconfig
-
-    return LazyDefinition(config, overrides) if lazyconfig.is_lazy(config) else YacsDefinition(config, overrides)

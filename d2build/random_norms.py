@@ -94,11 +94,12 @@ def spread_rel_pos(model: Any, seed: int, std: float = REL_POS_STD) -> int:
     return n
 
 
-def behave(model: Any, image_chw: Any, seed: int = 0, family: Any = None) -> dict[str, int]:
-    """Make a freshly built (seeded) GeneralizedRCNN with random weights behave; returns what was done."""
+def behave(model: Any, image_chw: Any, seed: int, family: Any, predictor_spread: dict[str, float],
+           rescale: Callable[..., None]) -> dict[str, int]:
+    """Make a freshly built (seeded) GeneralizedRCNN with random weights behave; returns what was done.
+    `predictor_spread` and `rescale`: detectron.PREDICTOR_SPREAD and detectron.rescale_outputs (the predictors
+    spread as for yacs models; passed in, so this module stays below detectron)."""
     import torch
-
-    from d2build import detectron
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -114,12 +115,12 @@ def behave(model: Any, image_chw: Any, seed: int = 0, family: Any = None) -> dic
         facts["norms_first_pass"] = calibrate_norms(model, inference, done)
         if family is not None:
             family.adjust_random(model, image_chw)
-        for path, target in detectron.PREDICTOR_SPREAD.items():
+        for path, target in predictor_spread.items():
             if not _has(model, path):
                 continue
             if path.startswith("roi_heads.mask_head") or path.startswith("roi_heads.keypoint_head"):
                 facts["norms_after_classifier"] = calibrate_norms(model, inference, done)
-            detectron.rescale_outputs(model, model.get_submodule(path), image_chw, target)
+            rescale(model, model.get_submodule(path), image_chw, target)
         facts["norms_total"] = len(batch_norms(model))
         facts["norms_never_reached"] = facts["norms_total"] - len(done)
         return facts

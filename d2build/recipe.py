@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,6 +55,10 @@ class DynamicConfig:
     max_size: int | None = None  # None: INPUT.MAX_SIZE_TEST
 
 
+#: model.config_overrides as the recipe holds them: (dotted key, value) pairs sorted by key, lists as tuples
+ConfigOverrides = tuple[tuple[str, Any], ...]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str
@@ -67,6 +71,8 @@ class ModelConfig:
     class_names: tuple[str, ...] | None  # None: from Detectron2's dataset metadata
     keypoint_names: tuple[str, ...] | None  # keypoint families; None: metadata, or COCO's 17
     keypoint_skeleton: tuple[tuple[str, str], ...] | None  # limbs as pairs of keypoint names
+    #: a LazyConfig's dotted keys and values (model.config_overrides={model.backbone.square_pad:512}), sorted
+    config_overrides: "ConfigOverrides" = ()
 
 
 @dataclass(frozen=True)
@@ -241,16 +247,53 @@ class ConfigRef:
 
     name: str
     sha256: str | None = None
+    #: a LazyConfig's model.config_overrides (in keys only when set: yacs configs' keys are unchanged)
+    overrides: ConfigOverrides = field(default=(), metadata={"key": "omit_default"})
 
     @classmethod
-    def of(cls, config: str) -> "ConfigRef":
+    def of(cls, config: str, overrides: ConfigOverrides = ()) -> "ConfigRef":
         path = Path(config).expanduser()
         if not path.is_file():
-            return cls(config)
+            return cls(config, overrides=tuple(overrides))
         h = hashlib.sha256()
-        for p in config_chain(path):
+        for p in (lazy_config_files(path) if path.suffix == ".py" else config_chain(path)):
             h.update(p.read_bytes())
-        return cls(config, h.hexdigest())
+        return cls(config, h.hexdigest(), tuple(overrides))
+
+    @property
+    def overrides_dict(self) -> dict[str, Any]:
+        """The overrides as LazyConfig values (tuples back to lists)."""
+        def plain(v: Any) -> Any:
+            return [plain(x) for x in v] if isinstance(v, tuple) else v
+        return {k: plain(v) for k, v in self.overrides}
+
+
+def lazy_config_files(path: Path, depth: int = 0) -> list[Path]:
+    """A local LazyConfig .py and the local config files it imports relatively (`from .common.x import y`,
+    `from ..models import z`), which LazyConfig.load resolves next to it: their bytes key what is built from it.
+    Absolute imports (model_zoo.get_config, detectron2's own modules) are fixed by the installed versions."""
+    import ast
+
+    files = [path]
+    if depth > 10:
+        return files
+    try:
+        tree = ast.parse(path.read_text())
+    except (SyntaxError, UnicodeDecodeError):
+        return files  # LazyConfig.load reports it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            parts = (node.module or "").split(".") if node.module else []
+            stem = base.joinpath(*parts) if parts else base
+            candidates = [stem.with_suffix(".py")] if parts else []
+            candidates += [stem / f"{a.name}.py" for a in node.names]
+            for c in candidates:
+                if c.is_file() and c.resolve() not in {f.resolve() for f in files}:
+                    files += lazy_config_files(c, depth + 1)
+    return files
 
 
 def config_chain(path: Path, depth: int = 0) -> list[Path]:
@@ -292,7 +335,8 @@ class GraphSpec:
     @classmethod
     def of(cls, recipe: "Recipe") -> "GraphSpec":
         m = recipe.model
-        return cls(m.family, ConfigRef.of(m.config), m.input, m.batch_size, m.dynamic, recipe.surgery)
+        return cls(m.family, ConfigRef.of(m.config, m.config_overrides), m.input, m.batch_size, m.dynamic,
+                   recipe.surgery)
 
     @property
     def ops(self) -> str:
@@ -322,8 +366,31 @@ class ModelSlice:
 
 
 def as_key_data(slice_: Any) -> Any:
-    """A slice as plain JSON-able data (for cache keys and manifests)."""
-    return dataclasses.asdict(slice_) if dataclasses.is_dataclass(slice_) else slice_
+    """A slice as plain JSON-able data (for cache keys and manifests). A field declared with
+    `metadata={"key": "omit_default"}` is left out while it holds its default, so adding one keeps every
+    existing key (ConfigRef.overrides)."""
+    if not dataclasses.is_dataclass(slice_):
+        return slice_
+    data = dataclasses.asdict(slice_)
+    _drop_defaults(slice_, data)
+    return data
+
+
+def _drop_defaults(obj: Any, data: Any) -> None:
+    if dataclasses.is_dataclass(obj) and isinstance(data, dict):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("key") == "omit_default" and value == f.default:
+                data.pop(f.name, None)
+            elif f.name in data:
+                _drop_defaults(value, data[f.name])
+    elif isinstance(obj, (list, tuple)) and isinstance(data, (list, tuple)):
+        for o, d in zip(obj, data):
+            _drop_defaults(o, d)
+    elif isinstance(obj, dict) and isinstance(data, dict):
+        for k, o in obj.items():
+            if k in data:
+                _drop_defaults(o, data[k])
 
 
 @dataclass(frozen=True)
@@ -336,6 +403,8 @@ class RandomWeights:
     predictor_spread: Mapping[str, float]
     family: str | None = None  # set when the family adjusts random weights itself (family_random)
     family_random: Mapping[str, Any] | None = None
+    #: a LazyConfig model's scheme (random_norms.behave: every norm over whole inference passes); yacs: None
+    norms: Mapping[str, Any] | None = field(default=None, metadata={"key": "omit_default"})
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from d2build import lazyconfig  # is_lazy reads a file with PyYAML only
 from d2build import plugins  # the plugin contract: pure Python
 from d2build.backends import BACKENDS as RUNTIME_BACKENDS  # names only (numpy)
 from d2build.families import FAMILIES  # a dict of names, no torch or Detectron2 import
 from d2build.photos import BUNDLED
-from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, TRITON_MODELS, ModelConfig, Problem,
-                            Recipe, RecipeError, RuntimeConfig, SurgeryConfig)
+from d2build.recipe import (CALIBRATION_METHODS, MOVED, OPS, PRECISIONS, STAGES, TRITON_MODELS, ConfigOverrides,
+                            ModelConfig, Problem, Recipe, RecipeError, RuntimeConfig, SurgeryConfig)
 
 FAMILIES_SUPPORTED = tuple(FAMILIES)
 # Detectron2 model families users ask for; the ones without a module in d2build/families are
@@ -82,6 +83,17 @@ def _coerce(value: Any, tp: Any, key: str, ck: _Checker) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, ck)
     result: Any = bad
+    if tp == ConfigOverrides:
+        if value is None:
+            return ()
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("model.") for k in value):
+            ck.add(key, f"{value!r} is not a mapping of the LazyConfig's dotted keys",
+                   f"set {key}={{model.backbone.square_pad:512}} (keys from the config's root, `model.` first)")
+            return None
+
+        def frozen(v: Any) -> Any:
+            return tuple(frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
     if tp is bool:
         result = value if isinstance(value, bool) else bad
     elif tp is int:
@@ -147,7 +159,7 @@ def _build(cls: type, node: Any, prefix: str, ck: _Checker) -> Any:
 _UNSUPPORTED_KINDS = (
     (r"_C4_", "a C4 model (no FPN)"), (r"_DC5_", "a dilated-C5 model (no FPN)"),
     (r"LVIS", "an LVIS model"), (r"Cityscapes", "a Cityscapes model"),
-    (r"[Rr]otated", "a rotated-box model"), (r"\.py$", "a LazyConfig (.py)"),
+    (r"[Rr]otated", "a rotated-box model"),
 )
 _ZOO_UNSUPPORTED = re.compile("|".join(f"({p})" for p, _ in _UNSUPPORTED_KINDS))
 
@@ -190,9 +202,15 @@ def _check_model(m: ModelConfig, ck: _Checker):
         kind = next(what for pattern, what in _UNSUPPORTED_KINDS if re.search(pattern, m.config))
         ck.add("model.config", f"{m.config!r} is {kind}, which is not supported: d2build supports {_supported_models()}",
                f"use an FPN config such as {_EXAMPLE_CONFIGS}")
-    elif not m.config.endswith(".yaml"):
-        ck.add("model.config", f"{m.config!r} is not a .yaml config", "name a model-zoo .yaml config or a local .yaml file")
+    elif not m.config.endswith((".yaml", ".py")):
+        ck.add("model.config", f"{m.config!r} is neither a .yaml nor a LazyConfig .py config",
+               "name a model-zoo config (.yaml or LazyConfig .py) or a local one")
+    elif lazyconfig.is_lazy(m.config):
+        _check_lazy(m, ck)  # its structure is checked on the built model when a stage loads it (detectron.load_cfg)
     else:
+        if m.config_overrides:
+            ck.add("model.config_overrides", f"applies to LazyConfig models only; {m.config} is a yacs config",
+                   "remove model.config_overrides (a yacs config's keys are the recipe's model.config file)")
         local = Path(m.config).expanduser()
         zoo = _detectron2_configs_dir()
         in_zoo = zoo is not None and (zoo / m.config).is_file()
@@ -247,6 +265,33 @@ def _check_model(m: ModelConfig, ck: _Checker):
     if not 1 <= m.batch_size <= MAX_BATCH:
         ck.add("model.batch_size", f"{m.batch_size} is outside 1..{MAX_BATCH}", "use e.g. 1, 2, 4 or 8")
     return get
+
+
+def _check_lazy(m: ModelConfig, ck: _Checker) -> None:
+    """A LazyConfig exists (a local file or the zoo's), without Detectron2: its classes, family and structure are
+    checked when a stage builds it (one line each, lazyconfig.LazyConfigError)."""
+    zoo = _detectron2_configs_dir()
+    if not Path(m.config).expanduser().is_file() and not (zoo is not None and (zoo / m.config).is_file()):
+        where = f"under {zoo}" if zoo else "(detectron2 is not installed)"
+        ck.add("model.config", f"{m.config!r} is neither a local file nor a LazyConfig of the model zoo {where}",
+               "check the spelling, e.g. new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
+    if m.family in FAMILIES_SUPPORTED and m.family not in lazyconfig.SUPPORTED:
+        ck.add("model.family", f"{m.family} is not built from LazyConfigs", f"use one of {', '.join(lazyconfig.SUPPORTED)}")
+
+
+def _family_from_lazy_config(tree: dict[str, Any], ck: _Checker) -> None:
+    """model.family is optional for a LazyConfig: left out, it follows from the config's classes
+    (lazyconfig.family_of). Only then is Detectron2 imported here (to load the config, 0.05 s after the import);
+    a recipe that names its family is checked against the built model when a stage loads it."""
+    m = tree.get("model")
+    if not isinstance(m, dict) or m.get("family") not in (None, "???") or not isinstance(m.get("config"), str) \
+            or not lazyconfig.is_lazy(m["config"]) or importlib.util.find_spec("detectron2") is None:
+        return
+    overrides = m.get("config_overrides") or {}
+    try:
+        m["family"] = lazyconfig.family_of(lazyconfig.load(m["config"], dict(overrides)), m["config"])
+    except lazyconfig.LazyConfigError as e:
+        ck.add("model.config", str(e), "use a LazyConfig of a supported model, or name model.family")
 
 
 def _read_d2_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
@@ -653,6 +698,8 @@ def _check_images(ck: _Checker, key: str, images: str | None, count: int) -> Non
 def config_setting_notes(r: Recipe) -> list[str]:
     """Where the Detectron2 config sets a test-time threshold other than the recipe's: the recipe's value is
     what the graph and the eager comparison use; say so (a trainer's config dump often sets its own)."""
+    if lazyconfig.is_lazy(r.model.config):
+        return []  # the recipe's thresholds are set on the built lazy model (model_facts.apply_test_settings)
     local = Path(r.model.config).expanduser()
     zoo = _detectron2_configs_dir()
     path = local if local.is_file() else (zoo / r.model.config if zoo else None)
@@ -689,6 +736,7 @@ def parse_recipe(tree: dict[str, Any], defaults: Callable[[str], Any], *, name: 
     `defaults(key)`: a key's default as conf/ writes it (`compose.conf_default`), for the hints."""
     ck = _Checker(source, dict(overrides or {}), defaults)
     tree = {k: v for k, v in tree.items() if k not in ("hydra", "recipe")}
+    _family_from_lazy_config(tree, ck)
     recipe = _build(Recipe, tree, "", ck)
     if recipe is not None:
         recipe = dataclasses.replace(recipe, name=name, source=source)

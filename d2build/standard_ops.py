@@ -22,13 +22,17 @@ from onnx import helper
 #: onnx-tensorrt's operator table for TensorRT 10.x (and still in 11.x).
 SUPPORTED = frozenset({
     "Abs", "Add", "And", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose",
-    "DequantizeLinear", "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Gemm",
-    "Greater", "GreaterOrEqual", "GridSample", "Identity", "InstanceNormalization", "Less", "LessOrEqual", "MatMul",
-    "Max", "MaxPool", "Min", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not", "QuantizeLinear", "Range",
-    "ReduceMax", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "RoiAlign", "ScatterElements", "ScatterND",
-    "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze",
-    "Where",
+    "DequantizeLinear", "Div", "Einsum", "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather", "GatherElements",
+    "GatherND", "Gemm", "Greater", "GreaterOrEqual", "GridSample", "Identity", "InstanceNormalization",
+    "LayerNormalization", "Less", "LessOrEqual", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "NonMaxSuppression",
+    "NonZero", "Not", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum",
+    "Relu", "Reshape", "Resize", "RoiAlign", "ScatterElements", "ScatterND", "Shape", "Sigmoid", "Slice", "Softmax",
+    "Split", "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
 })
+#: ViTDet's (LazyConfig) ops, from onnx-tensorrt's operators.md (TensorRT 10): LayerNormalization "only the first
+#: output", Einsum (IEinsumLayer), Erf, Pow, ReduceMean and Pad "axes must be an initializer" (pads too: a
+#: constant-pads Pad is what d2build's static ViT graphs hold), Pad's mode constant, reflect or edge
+PAD_MODES = ("constant", "reflect", "edge")
 #: GridSample modes TensorRT's importer reads (GridSample-16's spellings)
 GRID_SAMPLE_MODES = ("bilinear", "nearest", "bicubic")
 #: Standard ops TensorRT's parser implements through a plugin of libnvinfer_plugin (not deprecated ones):
@@ -90,6 +94,19 @@ def problems(model: onnx.ModelProto) -> list[str]:
             shape = shapes.get(n.input[0])
             if shape is not None and len(shape.dim) != 4:
                 out.append(f"{label}: TensorRT's GridSample takes 4-D input only")
+        elif n.op_type == "LayerNormalization" and any(n.output[1:]):
+            out.append(f"{label}: TensorRT imports only the first output (mean and inverse std must be unused)")
+        elif n.op_type == "Einsum" and len(n.input) > 2:
+            out.append(f"{label}: {len(n.input)} operands; d2build's graphs use two")
+        elif n.op_type == "Pad":
+            if _text(a.get("mode", "constant")) not in PAD_MODES:
+                out.append(f"{label}: mode {_text(a.get('mode'))!r} is not one of {', '.join(PAD_MODES)}")
+            if len(n.input) < 2 or _const_ints(model, n.input[1]) is None:
+                out.append(f"{label}: pads must be an initializer (a static graph)")
+            if len(n.input) > 3 and n.input[3] and _const_ints(model, n.input[3]) is None:
+                out.append(f"{label}: axes must be an initializer")
+        elif n.op_type == "ReduceMean" and len(n.input) > 1 and n.input[1] and _const_ints(model, n.input[1]) is None:
+            out.append(f"{label}: axes must be an initializer")
         elif n.op_type == "RoiAlign":
             if a.get("coordinate_transformation_mode", b"half_pixel") not in (b"half_pixel", "half_pixel"):
                 out.append(f"{label}: coordinate_transformation_mode must be half_pixel (Detectron2's ROIAlignV2)")

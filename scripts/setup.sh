@@ -36,6 +36,9 @@ echo "setup: d2build and its dependencies"
 # onnxruntime take here): its generated ModelConfig schema checks the deploy tests' configs, and its HTTP and
 # gRPC clients run on the transports d2build[serve] installs (geventhttpclient, grpcio)
 "${PIP[@]}" install -q --no-deps tritonclient==2.73.0
+# timm for ViTDet's LazyConfig (detectron2.modeling.backbone.vit imports timm.models.layers: DropPath, Mlp);
+# --no-deps: that import needs only torch, while timm's declared deps would add huggingface_hub, safetensors, hf-xet...
+"${PIP[@]}" install -q --no-deps timm==1.0.31
 # a real Triton Inference Server for d2build serve and tests/test_serve.py: nvidia-pytriton's wheel ships
 # tritonserver 2.51 with the Python backend; --no-deps: it pins numpy<2, d2build keeps numpy 2 (only the
 # binary is used, never its Python package)

@@ -7,6 +7,7 @@ Real Detectron2 configs from the model zoo, real LazyConfig.save dumps written h
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from conftest import d2build  # noqa: E402
 from d2build import lazyconfig  # noqa: E402
 from d2build.lazyconfig import LazyConfigError  # noqa: E402
 
@@ -165,10 +167,10 @@ def test_yacs_configs_are_not_lazy():
 
 def test_facts_from_the_model_equal_the_yacs_keys():
     """What head_spec reads from yacs keys, read from the instantiated model instead: the same values."""
-    from d2build import model_facts
-    from d2build.families.rcnn_graph import anchor_facts
+    from d2build import detectron, model_facts
+    from d2build.families.surgery.spec import anchor_facts
 
-    d = model_facts.definition("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    d = detectron.definition("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
     cfg, m = d.cfg, d.cfg.MODEL
     f = model_facts.facts(d.build())
     f32 = np.float32  # the model keeps them as float32 buffers; surgery uses float32 of the config's values
@@ -189,36 +191,37 @@ def test_facts_from_the_model_equal_the_yacs_keys():
 
 
 def test_facts_of_the_lazy_baselines():
-    from d2build import model_facts
+    from d2build import detectron, model_facts
 
-    lsj = model_facts.facts(model_facts.definition(LSJ_R50).build())
+    lsj = model_facts.facts(detectron.definition(LSJ_R50).build())
     assert (lsj.box_head_convs, lsj.box_head_fcs, lsj.num_classes) == (4, 1, 80)
     assert lsj.norms == {"NaiveSyncBatchNorm": 8, "SyncBatchNorm": 61}  # the heads' 4 + 4 convs; backbone and FPN
-    d = model_facts.definition(VITDET, {"model.backbone.square_pad": 512})
+    d = detectron.definition(VITDET, {"model.backbone.square_pad": 512})
     vit = model_facts.facts(d.build())
     assert vit.input_format == "RGB" and vit.square_pad == 512 and vit.pixel_std[0] == pytest.approx(58.395)
     assert vit.strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
     with pytest.raises(ValueError, match="has no dataloader.test"):
         d.test_resize()  # common/models/*.py are models only
-    assert model_facts.definition(LSJ_R50).test_resize() == (800, 1333)  # the LSJ configs test at 800/1333
+    assert detectron.definition(LSJ_R50).test_resize() == (800, 1333)  # the LSJ configs test at 800/1333
 
 
 def test_test_settings_on_the_model_match_yacs_overrides():
     """Thresholds set on the built model give what the yacs config keys (families' eager_overrides) give."""
     import torch
 
-    from d2build import detectron, model_facts, photos
-    from d2build.families.mask_rcnn import MaskRCNN
+    from d2build import detectron, families, model_facts, photos
     from d2build.processing import letterbox
+    from d2build.recipe import NmsConfig, RpnConfig, SurgeryConfig
 
     config = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
     surgery = {"nms": {"iou_threshold": 0.4, "score_threshold": 0.0, "max_detections": 37},
                "rpn": {"pre_nms_topk": 300, "post_nms_topk": 200, "iou_threshold": 0.6}}
-    fam = MaskRCNN()
+    fam = families.builder("mask_rcnn")
     torch.manual_seed(0)
-    yacs = detectron.build_model(detectron.load_cfg(config, fam.eager_overrides(surgery)))
+    settings = SurgeryConfig("plugins", NmsConfig(**surgery["nms"]), RpnConfig(**surgery["rpn"]))
+    yacs = detectron.build_model(detectron.load_cfg(config, fam.eager_overrides(settings)))
     torch.manual_seed(0)
-    model = model_facts.definition(config).build()
+    model = detectron.definition(config).build()
     chw, _ = letterbox(photos.bundled("astronaut").bgr, (320, 320), yacs.pixel_mean.flatten().tolist())
     before = fam.eager(model, chw)  # the config's own thresholds (score 0.05, NMS 0.5, RPN 1000/1000 at 0.7)
     model_facts.apply_test_settings(model, surgery)
@@ -227,68 +230,74 @@ def test_test_settings_on_the_model_match_yacs_overrides():
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
 
 
-# ------------------------------------------------------------------ random weights that behave
-
-def test_random_weights_behave_for_the_lsj_heads(lsj_export):
-    """BatchNorm in the box and mask heads gets statistics too (the mask head's only once detections exist)."""
-    from d2build import photos
-    from d2build.processing import letterbox
-
-    model, _, fam, size, _, done = lsj_export
-    assert done["norms_never_reached"] == 0 and done["norms_after_classifier"] == 4 and done["residual_branches"] == 16
-    img, _ = letterbox(photos.bundled("coffee").bgr, (size, size), model.pixel_mean.flatten().tolist())
-    inst = fam.eager(model, np.ascontiguousarray(img, dtype=np.float32))
-    scores = inst.scores.numpy()
-    assert len(scores) >= 50  # ordinary detections, not the 0-2 of unset statistics
-    assert 0.1 < float(np.median(scores)) < 0.95 and len(set(inst.pred_classes.tolist())) >= 5
-
-
-# ------------------------------------------------------------------ the prototype surgery on an LSJ model
+# ------------------------------------------------------------------ the main pipeline on a LazyConfig model
 
 @pytest.mark.parametrize("ops", ["plugins", "standard"])
-def test_lsj_conv_box_head_survives_surgery(ops, lsj_export):
-    """LSJ R50 (4conv1fc BN box head, two-conv RPN head, BN mask head) through lazy_surgery: the graph matches
-    Detectron2 eager on a photograph at verify's gates, masks included."""
-    from d2build import backends, lazy_surgery, photos
-    from d2build.compare import match_detections
-    from d2build.processing import detections_from_instances
-    from d2build.runtime import Model, ModelInfo
-
-    model, export, fam, size, surgery, _ = lsj_export
-    graph, _ = lazy_surgery.surgery(export, model, {**surgery, "ops": ops}, (size, size))
-    assert any("box_conv_features" in n.name for n in graph.graph.node)  # the pooled features enter conv1
-    runtime = Model(backends.open_graph(graph), ModelInfo(family="mask_rcnn", input_hw=(size, size),
-                                                          pixel_mean=tuple(model.pixel_mean.flatten().tolist()),
-                                                          num_classes=80))
-    bgr = photos.bundled("coffee").bgr
-    x, (lb,) = runtime.prepare([bgr])
-    ref = detections_from_instances(fam.eager(model, x[0]), lb)
-    got, _, _ = runtime.detect(bgr)
-    m = match_detections(ref, got, iou_min=0.98, score_tol=0.01)
-    assert len(ref) >= 20 and m.recovered >= 0.99 and m.mean_mask_iou >= 0.95
-
-
-@pytest.fixture(scope="module")
-def lsj_export(tmp_path_factory):
-    """LSJ R50 with random weights that behave (and what `behave` did), exported at 320x320: shared by the
-    random-weights test and both flavours' surgery tests."""
+def test_lsj_r50_through_the_pipeline(ops, shared_cache, tmp_path):
+    """LSJ R50 (4conv1fc BN box head, two-conv RPN head, BN mask head, SyncBN backbone and FPN) from its zoo .py
+    through the main command at 320x320, random weights that behave (random_norms): weights -> export -> surgery ->
+    verify in both flavours, every image's detections matched (masks too); the export and weights are shared."""
     import onnx
-    import torch
 
-    from d2build import model_facts, photos, random_norms
-    from d2build.families.mask_rcnn import MaskRCNN
-    from d2build.processing import letterbox
+    run = d2build(["recipe=mask_rcnn_r50_lsj", "model.weights=random", "model.input=[320,320]",
+                   f"surgery.ops={ops}", "verify.count=2"], shared_cache, tmp_path / "r")
+    assert run.run_json["ok"], run.output[-3000:]
+    norms = run.stage("weights")["info"]["random_norms"]
+    assert norms["norms_never_reached"] == 0 and norms["norms_after_classifier"] == 4, norms
+    assert norms["residual_branches"] == 16, norms
+    graph = onnx.load(str(Path(run.stage("surgery")["dir"]) / "model.onnx"), load_external_data=False)
+    names = {n.name for n in graph.graph.node}
+    assert any("box_conv_features" in n for n in names)  # the pooled features enter the box head's conv1
+    assert sum(n.op_type == "Conv" and n.name.startswith("/roi_heads/box_head/conv") for n in graph.graph.node) == 4
+    rows = json.loads((Path(run.stage("verify")["dir"]) / "metrics.json").read_text())["images"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["detectron2"] >= 50 and r["matched"] >= 20, r  # ordinary detections, not the 0-2 of unset BN
+        assert r["recovered"] >= 0.99 and r["mean_box_iou"] >= 0.98 and r["mean_mask_iou"] >= 0.95, r
 
-    size = 320
-    surgery = {"nms": {"iou_threshold": 0.5, "score_threshold": 0.05, "max_detections": 100},
-               "rpn": {"pre_nms_topk": 1000, "post_nms_topk": 1000, "iou_threshold": 0.7}}
-    torch.manual_seed(0)
-    model = lazyconfig.build_model(lazyconfig.load(LSJ_R50))
-    model_facts.apply_test_settings(model, surgery)
-    chw, _ = letterbox(photos.bundled("astronaut").bgr, (size, size), model.pixel_mean.flatten().tolist())
-    chw = np.ascontiguousarray(chw, dtype=np.float32)
-    done = random_norms.behave(model, chw, seed=0)
-    path = tmp_path_factory.mktemp("lsj") / "export.onnx"
-    fam = MaskRCNN()
-    fam.export(model, chw, path)
-    return model, onnx.load(str(path)), fam, size, surgery, done
+
+def test_lazy_cache_keys_follow_the_file_and_the_overrides(tmp_path):
+    """A local .py is keyed by its bytes and those of the files it imports relatively; config_overrides key too
+    (and leave yacs keys as they were: no `overrides` entry)."""
+    from d2build.recipe import ConfigRef, as_key_data
+
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "parts.py").write_text("x = 1\n")
+    main = tmp_path / "my_model.py"
+    main.write_text("from .common.parts import x\n")
+    a = ConfigRef.of(str(main))
+    (tmp_path / "common" / "parts.py").write_text("x = 2\n")
+    b = ConfigRef.of(str(main))
+    assert a.sha256 and a.sha256 != b.sha256
+    c = ConfigRef.of(str(main), (("model.roi_heads.num_classes", 3),))
+    assert as_key_data(c)["overrides"] == (("model.roi_heads.num_classes", 3),) and as_key_data(c) != as_key_data(b)
+    assert "overrides" not in as_key_data(ConfigRef.of("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
+
+
+def test_lazy_cfg_carries_the_model_facts_and_the_family():
+    """detectron.load_cfg of a LazyConfig: yacs keys filled from the built model; the family from its classes."""
+    from d2build import detectron
+    from d2build.recipe import ConfigRef
+
+    cfg = detectron.load_cfg(ConfigRef.of(LSJ_R50, (("model.roi_heads.num_classes", 3),)))
+    m = cfg.MODEL
+    assert (m.ROI_BOX_HEAD.NAME, m.ROI_BOX_HEAD.NUM_CONV, m.ROI_BOX_HEAD.NUM_FC) == ("FastRCNNConvFCHead", 4, 1)
+    assert m.ROI_HEADS.NUM_CLASSES == 3 and m.MASK_ON and m.BACKBONE.NAME == "lazy:FPN"
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
+    detectron.check_family(cfg, "mask_rcnn")
+    with pytest.raises(LazyConfigError, match="model.family=keypoint_rcnn but .* builds a mask_rcnn model"):
+        detectron.check_family(cfg, "keypoint_rcnn")
+
+
+def test_a_lazy_recipe_may_leave_the_family_out(tmp_path, monkeypatch):
+    """model.family follows from the LazyConfig's classes when a recipe leaves it out; compose resolves it."""
+    import yaml
+
+    from d2build.compose import compose
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "my_lsj.yaml").write_text("# @package _global_\n" + yaml.safe_dump(
+        {"model": {"config": LSJ_R50, "weights": "random", "input": [512, 512]}}))
+    recipe = compose(["recipe=my_lsj"])
+    assert recipe.model.family == "mask_rcnn" and recipe.model.config == LSJ_R50

@@ -118,7 +118,7 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
     `sizes` (image name -> [h, w]): the images it will run, refused in one message before anything is
     built where a dynamic graph's range does not hold one of them (runtime.model.outside_range)."""
     from d2build import backends, detectron
-    from d2build.recipe import ModelSlice
+    from d2build.recipe import ConfigRef, ModelSlice
     from d2build.runtime import Model
 
     backend = backend or recipe.runtime.backend
@@ -183,7 +183,8 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
 
     weights = artifacts_for(recipe, "detectron2", run_dir, overrides)["weights"]
     fam = builder(recipe.model.family)
-    cfg = detectron.load_cfg(recipe.model.config, fam.eager_overrides(recipe.surgery))
+    cfg = detectron.load_cfg(ConfigRef.of(recipe.model.config, recipe.model.config_overrides),
+                             fam.eager_overrides(recipe.surgery))
     model = detectron.build_model(cfg, torch.load(weights, map_location="cpu", weights_only=True))
     if recipe.runtime.device != "cpu":  # runtime.device and runtime.tf32 apply to Detectron2 eager too
         from d2build.backends.detectron2 import on_device

@@ -74,8 +74,10 @@ def main(argv: list[str]) -> int:
         sigmas = None
         if info.keypoint_names and evaluation.has(gt, "keypoints"):
             from d2build import detectron
+            from d2build.recipe import ConfigRef
 
-            configured = tuple(detectron.load_cfg(recipe.model.config).TEST.KEYPOINT_OKS_SIGMAS)
+            configured = tuple(detectron.load_cfg(ConfigRef.of(recipe.model.config, recipe.model.config_overrides))
+                               .TEST.KEYPOINT_OKS_SIGMAS)
             sigmas = evaluation.keypoint_sigmas(info, recipe.eval.keypoint_oks_sigmas, configured)
     except ValueError as e:
         print(f"d2build eval: {annotations}: {e}", file=sys.stderr)

@@ -41,7 +41,7 @@ class CalibrationStage(Stage):
         from d2build import photos
 
         m, c = recipe.model, recipe.calibration
-        return CalibrationSlice(ConfigRef.of(m.config), m.input, c.method, c.count, c.images,
+        return CalibrationSlice(ConfigRef.of(m.config, m.config_overrides), m.input, c.method, c.count, c.images,
                                 photos.source_digest(c.images, c.count), GraphDevice.of(recipe))
 
     def run(self, cfg: CalibrationSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
@@ -51,7 +51,7 @@ class CalibrationStage(Stage):
         from d2build.processing import letterbox
         from d2build.quantize import RangeCollector, targets
 
-        d2cfg = detectron.load_cfg(cfg.config.name)
+        d2cfg = detectron.load_cfg(cfg.config)
         hw = cfg.input
         graph = onnx.load(str(inputs["graph"].path(Files.GRAPH)))
         found = targets(graph)

@@ -99,7 +99,7 @@ class CandidatesStage(Stage):
         g = cfg.model.graph
         fam = builder(g.family)
         nms = g.surgery.nms
-        d2cfg = detectron.load_cfg(g.config.name, fam.eager_overrides(g.surgery))
+        d2cfg = detectron.load_cfg(g.config, fam.eager_overrides(g.surgery))
         ctx.step(f"candidate graph ({g.ops}, {cfg.precision}): final NMS keeps every score > "
                  f"{nms.score_threshold}, suppresses nothing")
         from d2build.backends import devices

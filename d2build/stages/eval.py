@@ -58,7 +58,7 @@ class EvalStage(Stage):
         g = cfg.model.graph
         annotations = cand.info["annotations"]  # the file the candidates were made for (their key holds it)
         gt = evaluation.load_coco(annotations)
-        d2cfg = detectron.load_cfg(g.config.name)
+        d2cfg = detectron.load_cfg(g.config)
         info = detectron.model_info(cfg.model, d2cfg)
         category_of, note = evaluation.category_map(gt, info)
         if note:

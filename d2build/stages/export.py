@@ -29,7 +29,7 @@ class ExportStage(Stage):
 
     def slice(self, recipe: Recipe) -> ExportSlice:
         m = recipe.model
-        return ExportSlice(m.family, ConfigRef.of(m.config), m.input)
+        return ExportSlice(m.family, ConfigRef.of(m.config, m.config_overrides), m.input)
 
     def run(self, cfg: ExportSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import onnx
@@ -41,7 +41,9 @@ class ExportStage(Stage):
         from d2build.stages.weights import load_state
 
         fam = builder(cfg.family)
-        d2cfg = detectron.load_cfg(cfg.config.name)
+        d2cfg = detectron.load_cfg(cfg.config)
+        detectron.check_family(d2cfg, cfg.family)
+        detectron.check_input(d2cfg, cfg.input)
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         hw = cfg.input
         pad = d2cfg.MODEL.PIXEL_MEAN

@@ -42,7 +42,9 @@ class SurgeryStage(Stage):
         from d2build.families import builder
         from d2build.graph import io_shapes, op_histogram, plugin_attributes
 
-        d2cfg = detectron.load_cfg(cfg.config.name)
+        d2cfg = detectron.load_cfg(cfg.config)
+        detectron.check_family(d2cfg, cfg.family)
+        detectron.check_input(d2cfg, cfg.input, cfg.dynamic is not None)
         export = onnx.load(str(inputs["export"].path(Files.GRAPH)))
         ctx.step(f"rewriting {len(export.graph.node)} export nodes")
         model, facts = builder(cfg.family).surgery(export, d2cfg, cfg)

@@ -58,7 +58,7 @@ def eager_and_info(cfg: VerifySlice, weights: Artifact):
     from d2build.stages.weights import load_state
 
     build = builder(cfg.model.family)
-    d2cfg = detectron.load_cfg(cfg.model.config, build.eager_overrides(cfg.model.graph.surgery))
+    d2cfg = detectron.load_cfg(cfg.model.graph.config, build.eager_overrides(cfg.model.graph.surgery))
     model = detectron.build_model(d2cfg, load_state(weights))
     if cfg.device is not None:  # Detectron2 on the GPU the graph runs on, TF32 as the graph's (runtime.tf32)
         from d2build.backends.detectron2 import on_device

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from d2build import lazyconfig
 from d2build.cache import Artifact, file_digest
 from d2build.recipe import ConfigRef, Files, RandomWeights, Recipe, WeightsSlice
 from d2build.stages.base import Context, Stage
@@ -24,14 +25,21 @@ class WeightsStage(Stage):
         from d2build.detectron import BN_PHOTO, PREDICTOR_SPREAD, RESIDUAL_BRANCH_SCALE
 
         m = recipe.model
-        config = ConfigRef.of(m.config)
+        config = ConfigRef.of(m.config, m.config_overrides)
         if m.weights == "random":
             from d2build.families import FAMILIES, builder
 
             extra = builder(m.family).random_key() if m.family in FAMILIES else {}
             # what the family adds to random weights (none for the first R-CNN families: keys unchanged)
+            norms = None
+            if lazyconfig.is_lazy(m.config):
+                from d2build import random_norms
+
+                norms = {"scheme": "random_norms.behave", "residual_branch_scale": random_norms.RESIDUAL_BRANCH_SCALE,
+                         "rel_pos_std": random_norms.REL_POS_STD}
             return WeightsSlice(config, m.weights, random=RandomWeights(
-                m.seed, BN_PHOTO, RESIDUAL_BRANCH_SCALE, PREDICTOR_SPREAD, m.family if extra else None, extra or None))
+                m.seed, BN_PHOTO, RESIDUAL_BRANCH_SCALE, PREDICTOR_SPREAD, m.family if extra else None, extra or None,
+                norms))
         if m.weights.startswith(("http://", "https://")):
             return WeightsSlice(config, m.weights)
         return WeightsSlice(config, m.weights, file_digest(Path(m.weights).expanduser()))
@@ -42,20 +50,24 @@ class WeightsStage(Stage):
 
         from d2build import detectron, photos
 
-        d2cfg = detectron.load_cfg(cfg.config.name)
+        d2cfg = detectron.load_cfg(cfg.config)
+        report: dict[str, Any] = {}
         if cfg.random is not None:
             r = cfg.random
             ctx.step(f"random weights (seed {r.seed}), BN statistics from '{r.bn_photo}'")
             photo = photos.bundled(r.bn_photo)
             chw = np.ascontiguousarray(photo.bgr.transpose(2, 0, 1), dtype=np.float32)
-            model = detectron.random_model(d2cfg, r.seed, chw, family=r.family)
+            model = detectron.random_model(d2cfg, r.seed, chw, family=r.family, report=report)
         else:
             ctx.step(f"loading {cfg.weights}")
             model = detectron.build_model(d2cfg)
             detectron.load_checkpoint(model, cfg.weights)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, out_dir / Files.WEIGHTS)
-        return {"parameters": int(sum(v.numel() for v in state.values())), "tensors": len(state)}
+        info: dict[str, Any] = {"parameters": int(sum(v.numel() for v in state.values())), "tensors": len(state)}
+        if report:
+            info["random_norms"] = report  # a LazyConfig model's norms: how many were reached, and when
+        return info
 
 
 def load_state(art: Artifact) -> dict[str, Any]:

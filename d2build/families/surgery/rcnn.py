@@ -80,6 +80,17 @@ class RCNNSurgeon(Surgeon):
             outs.append(self.semantic_logits())
         return outs
 
+    def conv_box_head_input(self, stage: BoxStage, pooled: gs.Variable, channels: int) -> None:
+        """A box head with convolutions (FastRCNNConvFCHead with conv_dims, the LSJ and ViTDet "4conv1fc"): the
+        pooled features enter its first conv as [rows, C, R, R]; its convs, norms and the export's own Flatten
+        before fc1 stay as exported (Flatten keeps axis 0, so any row count passes)."""
+        s = self.spec
+        convs = find_calls(self.graph, f"roi_heads.box_head{stage.scope}.conv1", "Conv", 1)
+        find_calls(self.graph, f"roi_heads.box_head{stage.scope}.conv{s.box_head_convs}", "Conv", 1)
+        r = s.box_pooler[0]
+        convs[0].inputs[0] = self.b.op("Reshape", [pooled, i64(-1, channels, r, r)],
+                                       name=f"box_conv_features{stage.tag}")
+
     # ------------------------------------------------------------------ image-level and point heads (both flavours)
 
     def semantic_logits(self) -> gs.Variable:
@@ -372,10 +383,13 @@ class PluginRCNN(PluginOps):
         s, b, g = sg.spec, sg.b, sg.graph
         B, p, c, t = s.batch, s.rpn_post_nms_topk, s.num_classes, stage.tag
         pooled = self.pyramid_roi_align(sg, rois, p, s.box_pooler, f"box{t}")
-        fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
         channels = pooled.shape[2]
-        fc1.inputs[0] = b.op("Reshape", [pooled, np.array([B * p, channels * s.box_pooler[0] ** 2], np.int64)],
-                             name=f"box_features{t}")
+        if s.box_head_convs:
+            sg.conv_box_head_input(stage, pooled, channels)
+        else:
+            fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
+            fc1.inputs[0] = b.op("Reshape", [pooled, np.array([B * p, channels * s.box_pooler[0] ** 2], np.int64)],
+                                 name=f"box_features{t}")
         cls = find_one(g, f"roi_heads.box_predictor{stage.scope}.cls_score", "Gemm")
         reg = find_one(g, f"roi_heads.box_predictor{stage.scope}.bbox_pred", "Gemm")
         k = sg.fold_regression_weights(reg, c, stage)
@@ -531,10 +545,13 @@ class StandardRCNN(StandardOps):
         s, b, g = sg.spec, sg.b, sg.graph
         C, t = s.num_classes, stage.tag
         pooled, rows = self.pool(sg, rois, valid, image, s.box_pooler, f"box{t}")
-        fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
         res = s.box_pooler[0]
         channels = sg.features(s.roi_in_features)[0].shape[1]
-        fc1.inputs[0] = b.op("Reshape", [pooled, i64(-1, channels * res * res)], name=f"box_features{t}")
+        if s.box_head_convs:
+            sg.conv_box_head_input(stage, pooled, channels)
+        else:
+            fc1 = find_one(g, f"roi_heads.box_head{stage.scope}.fc1", "Gemm")
+            fc1.inputs[0] = b.op("Reshape", [pooled, i64(-1, channels * res * res)], name=f"box_features{t}")
         cls = find_one(g, f"roi_heads.box_predictor{stage.scope}.cls_score", "Gemm")
         reg = find_one(g, f"roi_heads.box_predictor{stage.scope}.bbox_pred", "Gemm")
         k = sg.fold_regression_weights(reg, C, stage)

@@ -55,6 +55,10 @@ class HeadSpec:
     semantic_stride: int = 4
     #: PointRend's mask head (instead of the 28x28 mask head); None: none
     point_rend: PointRendSpec | None = None
+    #: convolutions of the box head before its fcs (ROI_BOX_HEAD.NUM_CONV; the LSJ and ViTDet "4conv1fc" heads:
+    #: 4). Read from the config, never inferred from the export: a 4conv1fc head's fc1 takes C*R*R inputs, exactly
+    #: the pooled features' size, so feeding fc1 directly builds a valid graph that skips the convs
+    box_head_convs: int = 0
 
     @property
     def box_stages(self) -> tuple[BoxStage, ...]:
@@ -212,6 +216,7 @@ def head_spec(cfg, surgery: SurgeryConfig, input_hw: tuple[int, int], with_masks
         num_keypoints=int(kp.NUM_KEYPOINTS) if with_keypoints else 0,
         cascade_bbox_reg_weights=tuple(tuple(float(v) for v in w) for w in m.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
         if cascade else (),
+        box_head_convs=int(m.ROI_BOX_HEAD.NUM_CONV) if m.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead" else 0,
     )
 
 

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from d2build import plugins
 from d2build.families.base import Outputs
 from d2build.families.surgery.spec import HeadSpec
-from d2build.graph import OPSET, Builder, GraphMismatch, find_one
+from d2build.graph import OPSET, Builder, GraphMismatch, find_calls, find_one
 from d2build.recipe import OPS
 
 BIG = 1.0e4  # a logit no real proposal reaches; rows/columns holding -BIG are never selected
@@ -58,6 +58,28 @@ def i64(*v: int) -> np.ndarray:
     return np.array(v, np.int64)
 
 
+def static_export(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The export with every shape computation folded: ONNX Runtime's basic optimisations (constant folding, shape
+    to initializer, redundant node removal; standard-domain ops, module scopes kept in the node names)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "export.onnx", Path(tmp) / "static.onnx"
+        onnx.save(proto, str(src))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        out = onnx.load(str(dst))
+    del out.opset_import[:]
+    out.opset_import.extend([onnx.helper.make_opsetid("", OPSET)])
+    return out
+
+
 class Surgeon:
     """Rewrites one export with one flavour; `run()` returns the TensorRT-ready ModelProto and facts."""
 
@@ -66,6 +88,10 @@ class Surgeon:
         self.ops = ops
         folded = gs.import_onnx(export)
         folded.fold_constants().cleanup()  # makes the export's padding arithmetic static, so shapes infer
+        if any(n.op == "Shape" and (n.name or "").startswith("/backbone/") for n in folded.nodes):
+            # ViT's shape arithmetic (window partition, position interpolation) outlives one fold: ONNX Runtime's
+            # basic optimiser makes the backbone static in one pass (yacs backbones have no Shape node here)
+            folded = gs.import_onnx(static_export(gs.export_onnx(folded)))
         self.graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(folded)))
         self.b = Builder(self.graph, "d2build")
         self.facts: dict[str, Any] = {}
@@ -74,7 +100,11 @@ class Surgeon:
     # ------------------------------------------------------------------ input and features
 
     def features(self, names: tuple[str, ...]) -> list[gs.Tensor]:
-        """FPN outputs by name: p2..p5 are fpn_output{k} convs, p6 the top block's pooling."""
+        """FPN outputs by name: p2..p5 are fpn_output{k} convs, p6 the top block's pooling. A backbone without
+        fpn_output convs (ViTDet's SimpleFeaturePyramid ends each level in a LayerNorm) is read structurally:
+        each level's feature is the input of the dense head's first conv at that level's call."""
+        if not any((n.name or "").startswith("/backbone/fpn_output") for n in self.graph.nodes):
+            return self.dense_head_inputs(names)
         out = []
         for name in names:
             level = int(name[1:])
@@ -84,12 +114,45 @@ class Surgeon:
                 out.append(find_one(self.graph, "backbone.top_block", "MaxPool").outputs[0])
         return out
 
+    def dense_head_inputs(self, names: tuple[str, ...]) -> list[gs.Tensor]:
+        """The levels' features as the inputs of the RPN head's (or RetinaNet head's) first convs: the export calls
+        the head once per level, in the order of the spec's dense levels."""
+        scope = next((p for p in ("/proposal_generator/rpn_head/", "/head/")
+                      if any((n.name or "").startswith(p) for n in self.graph.nodes)), None)
+        if scope is None:
+            raise GraphMismatch("found neither backbone.fpn_output convs nor a dense head to read the features from")
+        head = [n for n in self.graph.nodes if (n.name or "").startswith(scope)]
+        inside = {t.name for n in head for t in n.outputs}
+        entries: list[gs.Tensor] = []
+        for n in head:  # first calls per level: convs fed from outside the head, each feature once
+            if n.op == "Conv" and n.inputs[0].name not in inside and all(n.inputs[0] is not e for e in entries):
+                entries.append(n.inputs[0])
+        levels = self.spec.rpn_in_features
+        if len(entries) != len(levels):
+            raise GraphMismatch(f"expected one dense head call per level {list(levels)}, found {len(entries)}")
+        by_name = dict(zip(levels, entries))
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise GraphMismatch(f"features {missing} are not dense head levels {list(levels)}")
+        return [by_name[n] for n in names]
+
+    def stem_conv(self) -> gs.Node:
+        """The backbone's first conv: ResNet's stem.conv1 by name, else (RegNet's stem.conv, ViT's
+        patch_embed.proj) the first Conv in topological order."""
+        if find_calls(self.graph, "backbone.bottom_up.stem.conv1", "Conv"):
+            return find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
+        order = gs.Graph(nodes=list(self.graph.nodes), inputs=list(self.graph.inputs)).toposort().nodes
+        first = next((n for n in order if n.op == "Conv"), None)
+        if first is None or not (first.name or "").startswith("/backbone/"):
+            raise GraphMismatch("the export's first Conv is not in the backbone: cannot move preprocessing into it")
+        return first
+
     def input_and_preprocessing(self) -> gs.Variable:
         s, b = self.spec, self.b
         h, w = ("height", "width") if s.dynamic else s.input_hw
         inp = gs.Variable("input_tensor", np.float32, [s.batch, 3, h, w])
         self.input = inp
-        stem = find_one(self.graph, "backbone.bottom_up.stem.conv1", "Conv")
+        stem = self.stem_conv()
         weight = np.array(stem.inputs[1].values, dtype=np.float32)
         mean = np.array(s.pixel_mean, dtype=np.float32)
         std = np.array(s.pixel_std, dtype=np.float32)
