@@ -178,7 +178,7 @@ def eager_model(recipe, run_dir: Path, overrides: list[str], resize: str = "lett
 
     from d2build import backends, detectron
     from d2build.backends.detectron2 import EagerModel
-    from d2build.recipe import ModelSlice
+    from d2build.recipe import ConfigRef, ModelSlice
     from d2build.families import builder
 
     weights = artifacts_for(recipe, "detectron2", run_dir, overrides)["weights"]
