@@ -122,7 +122,7 @@ def _lazy_as_yacs(config: str, overrides_json: str, _digest: str | None):
     m.RPN.IN_FEATURES = list(f.dense_in_features)
     m.RPN.BBOX_REG_WEIGHTS = list(f.dense_reg_weights)
     gen = model.proposal_generator.anchor_generator
-    a = lazyconfig.load(config, overrides).model.proposal_generator.anchor_generator
+    a = d.cfg.model.proposal_generator.anchor_generator  # the config LazyDefinition loaded
     m.ANCHOR_GENERATOR.NAME = f.anchor_generator
     sizes = OmegaConf.to_container(a.sizes) if OmegaConf.is_config(a.sizes) else list(a.sizes)
     m.ANCHOR_GENERATOR.SIZES = [v if isinstance(v, list) else [v] for v in sizes]
