@@ -117,7 +117,6 @@ def test_every_registered_family_is_supported_and_has_a_shipped_recipe():
     ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml", "model.config", "a C4 model"),
     ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_101_DC5_3x.yaml", "model.config", "a dilated-C5 model"),
     ("model.config=Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml", "model.config", "is a Cascade Mask R-CNN"),
-    ("model.config=COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", "model.config", "a LazyConfig (.py)"),
     ("model.config=COCO-Detection/retinanet_R_50_FPN_3x.yaml", "model.config", "MODEL.META_ARCHITECTURE='RetinaNet'"),
     ("model.config=COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml", "model.config",
      "MODEL.META_ARCHITECTURE='PanopticFPN'"),
