@@ -155,7 +155,9 @@ def make_config(args):
             is_train=True,
             augmentations=[L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height=IMAGE_SIZE,
                                             target_width=IMAGE_SIZE),
-                           L(T.FixedSizeCrop)(crop_size=(IMAGE_SIZE, IMAGE_SIZE)),
+                           # seg_pad_value 0: the default 255 (semantic "ignore") would pad each instance's
+                           # bitmask with 1s, and recompute_boxes would stretch its box over the padding
+                           L(T.FixedSizeCrop)(crop_size=(IMAGE_SIZE, IMAGE_SIZE), seg_pad_value=0),
                            L(T.RandomFlip)(horizontal=True)],
             image_format="BGR", use_instance_mask=True, instance_mask_format="bitmask", recompute_boxes=True),
         total_batch_size=args.batch, num_workers=args.workers)
