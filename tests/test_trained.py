@@ -24,7 +24,7 @@ from d2build.recipe import RecipeError
 SHAPES = ["recipe=shapes_mask_rcnn"]
 HOUSES = ["recipe=houses_keypoint_rcnn"]
 EVAL_IMAGES = 6  # every orientation of the val split (they cycle every 4) and two more
-LAZY_MIN_AP = {"bbox": 0.03, "segm": 0.05}  # models/shapes_lazy_mask_rcnn on the first 6 val images (metrics.json)
+LAZY_MIN_AP = {"bbox": 0.85, "segm": 0.85}  # the LazyConfig model: 92.9 and 94.8 on the first 6 val images
 INT8_IMAGES = 24  # int8 moves AP by tenths of a point either way: a gate of 1 point needs more images
 
 
@@ -65,11 +65,11 @@ def test_mask_model_fp32_graph_ap_equals_detectron2(trained, tmp_path):
 def test_lazyconfig_model_graph_ap_equals_detectron2(trained, tmp_path):
     """The LazyConfig model (LazyConfig.save's config.yaml and its checkpoint, 4conv1fc BN box head) through
     verify and eval: the graph's AP equals Detectron2's on the same input (issue 21 asks within 0.2 points;
-    the fp32 gate here is 0.1), and the model finds objects (its own AP is no accident of zero detections)."""
+    the fp32 gate here is 0.1), and its own AP is that of a trained model."""
     cache, data = trained
     run = d2build(["recipe=shapes_lazy_mask_rcnn", *data["shapes"], "surgery.ops=standard"], cache, tmp_path / "run")
     for r in json.loads((Path(run.stage("verify")["dir"]) / "metrics.json").read_text())["images"]:
-        assert r["detectron2"] >= 5 and r["recovered"] >= 0.99 and r["mean_mask_iou"] >= 0.95, r
+        assert r["detectron2"] >= 2 and r["recovered"] >= 0.99 and r["mean_mask_iou"] >= 0.95, r
     info = _eval(run)
     assert info["images"] == EVAL_IMAGES and set(info["ap"]) == {"bbox", "segm"}
     assert info["ap"]["bbox"]["detectron2"] >= LAZY_MIN_AP["bbox"] and \
