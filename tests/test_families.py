@@ -31,7 +31,7 @@ E2E = [
     ("keypoint_rcnn_r50", "[640,640]"),
     ("faster_rcnn_r50", "[640,640]"),
     ("mask_rcnn_r101", "[512,512]"),
-    ("mask_rcnn_x101", "[640,832]"),
+    ("mask_rcnn_x101", "[448,576]"),
 ]
 # what each family's graph has besides the four EfficientNMS_TRT outputs
 HEADS = {

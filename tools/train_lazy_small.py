@@ -35,7 +35,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path

@@ -118,7 +118,7 @@ def open_model(recipe, *, engine: str | None = None, graph: str | None = None, r
     `sizes` (image name -> [h, w]): the images it will run, refused in one message before anything is
     built where a dynamic graph's range does not hold one of them (runtime.model.outside_range)."""
     from d2build import backends, detectron
-    from d2build.recipe import ConfigRef, ModelSlice
+    from d2build.recipe import ModelSlice
     from d2build.runtime import Model
 
     backend = backend or recipe.runtime.backend
