@@ -7,7 +7,8 @@ other build options on the LSJ R50 and ViTDet-B recipes at 512 (fp16, int8 with 
 dynamic shapes). Rows as bench/families_matrix.py writes them (its run_one and table), one process per row,
 one cache, so each weights and export is built once.
 
-    nice -n 10 .venv/bin/python bench/lazyconfig_matrix.py [--cache DIR] [--only mask_rcnn_vitdet_b ...] [--sizes 512]
+    nice -n 10 .venv/bin/python bench/lazyconfig_matrix.py [--cache DIR] [--only mask_rcnn_vitdet_b ...] [--sizes 512] [--core]
+        [--out FILE]
 
 Writes bench/results/lazyconfig_matrix.json and prints a Markdown table.
 """
@@ -39,9 +40,9 @@ def _size(recipe: str, side: int) -> list[str]:
     return []
 
 
-def matrix(sizes: list[int]) -> list[tuple[str, str, list[str]]]:
+def matrix(sizes: list[int], core: bool = False) -> list[tuple[str, str, list[str]]]:
     rows = [(r, f"[{s},{s}]", [*ops, *_size(r, s)]) for s in sizes for r in RECIPES for ops in FLAVOURS]
-    if 512 in sizes:
+    if 512 in sizes and not core:
         for r in ("mask_rcnn_r50_lsj", "mask_rcnn_vitdet_b"):
             pad = _size(r, 512)
             rows += [(r, "[512,512]", ["surgery.ops=standard", "precision=fp16", *pad]),
@@ -59,10 +60,11 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="cache folder (default: a new temporary one)")
     ap.add_argument("--only", nargs="*", default=None, help="recipes to run (default: all four)")
     ap.add_argument("--sizes", nargs="*", type=int, default=[1024, 512])
+    ap.add_argument("--core", action="store_true", help="fp32, both flavours only (no fp16/int8/batch/dynamic rows)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "lazyconfig_matrix.json"))
     args = ap.parse_args()
     cache = Path(args.cache or tempfile.mkdtemp(prefix="lazy-cache-"))
-    rows_in = [m for m in matrix(args.sizes) if not args.only or m[0] in args.only]
+    rows_in = [m for m in matrix(args.sizes, args.core) if not args.only or m[0] in args.only]
     load_before = os.getloadavg()[0]
     out = Path(args.out)
     rows = []
@@ -79,7 +81,7 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "command": "bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-                       + f" --sizes {' '.join(map(str, args.sizes))}",
+                       + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else ""),
             "rows": rows,
         }
         out.parent.mkdir(parents=True, exist_ok=True)

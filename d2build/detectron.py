@@ -540,6 +540,17 @@ def dataset_metadata(cfg) -> dict[str, Any]:
     return found
 
 
+def bgr_normalisation(cfg) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """PIXEL_MEAN and PIXEL_STD in the BGR channel order of d2build's input_tensor (reversed for an RGB model, such
+    as ViTDet): the mean is the letterbox padding that normalises to 0 once the graph (or Detectron2) flips the
+    channels."""
+    mean = tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN)
+    std = tuple(float(v) for v in cfg.MODEL.PIXEL_STD)
+    if cfg.INPUT.FORMAT == "RGB":
+        return mean[::-1], std[::-1]  # type: ignore[return-value]
+    return mean, std  # type: ignore[return-value]
+
+
 def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
     """The runtime's ModelInfo for a model slice: the recipe's names first, then Detectron2's dataset
     metadata, then (keypoints only) COCO's person keypoints when the model has 17. `cfg`: the
@@ -577,10 +588,10 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
                   "max_size": int(d.max_size or cfg.INPUT.MAX_SIZE_TEST), "input_min": d.min, "input_max": d.max}
     return ModelInfo(
         **resize,
-        family=g.family, input_hw=g.input, pixel_mean=tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
+        family=g.family, input_hw=g.input, pixel_mean=bgr_normalisation(cfg)[0],
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
         keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
-        pixel_std=tuple(float(v) for v in cfg.MODEL.PIXEL_STD), extra=fam.info_extra(cfg, meta))
+        pixel_std=bgr_normalisation(cfg)[1], extra=fam.info_extra(cfg, meta))
 
 
 # ---------------------------------------------------------------- model definitions (model_facts.Definition)

@@ -69,6 +69,26 @@ def test_a_wrong_family_stops_the_main_command_before_any_stage(tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
 
 
+@pytest.mark.parametrize("fmt", ["RGB", "BGR"])
+def test_letterbox_padding_normalises_to_zero_for_rgb_and_bgr_models(fmt):
+    """input_tensor is BGR; an RGB model (ViTDet) sees it with flipped channels. The padding must be its mean in BGR
+    order, so that after the flip and the normalisation the padded area is 0, as Detectron2's ImageList pads."""
+    from detectron2.config import get_cfg
+
+    from d2build import detectron
+    from d2build.processing import letterbox
+
+    cfg = get_cfg()
+    cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = fmt, [123.675, 116.28, 103.53], [58.4, 57.1, 57.4]
+    mean, std = detectron.bgr_normalisation(cfg)
+    assert (mean, std) == (((103.53, 116.28, 123.675), (57.4, 57.1, 58.4)) if fmt == "RGB" else
+                           ((123.675, 116.28, 103.53), (58.4, 57.1, 57.4)))
+    chw, lb = letterbox(np.full((32, 64, 3), 200, np.uint8), (64, 64), mean)
+    seen = chw[::-1] if fmt == "RGB" else chw  # the channels the model normalises, in its own order
+    norm = (seen - np.array(cfg.MODEL.PIXEL_MEAN, np.float32)[:, None, None]) / np.array(cfg.MODEL.PIXEL_STD)[:, None, None]
+    assert lb.padding_hw == (32, 0) and np.abs(norm[:, 32:, :]).max() < 1e-5 and np.abs(norm[:, :32, :]).min() > 0.5
+
+
 def test_a_missing_module_is_one_line_naming_it():
     config = "Misc/mmdet_mask_rcnn_R_50_FPN_1x.py"  # mmdet is not installed here
     with pytest.raises(LazyConfigError) as e:

@@ -69,7 +69,7 @@ class CalibrationStage(Stage):
         for i, ref in enumerate(refs, 1):
             photo = photos.load(ref)
             ctx.count(i, len(refs), f"'{photo.name}': {len(tensors)} activation ranges")
-            chw, _ = letterbox(photo.bgr, hw, d2cfg.MODEL.PIXEL_MEAN)
+            chw, _ = letterbox(photo.bgr, hw, detectron.bgr_normalisation(d2cfg)[0])
             t0 = time.perf_counter()
             outs = runner.run({runner.input_name: chw[None]}, tensors)
             for name in tensors:

@@ -63,7 +63,7 @@ class ExportStage(Stage):
         detectron.check_input(d2cfg, cfg.input)
         model = detectron.build_model(d2cfg, load_state(inputs["weights"]))
         hw = cfg.input
-        pad = d2cfg.MODEL.PIXEL_MEAN
+        pad = detectron.bgr_normalisation(d2cfg)[0]
         chw, lb = letterbox(photos.bundled(CHECK_PHOTO).bgr, hw, pad)
         ctx.step(f"tracing at {hw[0]}x{hw[1]}")
         path = out_dir / Files.GRAPH
