@@ -45,7 +45,7 @@ MATRIX = [
     ("retinanet_r101", "[320,320]", ["surgery.ops=plugins"]),
 ]
 QUICK = [row for row in MATRIX if row[1] == "[320,320]"]
-STAGES = ("weights", "export", "surgery", "calibration", "precision", "verify")
+STAGES = ("weights", "export", "surgery", "calibration", "precision", "verify", "candidates", "eval")
 
 
 def run_one(recipe: str, size: str, extra: list[str], cache: Path) -> dict:
@@ -73,8 +73,13 @@ def run_one(recipe: str, size: str, extra: list[str], cache: Path) -> dict:
                          "min_detectron2": min(r["detectron2"] for r in imgs), "min_recovered": s["min_recovered"],
                          "mean_box_iou": s["mean_box_iou"], "mean_mask_iou": s["mean_mask_iou"],
                          "max_score_diff": s["max_score_diff"], "batch": (s.get("batch") or {}).get("ok")}
+    e = st.get("eval", {}).get("info") or {}
+    if e:
+        row["eval"] = {k: e.get(k) for k in ("images", "ap", "delta_ap")}
     if not row["ok"]:
-        row["error"] = (proc.stdout + proc.stderr)[-1500:]
+        out = proc.stdout + proc.stderr
+        cut = out.rfind("d2build: stage")  # the failure's own summary line and what follows, else the tail
+        row["error"] = out[cut:][:1500] if cut >= 0 else out[-1500:]
     return row
 
 

@@ -4,7 +4,9 @@ Issue 21's acceptance matrix: each LazyConfig recipe (Mask R-CNN R50 / R101 / Re
 1024x1024 and 512x512, both graph flavours, fp32, random weights that behave (d2build.random_norms), verify on
 the three bundled photographs (>= 99 % of Detectron2's detections matched per image, masks too); then the
 other build options on the LSJ R50 and ViTDet-B recipes at 512 (fp16, int8 with bundled calibration, batch 2,
-dynamic shapes). Rows as bench/families_matrix.py writes them (its run_one and table), one process per row,
+dynamic shapes). `--trained`: the trained LazyConfig model (models/shapes_lazy_mask_rcnn) with eval on 24 synthetic
+val images instead, fp32 in both flavours, fp16 and int8: its AP beside Detectron2's on the same input (random
+weights say nothing about int8 accuracy). Rows as bench/families_matrix.py writes them (its run_one and table), one process per row,
 one cache, so each weights and export is built once.
 
     nice -n 10 .venv/bin/python bench/lazyconfig_matrix.py [--cache DIR] [--only mask_rcnn_vitdet_b ...] [--sizes 512] [--core]
@@ -55,16 +57,38 @@ def matrix(sizes: list[int], core: bool = False) -> list[tuple[str, str, list[st
     return rows
 
 
+def trained(data: Path) -> list[tuple[str, str, list[str]]]:
+    """The trained LazyConfig model (models/shapes_lazy_mask_rcnn) with eval on the synthetic val split: its AP beside
+    Detectron2's on the same input, fp32 in both flavours, fp16 and int8 (calibration on train images: the
+    photographs hold no shapes)."""
+    from d2build import synthetic
+
+    val = synthetic.write_coco("shapes", "val", TRAINED_EVAL_IMAGES, data / "shapes_val")
+    train = data / "shapes_train"
+    synthetic.write_coco("shapes", "train", 6, train)
+    ev = [f"eval.annotations={val}", f"eval.images={val.parent}", f"verify.images={train}",
+          f"calibration.images={train}"]
+    return [("shapes_lazy_mask_rcnn", "[512,704]", [*ops, *ev]) for ops in
+            (["surgery.ops=standard"], ["surgery.ops=plugins"], ["surgery.ops=standard", "precision=fp16"],
+             ["surgery.ops=standard", "precision=int8", "calibration.method=entropy"])]
+
+
+TRAINED_EVAL_IMAGES = 24
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default=None, help="cache folder (default: a new temporary one)")
     ap.add_argument("--only", nargs="*", default=None, help="recipes to run (default: all four)")
     ap.add_argument("--sizes", nargs="*", type=int, default=[1024, 512])
     ap.add_argument("--core", action="store_true", help="fp32, both flavours only (no fp16/int8/batch/dynamic rows)")
+    ap.add_argument("--trained", action="store_true", help="only the trained LazyConfig model's eval rows "
+                    f"(fp32 both flavours, fp16, int8; {TRAINED_EVAL_IMAGES} synthetic val images)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "lazyconfig_matrix.json"))
     args = ap.parse_args()
     cache = Path(args.cache or tempfile.mkdtemp(prefix="lazy-cache-"))
-    rows_in = [m for m in matrix(args.sizes, args.core) if not args.only or m[0] in args.only]
+    rows_in = trained(cache / "data") if args.trained else \
+        [m for m in matrix(args.sizes, args.core) if not args.only or m[0] in args.only]
     load_before = os.getloadavg()[0]
     out = Path(args.out)
     rows = []
@@ -81,7 +105,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "command": "bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-                       + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else ""),
+                       + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else "")
+                       + (" --trained" if args.trained else ""),
             "rows": rows,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
