@@ -208,23 +208,15 @@ def lazy_structure_problems(model: Any, f: Any) -> list[str]:
     return out
 
 
-def check_input(cfg, input_hw: tuple[int, int], dynamic: bool = False) -> None:
-    """A backbone that pads every image to a square (ViTDet's SimpleFeaturePyramid.square_pad) runs at that size
-    whatever model.input is: the input must be that square, and fixed (yacs: no-op)."""
+def check_input(cfg, input_hw: tuple[int, int], dynamic: bool = False, batch: int = 1) -> None:
+    """The input a square_pad backbone (ViTDet) needs (lazyconfig.square_pad_problem; yacs: no-op). The export
+    stage's preflight says the same before any stage runs."""
     from d2build import lazyconfig
 
     lazy = cfg.get("D2BUILD_LAZY")
-    pad = int(lazy.SQUARE_PAD) if lazy is not None else 0
-    if not pad:
-        return
-    if dynamic:
-        raise lazyconfig.LazyConfigError(f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad): "
-                                         "it has one input size; remove model.dynamic")
-    if tuple(input_hw) != (pad, pad):
-        raise lazyconfig.LazyConfigError(
-            f"model.config {lazy.CONFIG} pads every image to {pad}x{pad} (square_pad) but model.input is "
-            f"{input_hw[0]}x{input_hw[1]}: set model.config_overrides={{model.backbone.square_pad:{input_hw[0]}}} "
-            f"(a square input) or model.input=[{pad},{pad}]")
+    problem = lazy and lazyconfig.square_pad_problem(int(lazy.SQUARE_PAD), input_hw, dynamic, batch)
+    if problem:
+        raise lazyconfig.LazyConfigError(f"model.config {lazy.CONFIG}: {problem[1]}; {problem[2]}")
 
 
 def check_family(cfg, family: str) -> None:

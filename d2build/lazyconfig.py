@@ -319,6 +319,33 @@ def check_family(cfg: Any, recipe_family: str | None, config: str) -> str:
     return found
 
 
+def square_pad_problem(pad: int, input_hw: Any, dynamic: bool, batch: int) -> tuple[str, str, str] | None:
+    """A backbone that pads every image to a square (ViTDet's SimpleFeaturePyramid.square_pad) runs at that size
+    whatever model.input is: the input must be that square, fixed, and one image (the window attention's reshapes
+    are folded at the exported batch of 1). (the recipe key, what is wrong, the fix), or None when the input fits
+    (or pad is 0)."""
+    if not pad:
+        return None
+    where = f"the config pads every image to {pad}x{pad} (square_pad)"
+    if dynamic:
+        return "model.dynamic", f"{where}: it has one input size", "remove model.dynamic"
+    if tuple(input_hw) != (pad, pad):
+        return ("model.input", f"{where} but model.input is {input_hw[0]}x{input_hw[1]}",
+                f"set model.config_overrides={{model.backbone.square_pad:{input_hw[0]}}} (a square input) or "
+                f"model.input=[{pad},{pad}]")
+    if batch != 1:
+        return ("model.batch_size", f"{where}: its window attention builds at batch 1 only, not "
+                f"model.batch_size={batch}",
+                "use model.batch_size=1")
+    return None
+
+
+def square_pad_of(cfg: Any) -> int:
+    """The LazyConfig's backbone square_pad (0 when it has none)."""
+    backbone = cfg.model.get("backbone")
+    return int(backbone.get("square_pad", 0) or 0) if backbone is not None and hasattr(backbone, "get") else 0
+
+
 # ------------------------------------------------------------------ building
 
 def missing_module_line(config: str, error: ModuleNotFoundError) -> str:

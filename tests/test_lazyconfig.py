@@ -58,14 +58,22 @@ def test_family_from_the_config_beats_a_wrong_recipe_family():
     assert lazyconfig.check_family(cfg, None, "x") == "cascade_rcnn"
 
 
-def test_a_wrong_family_stops_the_main_command_before_any_stage(tmp_path):
-    """The recipe names keypoint_rcnn for a Mask R-CNN LazyConfig: one line naming model.family and the fix, before
-    the weights stage builds anything (no cache entry)."""
-    run = d2build(["recipe=mask_rcnn_r50_lsj", "model.family=keypoint_rcnn", "model.weights=random"],
-                  tmp_path / "cache", tmp_path / "r", check=False)
+@pytest.mark.parametrize(("overrides", "key", "says"), [
+    (["recipe=mask_rcnn_r50_lsj", "model.family=keypoint_rcnn"], "model.family",
+     ["builds a mask_rcnn model", "use model.family=mask_rcnn"]),
+    (["recipe=mask_rcnn_vitdet_b", "model.input=[512,512]"], "model.input",
+     ["pads every image to 1024x1024 (square_pad) but model.input is 512x512",
+      "model.config_overrides={model.backbone.square_pad:512}"]),
+    (["recipe=mask_rcnn_vitdet_b", "model.batch_size=2"], "model.batch_size",
+     ["batch 1 only, not model.batch_size=2", "use model.batch_size=1"]),
+], ids=["wrong-family", "vitdet-size", "vitdet-batch"])
+def test_a_lazyconfig_that_cannot_build_stops_the_main_command_before_any_stage(tmp_path, overrides, key, says):
+    """What the LazyConfig itself settles (its family; ViTDet's fixed square input, one image at a time) is one line
+    naming the key and the fix, before the weights stage builds anything (no cache entry)."""
+    run = d2build([*overrides, "model.weights=random"], tmp_path / "cache", tmp_path / "r", check=False)
     assert run.returncode != 0 and "Traceback" not in run.output, run.output[-2000:]
-    lines = [x for x in run.output.splitlines() if "model.family" in x]
-    assert len(lines) == 1 and "builds a mask_rcnn model" in lines[0] and "use model.family=mask_rcnn" in lines[0]
+    lines = [x for x in run.output.splitlines() if f": {key}: " in x]
+    assert len(lines) == 1 and all(s in lines[0] for s in says), run.output[-2000:]
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
 
 
@@ -85,7 +93,8 @@ def test_letterbox_padding_normalises_to_zero_for_rgb_and_bgr_models(fmt):
                            ((123.675, 116.28, 103.53), (58.4, 57.1, 57.4)))
     chw, lb = letterbox(np.full((32, 64, 3), 200, np.uint8), (64, 64), mean)
     seen = chw[::-1] if fmt == "RGB" else chw  # the channels the model normalises, in its own order
-    norm = (seen - np.array(cfg.MODEL.PIXEL_MEAN, np.float32)[:, None, None]) / np.array(cfg.MODEL.PIXEL_STD)[:, None, None]
+    norm = (seen - np.array(cfg.MODEL.PIXEL_MEAN, np.float32)[:, None, None]) / \
+        np.array(cfg.MODEL.PIXEL_STD)[:, None, None]
     assert lb.padding_hw == (32, 0) and np.abs(norm[:, 32:, :]).max() < 1e-5 and np.abs(norm[:, :32, :]).min() > 0.5
 
 

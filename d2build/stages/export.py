@@ -32,21 +32,28 @@ class ExportStage(Stage):
         return ExportSlice(m.family, ConfigRef.of(m.config, m.config_overrides), m.input)
 
     def preflight(self, recipe: Recipe) -> list[Problem]:
-        """A LazyConfig whose classes build another family than the recipe names: one line before the weights
-        stage builds anything (reading the config's classes costs 0.05 s; nothing is instantiated)."""
+        """What a LazyConfig's classes and backbone settle, one line each before the weights stage builds anything
+        (reading the config costs 0.05 s; nothing is instantiated): the family the recipe names, and the fixed
+        square input, one image at a time, of a square_pad backbone (ViTDet)."""
         from d2build import lazyconfig
 
         m = recipe.model
         if not lazyconfig.is_lazy(m.config):
             return []
         try:
-            found = lazyconfig.family_of(lazyconfig.load(m.config, dict(m.config_overrides)), m.config)
+            lazy = lazyconfig.load(m.config, dict(m.config_overrides))
+            found = lazyconfig.family_of(lazy, m.config)
         except lazyconfig.LazyConfigError as e:
             return [Problem(recipe.source, "model.config", str(e), "use a LazyConfig of a supported model")]
-        if found == m.family:
-            return []
-        return [Problem(recipe.source, "model.family", f"{m.family}, but model.config {m.config} builds a {found} "
-                        "model", f"use model.family={found}, or leave model.family out")]
+        problems = []
+        if found != m.family:
+            problems.append(Problem(recipe.source, "model.family", f"{m.family}, but model.config {m.config} builds a "
+                                    f"{found} model", f"use model.family={found}, or leave model.family out"))
+        pad = lazyconfig.square_pad_problem(lazyconfig.square_pad_of(lazy), m.input, m.dynamic is not None,
+                                            m.batch_size)
+        if pad:
+            problems.append(Problem(recipe.source, pad[0], f"{m.config}: {pad[1]}", pad[2]))
+        return problems
 
     def run(self, cfg: ExportSlice, inputs: dict[str, Artifact], out_dir: Path, ctx: Context) -> dict[str, Any]:
         import onnx

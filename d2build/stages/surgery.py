@@ -44,7 +44,7 @@ class SurgeryStage(Stage):
 
         d2cfg = detectron.load_cfg(cfg.config)
         detectron.check_family(d2cfg, cfg.family)
-        detectron.check_input(d2cfg, cfg.input, cfg.dynamic is not None)
+        detectron.check_input(d2cfg, cfg.input, cfg.dynamic is not None, cfg.batch)
         export = onnx.load(str(inputs["export"].path(Files.GRAPH)))
         ctx.step(f"rewriting {len(export.graph.node)} export nodes")
         model, facts = builder(cfg.family).surgery(export, d2cfg, cfg)
