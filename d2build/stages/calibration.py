@@ -34,7 +34,7 @@ def calibration_graph(recipe: Recipe, spec: GraphSpec) -> GraphSpec:
 
 class CalibrationStage(Stage):
     kind = "calibration"
-    VERSION = 3  # 2: reads the surgery[cal] graph instead of rebuilding it; 3: device
+    VERSION = 4  # 2: reads the surgery[cal] graph instead of rebuilding it; 3: device; 4: an RGB model's padding
     tools = ("onnxruntime", "onnxruntime-extensions", "numpy")
 
     def slice(self, recipe: Recipe) -> CalibrationSlice:

@@ -60,8 +60,9 @@ class CandidatesStage(Stage):
     """Reads `weights` and `graph` (precision[eval], the candidate graph in the recipe's precision)."""
 
     kind = "candidates"
-    # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input; 4: device, image maps
-    VERSION = 4
+    # 2: Detectron2 with its own resize as a third side; dynamic graphs; 3: the graph is an input; 4: device, image
+    # maps; 5: an RGB model's letterbox pads with its mean in BGR order
+    VERSION = 5
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions", "pycocotools",
              "numpy")
 

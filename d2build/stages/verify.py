@@ -72,8 +72,8 @@ class VerifyStage(Stage):
 
     kind = "verify"
     # 4: class/keypoint names in the key (pictures show them); 5: batch (and its consistency check); 6: device,
-    # the family's image-level gates (semantic, panoptic)
-    VERSION = 6
+    # the family's image-level gates (semantic, panoptic); 7: an RGB model's letterbox pads with its mean in BGR order
+    VERSION = 7
     tools = ("torch", "torchvision", "sal-detectron2", "onnxruntime", "onnxruntime-extensions")
 
     def slice(self, recipe: Recipe) -> VerifySlice:
