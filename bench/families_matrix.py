@@ -83,6 +83,18 @@ def run_one(recipe: str, size: str, extra: list[str], cache: Path) -> dict:
     return row
 
 
+def header(command: str, load_before: float) -> dict:
+    """What a results file records beside its rows: date, commit, machine, load average before and now, command."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=REPO).stdout.strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "command": command,
+    }
+
+
 def _cell(row: dict, stage: str) -> str:
     s = row["stages"].get(stage)
     if not s:
@@ -128,16 +140,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("recipe", "input", "overrides", "ok", "wall_s", "graph_nodes",
                                                    "verify")}), flush=True)
-    doc = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=REPO).stdout.strip(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "command": "bench/families_matrix.py" + (" --quick" if args.quick else "")
-                   + (f" --only {' '.join(args.only)}" if args.only else ""),
-        "rows": rows,
-    }
+    doc = {**header("bench/families_matrix.py" + (" --quick" if args.quick else "")
+                    + (f" --only {' '.join(args.only)}" if args.only else ""), load_before), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))

@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from families_matrix import REPO, run_one, table  # noqa: E402
+from families_matrix import REPO, header, run_one, table  # noqa: E402
 
 RECIPES = ("mask_rcnn_r50_lsj", "mask_rcnn_r101_lsj", "mask_rcnn_regnetx_4gf_lsj", "mask_rcnn_vitdet_b")
 FLAVOURS = (["surgery.ops=plugins"], ["surgery.ops=standard"])
@@ -99,17 +96,10 @@ def main() -> None:
         print(f"[{i}/{len(rows_in)}]", json.dumps({k: row.get(k) for k in ("recipe", "input", "overrides", "ok",
                                                                          "wall_s", "graph_nodes", "verify")}),
               flush=True)
-        doc = {
-            "date": time.strftime("%Y-%m-%d"),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=REPO).stdout.strip(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "command": "bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-                       + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else "")
-                       + (" --trained" if args.trained else ""),
-            "rows": rows,
-        }
+        command = ("bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+                   + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else "")
+                   + (" --trained" if args.trained else ""))
+        doc = {**header(command, load_before), "rows": rows}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))  # after every row: a long run that stops keeps what it measured
     print(table(rows))
