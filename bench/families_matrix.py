@@ -48,10 +48,11 @@ QUICK = [row for row in MATRIX if row[1] == "[320,320]"]
 STAGES = ("weights", "export", "surgery", "calibration", "precision", "verify", "candidates", "eval")
 
 
-def run_one(recipe: str, size: str, extra: list[str], cache: Path) -> dict:
+def run_one(recipe: str, size: str, extra: list[str], cache: Path, random_weights: bool = True) -> dict:
+    """One configuration through `python -m d2build` (random weights that behave, or the recipe's own)."""
     run_dir = Path(tempfile.mkdtemp(prefix="families-"))
-    cmd = [sys.executable, "-m", "d2build", f"recipe={recipe}", "model.weights=random", f"model.input={size}",
-           *extra, f"cache.dir={cache}", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "d2build", f"recipe={recipe}", *(["model.weights=random"] if random_weights else []),
+           f"model.input={size}", *extra, f"cache.dir={cache}", f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t0

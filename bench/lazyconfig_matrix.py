@@ -91,7 +91,7 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for i, (recipe, size, extra) in enumerate(rows_in, 1):
-        row = run_one(recipe, size, extra, cache)
+        row = run_one(recipe, size, extra, cache, random_weights=not args.trained)
         rows.append(row)
         print(f"[{i}/{len(rows_in)}]", json.dumps({k: row.get(k) for k in ("recipe", "input", "overrides", "ok",
                                                                          "wall_s", "graph_nodes", "verify")}),
