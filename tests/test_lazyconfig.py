@@ -297,6 +297,30 @@ def test_lsj_r50_through_the_pipeline(shared_cache, tmp_path):
         assert r["recovered"] >= 0.99 and r["mean_box_iou"] >= 0.98 and r["mean_mask_iou"] >= 0.95, r
 
 
+def test_vitdet_through_the_pipeline(shared_cache, tmp_path):
+    """ViTDet-B (plain ViT, window attention with relative position biases, LayerNorm, simple feature pyramid, LN
+    4conv1fc box head; an RGB model) at 256x256 (square_pad 256), standard flavour: the export's backbone shapes
+    folded, only ONNX ops TensorRT imports (standard_ops), every detection matched. 1024 and 512, both flavours,
+    are bench/lazyconfig_matrix.py's."""
+    import onnx
+
+    from d2build import standard_ops
+
+    run = d2build(["recipe=mask_rcnn_vitdet_b", "model.weights=random", "model.input=[256,256]",
+                   "model.config_overrides={model.backbone.square_pad:256}", "surgery.ops=standard", "verify.count=2"],
+                  shared_cache, tmp_path / "r")
+    assert run.run_json["ok"], run.output[-3000:]
+    assert run.stage("weights")["info"]["random_norms"]["rel_pos_tables"] == 24, run.stage("weights")["info"]
+    ops = run.stage("surgery")["info"]["op_counts"]
+    assert ops["LayerNormalization"] >= 24 and ops["Einsum"] == 24 and not {"If", "Loop"} & set(ops), ops
+    graph = onnx.load(str(Path(run.stage("precision")["dir"]) / "model.onnx"))
+    assert standard_ops.problems(graph) == []
+    backbone = [n.op_type for n in graph.graph.node if n.name.startswith("/backbone/")]
+    assert len(backbone) > 500 and not {"Shape", "NonZero"} & set(backbone)  # the window arithmetic is folded
+    for r in json.loads((Path(run.stage("verify")["dir"]) / "metrics.json").read_text())["images"]:
+        assert r["detectron2"] >= 10 and r["recovered"] >= 0.99 and r["mean_mask_iou"] >= 0.95, r
+
+
 def test_lazy_cache_keys_follow_the_file_and_the_overrides(tmp_path):
     """A local .py is keyed by its bytes and those of the files it imports relatively; config_overrides key too
     (and leave yacs keys as they were: no `overrides` entry)."""
