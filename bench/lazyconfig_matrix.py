@@ -31,6 +31,7 @@ from families_matrix import REPO, header, run_one, table  # noqa: E402
 RECIPES = ("mask_rcnn_r50_lsj", "mask_rcnn_r101_lsj", "mask_rcnn_regnetx_4gf_lsj", "mask_rcnn_vitdet_b")
 FLAVOURS = (["surgery.ops=plugins"], ["surgery.ops=standard"])
 INT8 = ["precision=int8", "calibration=bundled", "calibration.count=3", "calibration.method=entropy"]
+TRAINED_EVAL_IMAGES = 24
 
 
 def _size(recipe: str, side: int) -> list[str]:
@@ -71,9 +72,6 @@ def trained(data: Path) -> list[tuple[str, str, list[str]]]:
              ["surgery.ops=standard", "precision=int8", "calibration.method=entropy"])]
 
 
-TRAINED_EVAL_IMAGES = 24
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default=None, help="cache folder (default: a new temporary one)")
@@ -88,6 +86,9 @@ def main() -> None:
     rows_in = trained(cache / "data") if args.trained else \
         [m for m in matrix(args.sizes, args.core) if not args.only or m[0] in args.only]
     load_before = os.getloadavg()[0]
+    command = ("bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+               + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else "")
+               + (" --trained" if args.trained else ""))
     out = Path(args.out)
     rows = []
     for i, (recipe, size, extra) in enumerate(rows_in, 1):
@@ -96,9 +97,6 @@ def main() -> None:
         print(f"[{i}/{len(rows_in)}]", json.dumps({k: row.get(k) for k in ("recipe", "input", "overrides", "ok",
                                                                          "wall_s", "graph_nodes", "verify")}),
               flush=True)
-        command = ("bench/lazyconfig_matrix.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-                   + f" --sizes {' '.join(map(str, args.sizes))}" + (" --core" if args.core else "")
-                   + (" --trained" if args.trained else ""))
         doc = {**header(command, load_before), "rows": rows}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))  # after every row: a long run that stops keeps what it measured

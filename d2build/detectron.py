@@ -578,12 +578,13 @@ def model_info(ms: ModelSlice, cfg=None) -> ModelInfo:
         d = g.dynamic
         resize = {"resize": "shortest_edge", "min_size": int(d.min_size or cfg.INPUT.MIN_SIZE_TEST),
                   "max_size": int(d.max_size or cfg.INPUT.MAX_SIZE_TEST), "input_min": d.min, "input_max": d.max}
+    mean, std = bgr_normalisation(cfg)
     return ModelInfo(
         **resize,
-        family=g.family, input_hw=g.input, pixel_mean=bgr_normalisation(cfg)[0],
+        family=g.family, input_hw=g.input, pixel_mean=mean,
         num_classes=num_classes, class_names=tuple(names) if names else None, keypoint_names=kp_names,
         keypoint_skeleton=skeleton, input_format="BGR", batch=g.batch,
-        pixel_std=bgr_normalisation(cfg)[1], extra=fam.info_extra(cfg, meta))
+        pixel_std=std, extra=fam.info_extra(cfg, meta))
 
 
 # ---------------------------------------------------------------- model definitions (model_facts.Definition)
